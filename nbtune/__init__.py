@@ -1,0 +1,42 @@
+"""nbtune: fine-tune LLMs from Python, the command line, and (soon) Jupyter.
+
+    >>> import nbtune
+    >>> run = nbtune.finetune(method="lora", r=8, steps=60)   # doctest: +SKIP
+    >>> run.generate("Convert this date to ISO format (YYYY-MM-DD): 4 July 1976")  # doctest: +SKIP
+    '1976-07-04'
+
+`import nbtune` is cheap: torch, transformers and peft load when a run starts.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from nbtune.catalog import methods
+from nbtune.config import DEFAULT_MODEL, RunConfig
+from nbtune.errors import ConfigError, DataError, DependencyError, MethodError, ModelError, NbtuneError
+from nbtune.methods import MethodSpec, register_method
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from nbtune.engine.result import Run
+    from nbtune.engine.run import finetune
+
+__all__ = [
+    "DEFAULT_MODEL", "ConfigError", "DataError", "DependencyError", "MethodError", "MethodSpec", "ModelError",
+    "NbtuneError", "Run", "RunConfig", "finetune", "methods", "register_method",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: the engine imports torch and transformers (seconds), which `import nbtune` should not pay.
+    if name == "finetune":
+        from nbtune.engine.run import finetune
+
+        return finetune
+    if name == "Run":
+        from nbtune.engine.result import Run
+
+        return Run
+    raise AttributeError(f"module 'nbtune' has no attribute {name!r}")

@@ -1,0 +1,7 @@
+"""`python -m nbtune ...` is the `nbtune` command."""
+
+import sys
+
+from nbtune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,208 @@
+"""`RunConfig`: everything a fine-tuning run needs, every key typed, defaulted and documented.
+
+A config comes as a `RunConfig`, a dict, YAML text or a YAML file path; method hyperparameters sit at the
+top level beside the run settings (`r: 8` next to `steps: 60`) and are checked against the method's own
+`Param`s. Every mistake becomes one `ConfigError` that names the key and the fix.
+
+    >>> cfg = RunConfig.parse({"method": "lora", "r": 16, "steps": 30})
+    >>> cfg.options["r"], cfg.steps
+    (16, 30)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nbtune.errors import ConfigError, did_you_mean
+from nbtune.params import Param
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def _p(default: Any, kind: str, help: str, **limits: Any) -> Any:
+    """A dataclass field whose metadata carries the `Param` that checks and documents it."""
+    return field(default=default, metadata={"param": (kind, help, limits)})
+
+
+@dataclass
+class RunConfig:
+    """A fine-tuning run. Method hyperparameters live in `options` (see `nbtune.methods()`)."""
+
+    name: str | None = _p(None, "str", "Run name; also the default output folder. Default: <method>-<time>.")
+    model: str = _p(DEFAULT_MODEL, "str", "Local model folder or hub id. Default: SmolLM2-135M-Instruct, offline.")
+    method: str = _p("lora", "str", "Fine-tuning method; see nbtune.methods().")
+    data: Any = _p("demo", "any", "Training data: 'demo', a .jsonl/.json/.csv/.parquet file, a list of dicts, "
+                   "a DataFrame, a datasets.Dataset, or a hub dataset name.")
+    eval_data: Any = _p(None, "any", "Evaluation data, same forms as `data`. Default: the demo task's held-out "
+                        "split for data 'demo', else `eval_split` of `data`, else none.")
+    eval_split: float = _p(0.0, "float", "Fraction of `data` held out for evaluation when `eval_data` is unset.",
+                           min=0.0, max=0.5, max_exclusive=True)
+    format: str = _p("auto", "str", "Data format; 'auto' detects it from the columns.",
+                     choices=("auto", "alpaca", "chat", "prompt_completion", "text"))
+    steps: int | None = _p(None, "int", "Optimizer steps to train for (exclusive with `epochs`).", min=1)
+    epochs: float | None = _p(None, "float", "Passes over the data (default 1 when `steps` is unset).",
+                              min=0.0, min_exclusive=True)
+    batch_size: int = _p(8, "int", "Examples per forward pass.", min=1, max=4096)
+    grad_accum: int = _p(1, "int", "Forward passes per optimizer step (effective batch = batch_size x this).",
+                         min=1, max=4096)
+    lr: float | None = _p(None, "float", "Peak learning rate. Default: the method's (2e-4 for LoRA, 2e-5 full).",
+                          min=0.0, min_exclusive=True, max=1.0)
+    lr_scheduler: str = _p("cosine", "str", "Learning-rate schedule after warmup.",
+                           choices=("linear", "cosine", "constant", "constant_with_warmup"))
+    warmup_steps: int = _p(0, "int", "Steps of linear warmup.", min=0)
+    weight_decay: float = _p(0.0, "float", "AdamW weight decay.", min=0.0, max=1.0)
+    max_grad_norm: float = _p(1.0, "float", "Gradient clipping norm (0 turns clipping off).", min=0.0)
+    max_length: int = _p(512, "int", "Longest sequence in tokens; longer examples are truncated.",
+                         min=8, max=1_048_576)
+    train_on_prompt: bool = _p(False, "bool", "Also compute the loss on prompt tokens (default: answers only).")
+    seed: int = _p(42, "int", "Random seed for initialisation, shuffling and dropout.", min=0)
+    dtype: str = _p("float32", "str", "Weight dtype of the base model.",
+                    choices=("float32", "bfloat16", "float16"))
+    quantization: str | None = _p(None, "str", "Base weights in 4-bit NF4 or 8-bit (bitsandbytes); default: "
+                                  "the method's (none, 4bit for qlora).", choices=("none", "4bit", "8bit"))
+    gradient_checkpointing: bool = _p(False, "bool", "Recompute activations in backward: less memory, ~30% slower.")
+    eval_steps: int = _p(0, "int", "Evaluate the loss every N steps (0: only at the end).", min=0)
+    metric: str = _p("auto", "str", "Task metric at the end: exact match of generated answers; 'auto' uses it "
+                     "for the demo task only.", choices=("auto", "exact_match", "none"))
+    metric_samples: int = _p(64, "int", "Eval examples the task metric generates answers for.", min=1)
+    output_dir: str | None = _p(None, "str", "Where the final adapter or weights are saved. Default: runs/<name>.")
+    save: bool = _p(True, "bool", "Save the result to `output_dir` when training ends.")
+    options: dict[str, Any] = field(default_factory=dict, metadata={"param": None})
+
+    # ---------------------------------------------------------------- parsing
+    @classmethod
+    def parse(cls, source: RunConfig | Mapping[str, Any] | str | Path | None = None, **overrides: Any) -> RunConfig:
+        """Build a validated config from a RunConfig, dict, YAML text or YAML file, then apply `overrides`."""
+        if isinstance(source, RunConfig):
+            raw = source.to_dict()
+        elif source is None:
+            raw = {}
+        elif isinstance(source, Mapping):
+            raw = dict(source)
+        elif isinstance(source, (str, Path)):
+            raw = _read_yaml(source)
+        else:
+            raise ConfigError(f"config must be a RunConfig, dict or YAML text, got {type(source).__name__}.")
+        raw.update(overrides)
+        return _build(raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat dict (method options at top level), the same shape `parse` accepts."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        out.update(self.options)
+        return out
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """Like `to_dict`, with in-memory data (lists, DataFrames) replaced by a short description."""
+        out = self.to_dict()
+        for key in ("data", "eval_data"):
+            if out[key] is not None and not isinstance(out[key], (str, int, float, bool)):
+                out[key] = f"<{type(out[key]).__name__}>"
+        return out
+
+    @property
+    def resolved_output_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path("runs") / str(self.name)
+
+
+def common_params() -> dict[str, Param]:
+    """The run settings (not method options) as `Param`s, in declaration order."""
+    params = {}
+    for f in dataclasses.fields(RunConfig):
+        if f.metadata.get("param") is None:
+            continue
+        kind, help_text, limits = f.metadata["param"]
+        nullable = f.default is None
+        params[f.name] = Param(f.name, kind, f.default, help_text, nullable=nullable, **limits)
+    return params
+
+
+def common_param_names() -> tuple[str, ...]:
+    return (*common_params(), "options")
+
+
+def _read_yaml(source: str | Path) -> dict[str, Any]:
+    text = str(source)
+    path = Path(text) if isinstance(source, Path) or re.fullmatch(r"[^\n]+\.ya?ml", text) else None
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist.")
+        text = path.read_text(encoding="utf-8")
+    try:
+        # safe_load: a config never constructs Python objects.
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config is not valid YAML{where}: {problem}.") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config must be YAML `key: value` lines, got a {type(loaded).__name__}.")
+    return loaded
+
+
+def _build(raw: dict[str, Any]) -> RunConfig:
+    from nbtune.methods import get_method
+
+    raw = dict(raw)
+    nested = raw.pop("options", None) or {}
+    if not isinstance(nested, Mapping):
+        raise ConfigError("`options` must be a mapping of method options.", field="options")
+    for key in raw:
+        if not isinstance(key, str):
+            raise ConfigError(f"config keys must be strings, got {key!r}.")
+    common = common_params()
+    values = {name: param.check(raw.pop(name, param.default)) for name, param in common.items()}
+    method = get_method(values["method"])
+    option_raw = {**nested, **raw}
+    unknown = [k for k in option_raw if k not in method.option_names()]
+    if unknown:
+        key = unknown[0]
+        hint = did_you_mean(key, [*common, *method.option_names()])
+        known = ", ".join(method.option_names()) or "none"
+        raise ConfigError(
+            f"unknown key `{key}` for method {method.name!r}.{hint} Method options: {known}; "
+            "run settings: see nbtune.RunConfig.",
+            field=key,
+        )
+    config = RunConfig(**values)
+    _check_cross_fields(config, method)
+    config.options = method.check_options(option_raw, config)
+    return config
+
+
+def _check_cross_fields(config: RunConfig, method: Any) -> None:
+    if config.steps is not None and config.epochs is not None:
+        raise ConfigError("set either `steps` or `epochs`, not both.", field="steps")
+    if config.epochs is None and config.steps is None:
+        config.epochs = 1.0
+    if config.quantization is None:
+        config.quantization = method.default_quantization
+    if config.quantization not in method.quantization:
+        allowed = ", ".join(method.quantization)
+        raise ConfigError(
+            f"`quantization: {config.quantization}` does not work with method {method.name!r} "
+            f"(it allows: {allowed}). Use `method: qlora` or `lora` for a quantized base.",
+            field="quantization",
+        )
+    if config.lr is None:
+        config.lr = method.default_lr
+    if config.name is None:
+        config.name = f"{method.name}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", config.name):
+        raise ConfigError(
+            f"`name` {config.name!r} must be 1-100 letters, digits, '_', '.' or '-' (it names a folder).",
+            field="name",
+        )
+    if isinstance(config.data, str) and not config.data.strip():
+        raise ConfigError("`data` is empty; give 'demo', a file path or a dataset.", field="data")

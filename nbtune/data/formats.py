@@ -1,0 +1,96 @@
+"""Data formats: detect which one a dataset is in and turn every example into chat messages.
+
+Formats and the columns that identify them:
+- chat: `messages` (or `conversations`) lists of `{role, content}` (ShareGPT `{from, value}` too)
+- alpaca: `instruction`, `output`, optional `input` and `system`
+- prompt_completion: `prompt` + `completion` (or `response`, or `question` + `answer`)
+- text: `text`, trained as plain language modelling
+
+Every format but `text` becomes a list of messages whose assistant turns carry the loss, so one
+tokeniser (see `nbtune.data.tokenize`) handles them all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nbtune.errors import DataError
+
+_CHAT_COLUMNS = ("messages", "conversations")
+_PAIR_COLUMNS = (("prompt", "completion"), ("prompt", "response"), ("question", "answer"))
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+          "bot": "assistant", "system": "system", "tool": "tool"}
+KNOWN_COLUMNS = "messages | instruction+output | prompt+completion | text"
+
+
+def detect_format(columns: list[str], declared: str = "auto", *, field: str = "data") -> str:
+    """The format of a dataset with these columns, checking a declared format has what it needs."""
+    found = _guess(columns)
+    if declared == "auto":
+        if found is None:
+            raise DataError(
+                f"`{field}` has columns {columns}, none of the known ones ({KNOWN_COLUMNS}); rename a "
+                "column or set `format`.",
+                field=field,
+            )
+        return found
+    needed = {"chat": ["messages"], "alpaca": ["instruction", "output"], "text": ["text"],
+              "prompt_completion": ["prompt", "completion"]}[declared]
+    if declared == "chat" and any(c in columns for c in _CHAT_COLUMNS):
+        return declared
+    if declared == "prompt_completion" and _pair(columns):
+        return declared
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise DataError(
+            f"`format: {declared}` needs column(s) {', '.join(missing)}, but `{field}` has {columns}.",
+            field="format",
+        )
+    return declared
+
+
+def to_messages(example: dict[str, Any], fmt: str) -> list[dict[str, str]]:
+    """The example as chat messages (not for `text`)."""
+    if fmt == "chat":
+        raw = next(example[c] for c in _CHAT_COLUMNS if c in example and example[c] is not None)
+        return [_message(m) for m in raw]
+    if fmt == "alpaca":
+        prompt = str(example["instruction"])
+        if example.get("input"):
+            prompt += "\n\n" + str(example["input"])
+        messages = [{"role": "system", "content": str(example["system"])}] if example.get("system") else []
+        return [*messages, {"role": "user", "content": prompt},
+                {"role": "assistant", "content": str(example["output"])}]
+    if fmt == "prompt_completion":
+        prompt_col, answer_col = _pair(list(example)) or ("prompt", "completion")
+        return [{"role": "user", "content": str(example[prompt_col])},
+                {"role": "assistant", "content": str(example[answer_col])}]
+    raise ValueError(f"format {fmt!r} has no messages")
+
+
+def _message(raw: Any) -> dict[str, str]:
+    if not isinstance(raw, dict):
+        raise DataError(f"a chat message must be a dict with role and content, got {raw!r}.", field="data")
+    role = raw.get("role", raw.get("from"))
+    content = raw.get("content", raw.get("value"))
+    if role not in _ROLES or content is None:
+        raise DataError(
+            f"chat message {raw!r} needs `role` (user, assistant or system) and `content`.", field="data"
+        )
+    return {"role": _ROLES[role], "content": str(content)}
+
+
+def _guess(columns: list[str]) -> str | None:
+    if any(c in columns for c in _CHAT_COLUMNS):
+        return "chat"
+    if "instruction" in columns and "output" in columns:
+        return "alpaca"
+    if _pair(columns):
+        return "prompt_completion"
+    if "text" in columns:
+        return "text"
+    return None
+
+
+def _pair(columns: list[str]) -> tuple[str, str] | None:
+    return next(((p, c) for p, c in _PAIR_COLUMNS if p in columns and c in columns), None)

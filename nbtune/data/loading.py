@@ -1,0 +1,117 @@
+"""Turning whatever the user gives as `data` into a `datasets.Dataset`.
+
+Accepted: 'demo'; a local .jsonl/.json/.csv/.parquet file; a list of dicts; a pandas DataFrame; a
+`datasets.Dataset` (or a DatasetDict, whose 'train' split is used); a hub dataset name when the hub can
+be reached. Failures are `DataError`s naming the config key (`data` or `eval_data`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from nbtune.errors import DataError
+
+_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def load_records(source: Any, *, field: str = "data", split: str = "train") -> Any:
+    """A non-empty `datasets.Dataset` from `source`; `split` picks the demo split ('train' or 'test')."""
+    import datasets
+
+    if isinstance(source, datasets.DatasetDict):
+        source = _train_split(source, field)
+    if isinstance(source, datasets.Dataset):
+        dataset = source
+    elif isinstance(source, (str, Path)):
+        dataset = _from_name(str(source), field, split)
+    elif isinstance(source, list):
+        dataset = _from_list(source, field)
+    elif _is_dataframe(source):
+        dataset = datasets.Dataset.from_pandas(source, preserve_index=False)
+    else:
+        raise DataError(
+            f"`{field}` is a {type(source).__name__}; give 'demo', a file path, a list of dicts, "
+            "a pandas DataFrame or a datasets.Dataset.",
+            field=field,
+        )
+    if len(dataset) == 0:
+        raise DataError(f"`{field}` has no examples; it needs at least one row.", field=field)
+    return dataset
+
+
+def _from_name(text: str, field: str, split: str) -> Any:
+    import datasets
+
+    if text == "demo":
+        from nbtune.data.demo import demo_splits
+
+        train, test = demo_splits()
+        return datasets.Dataset.from_list(train if split == "train" else test)
+    path = Path(text).expanduser()
+    suffix = path.suffix.lower()
+    if suffix in _BUILDERS:
+        if not path.is_file():
+            raise DataError(f"`{field}` file {text!r} does not exist (looked in {Path.cwd()}).", field=field)
+        return _read_file(path, _BUILDERS[suffix], field)
+    if path.exists():
+        raise DataError(
+            f"`{field}` {text!r} has suffix {suffix or '(none)'}; use .jsonl, .json, .csv or .parquet.",
+            field=field,
+        )
+    return _from_hub(text, field)
+
+
+def _read_file(path: Path, builder: str, field: str) -> Any:
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as exc:  # the builders raise many types; the user needs the file and the reason
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"`{field}` file {str(path)!r} could not be read as {builder}: {reason}", field=field) from None
+    return loaded
+
+
+def _from_hub(name: str, field: str) -> Any:
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(name, split="train")
+    except Exception as exc:  # offline, unknown name, gated: all one answer for the user
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"`{field}` {name!r} is not a local file and could not be loaded from the dataset hub ({reason}). "
+            "Give a .jsonl/.json/.csv/.parquet path, a DataFrame or a list of dicts.",
+            field=field,
+        ) from None
+    return loaded
+
+
+def _from_list(rows: list[Any], field: str) -> Any:
+    import datasets
+
+    if not rows:
+        raise DataError(f"`{field}` is an empty list; it needs at least one example.", field=field)
+    bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
+    if bad is not None:
+        raise DataError(
+            f"`{field}` item {bad} is a {type(rows[bad]).__name__}; every item must be a dict such as "
+            "{'prompt': ..., 'completion': ...}.",
+            field=field,
+        )
+    return datasets.Dataset.from_list(rows)
+
+
+def _train_split(dataset_dict: Any, field: str) -> Any:
+    if "train" in dataset_dict:
+        return dataset_dict["train"]
+    raise DataError(
+        f"`{field}` is a DatasetDict without a 'train' split (it has {', '.join(dataset_dict)}); pass one split.",
+        field=field,
+    )
+
+
+def _is_dataframe(obj: Any) -> bool:
+    # Duck-typed so that pandas stays optional.
+    return type(obj).__name__ == "DataFrame" and hasattr(obj, "columns") and hasattr(obj, "to_dict")

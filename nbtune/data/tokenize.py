@@ -1,0 +1,132 @@
+"""Tokenising examples for causal-LM training, with the loss on the answer tokens only by default.
+
+Chat messages are rendered with the model's own chat template. The answer spans are found by rendering
+the conversation up to each assistant turn, and tokens are labelled through the fast tokenizer's offset
+mapping. We do this by hand because TRL's `assistant_only_loss` needs `{% generation %}` markers in the
+template, which SmolLM2's (and most models') templates do not have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from nbtune.data.formats import to_messages
+from nbtune.errors import DataError
+
+IGNORE_INDEX = -100  # label value the loss skips (transformers' convention)
+
+# For tokenizers without a chat template (GPT-2, base models): plain "Role: text" lines, with EOS after
+# each answer so that generation knows where to stop.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}Assistant: {{ m['content'] }}{{ eos_token }}\n"
+    "{% else %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def prepare_tokenizer(tokenizer: Any) -> Any:
+    """Give the tokenizer a pad token and a chat template when it lacks them (in place; returns it)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    return tokenizer
+
+
+def render(tokenizer: Any, messages: list[dict[str, str]], *, generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def answer_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns (end markers included)."""
+    text = render(tokenizer, messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(tokenizer, messages[:i], generation_prompt=True) if i else ""
+        through = render(tokenizer, messages[: i + 1])
+        if through.startswith(before) and text.startswith(through):
+            spans.append((len(before), len(through)))
+        else:  # a template that rewrites earlier turns: fall back to finding the answer text
+            start = text.find(message["content"], spans[-1][1] if spans else 0)
+            if start >= 0:
+                spans.append((start, start + len(message["content"])))
+    return text, spans
+
+
+def encode(example: dict[str, Any], *, tokenizer: Any, fmt: str, max_length: int,
+           train_on_prompt: bool) -> dict[str, list[int]]:
+    """input_ids, attention_mask, labels and length for one example."""
+    if fmt == "text":
+        enc = tokenizer(str(example["text"]) + tokenizer.eos_token, truncation=True, max_length=max_length)
+        ids = enc["input_ids"]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids), "length": len(ids)}
+    text, spans = answer_spans(tokenizer, to_messages(example, fmt))
+    enc = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length,
+                    return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    if train_on_prompt:
+        labels = list(ids)
+    else:
+        labels = [tok if any(s <= start < e for s, e in spans) else IGNORE_INDEX
+                  for tok, (start, _end) in zip(ids, enc["offset_mapping"])]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "length": len(ids)}
+
+
+def tokenize_dataset(dataset: Any, tokenizer: Any, *, fmt: str, max_length: int, train_on_prompt: bool,
+                     field: str = "data") -> Any:
+    """The dataset tokenised, with a `length` column; examples whose answer was cut off are dropped."""
+    if not tokenizer.is_fast:
+        raise DataError("nbtune needs a fast (Rust) tokenizer for answer-only loss; "
+                        "set `train_on_prompt: true` or use a model with tokenizer.json.", field=field)
+    with _quiet_datasets():
+        return _tokenize(dataset, tokenizer, fmt=fmt, max_length=max_length, train_on_prompt=train_on_prompt,
+                         field=field)
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    # `datasets` draws a bar per map/filter; three bars per split is noise in a notebook cell.
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+def _tokenize(dataset: Any, tokenizer: Any, *, fmt: str, max_length: int, train_on_prompt: bool,
+              field: str) -> Any:
+    encoded = dataset.map(
+        encode,
+        fn_kwargs={"tokenizer": tokenizer, "fmt": fmt, "max_length": max_length,
+                   "train_on_prompt": train_on_prompt},
+        remove_columns=dataset.column_names,
+        desc=f"tokenising {field}",
+    )
+    kept = encoded.filter(lambda ex: any(label != IGNORE_INDEX for label in ex["labels"]))
+    if len(kept) == 0:
+        raise DataError(
+            f"every example of `{field}` lost its answer to truncation at max_length={max_length}; "
+            "raise `max_length`.",
+            field="max_length",
+        )
+    return kept
+
+
+def prompts_and_answers(dataset: Any, fmt: str) -> list[tuple[list[dict[str, str]], str]]:
+    """(messages before the last answer, the last answer) per example, for generation metrics."""
+    pairs = []
+    for example in dataset:
+        messages = to_messages(example, fmt)
+        if messages and messages[-1]["role"] == "assistant":
+            pairs.append((messages[:-1], messages[-1]["content"]))
+    return pairs

@@ -1,0 +1,71 @@
+"""The bridge from transformers' Trainer to a `Run`: history records, events, and the Stop request.
+
+The Trainer owns the loop; this callback only reads its state after each step and log, appends one
+history record per optimizer step (loss, lr, grad norm, tokens/s, memory) and forwards events to the
+run's observers. A stop request (a Stop button, `run.stop()`) ends training after the current step.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from transformers import TrainerCallback
+
+from nbtune.engine.memory import cuda_mb
+
+if TYPE_CHECKING:
+    from nbtune.engine.memory import PeakSampler
+    from nbtune.engine.result import Run
+
+_LOG_KEYS = {"loss": "loss", "learning_rate": "lr", "grad_norm": "grad_norm"}
+
+
+class RunCallback(TrainerCallback):
+    def __init__(self, run: Run, sampler: PeakSampler) -> None:
+        self.run = run
+        self.sampler = sampler
+        self._started = 0.0
+        self._last_time = 0.0
+        self._last_tokens = 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._started = self._last_time = time.perf_counter()
+        self._last_tokens = state.num_input_tokens_seen
+        self.run.total_steps = state.max_steps  # the Trainer's own count wins over our estimate
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        now = time.perf_counter()
+        tokens = state.num_input_tokens_seen - self._last_tokens
+        seconds = max(now - self._last_time, 1e-9)
+        record = {
+            "step": state.global_step,
+            "epoch": state.epoch,
+            "tokens": tokens,
+            "tokens_per_second": tokens / seconds,
+            "step_seconds": seconds,
+            "elapsed_seconds": now - self._started,
+            "rss_mb": self.sampler.observe(),
+            **cuda_mb(),
+        }
+        self.run.history.append(record)
+        self._last_time, self._last_tokens = now, state.num_input_tokens_seen
+        if self.run.stop_requested:
+            control.should_training_stop = True
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+               **kwargs: Any) -> None:
+        logs = dict(logs or {})
+        self.run.emit("on_log", logs)
+        history = self.run.history
+        if "loss" not in logs or not history or history[-1]["step"] != state.global_step:
+            return
+        record = history[-1]
+        record.update({ours: logs[theirs] for theirs, ours in _LOG_KEYS.items() if theirs in logs})
+        self.run.emit("on_step", record)
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None,
+                    **kwargs: Any) -> None:
+        metrics = {"step": state.global_step, **(metrics or {})}
+        self.run.eval_history.append(metrics)
+        self.run.emit("on_eval", metrics)

@@ -1,0 +1,96 @@
+"""What a run tells the world while it trains: a small observer Protocol and two observers.
+
+The engine calls every observer at run start, after each optimizer step, on each Trainer log, on each
+evaluation, at the end and on error. `NullObserver` is the headless default; `ProgressObserver` draws a
+tqdm bar (the CLI uses it); the notebook panel is just another observer.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from nbtune.engine.result import Run
+
+
+@runtime_checkable
+class RunObserver(Protocol):
+    """Receives a run's events. Implement the ones you need; subclass `NullObserver` for the rest."""
+
+    def on_run_start(self, run: Run) -> None: ...
+    def on_step(self, run: Run, record: dict[str, Any]) -> None: ...
+    def on_log(self, run: Run, logs: dict[str, Any]) -> None: ...
+    def on_eval(self, run: Run, metrics: dict[str, Any]) -> None: ...
+    def on_run_end(self, run: Run) -> None: ...
+    def on_error(self, run: Run, error: BaseException) -> None: ...
+
+
+class NullObserver:
+    """Does nothing: the default when nobody watches."""
+
+    def on_run_start(self, run: Run) -> None:
+        pass
+
+    def on_step(self, run: Run, record: dict[str, Any]) -> None:
+        pass
+
+    def on_log(self, run: Run, logs: dict[str, Any]) -> None:
+        pass
+
+    def on_eval(self, run: Run, metrics: dict[str, Any]) -> None:
+        pass
+
+    def on_run_end(self, run: Run) -> None:
+        pass
+
+    def on_error(self, run: Run, error: BaseException) -> None:
+        pass
+
+
+class ProgressObserver(NullObserver):
+    """A tqdm progress bar with loss and throughput (tqdm.auto: a widget in notebooks, text elsewhere)."""
+
+    def __init__(self) -> None:
+        self._bar: Any = None
+
+    def on_run_start(self, run: Run) -> None:
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=run.total_steps, desc=run.name, unit="step", dynamic_ncols=True)
+
+    def on_step(self, run: Run, record: dict[str, Any]) -> None:
+        if self._bar is None:
+            return
+        self._bar.update(record["step"] - self._bar.n)
+        self._bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",
+                              tok_s=f"{record.get('tokens_per_second', 0):.0f}", refresh=False)
+
+    def on_run_end(self, run: Run) -> None:
+        self._close()
+
+    def on_error(self, run: Run, error: BaseException) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class Broadcast:
+    """Sends each event to several observers; one observer failing never stops the run."""
+
+    def __init__(self, observers: list[Any]) -> None:
+        self.observers = observers
+
+    def emit(self, event: str, run: Run, *args: Any) -> None:
+        import warnings
+
+        for observer in self.observers:
+            handler = getattr(observer, event, None)
+            if handler is None:
+                continue
+            try:
+                handler(run, *args)
+            except Exception as exc:  # a broken display must not kill hours of training
+                warnings.warn(f"observer {type(observer).__name__}.{event} failed: {exc!r}", stacklevel=2)

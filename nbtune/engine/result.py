@@ -1,0 +1,152 @@
+"""`Run`: one fine-tuning run's state, readable without any display code.
+
+A run holds its config, status, per-step `history` (a list of dicts; `.df` gives a DataFrame), final
+`metrics`, and the trained model. It can `generate`, `evaluate` (exact match on held-out answers) and
+`save` a standard artefact: a PEFT adapter, or safetensors weights for full/freeze, plus `run.json`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nbtune.engine.generation import Prompt, exact_match, generate_texts
+from nbtune.engine.saving import atomic_directory, write_json
+from nbtune.errors import NbtuneError
+
+if TYPE_CHECKING:
+    from nbtune.config import RunConfig
+    from nbtune.engine.events import Broadcast
+    from nbtune.methods.registry import MethodContext, MethodSpec
+
+STATUSES = ("pending", "running", "finished", "stopped", "failed")
+
+
+class History(list):
+    """Per-step records (step, loss, lr, grad_norm, tokens/s, memory, ...); `.df` is a pandas DataFrame."""
+
+    @property
+    def df(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame(list(self))
+
+
+class Run:
+    """A fine-tuning run: config, status, history, metrics, and the trained model."""
+
+    def __init__(self, config: RunConfig, method: MethodSpec, ctx: MethodContext, observers: Broadcast) -> None:
+        self.name: str = str(config.name)
+        self.config = config
+        self.method = method
+        self.status = "pending"
+        self.history = History()
+        self.eval_history: list[dict[str, Any]] = []
+        self.metrics: dict[str, Any] = {}
+        self.error: str | None = None
+        self.saved_to: Path | None = None
+        self.total_steps = 0
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.eval_pairs: list[tuple[list[dict[str, str]], str]] = []
+        self._ctx = ctx
+        self._observers = observers
+        self._stop = threading.Event()
+
+    # ------------------------------------------------------------ control
+    def stop(self) -> None:
+        """Ask training to end after the current step (thread-safe: a Stop button may call it)."""
+        self._stop.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    def emit(self, event: str, *args: Any) -> None:
+        self._observers.emit(event, self, *args)
+
+    # ------------------------------------------------------------ using the model
+    def generate(self, prompt: Prompt | Sequence[Prompt], *, max_new_tokens: int = 128,
+                 **generate_kwargs: Any) -> str | list[str]:
+        """Answer a prompt (string or chat messages), or a list of prompts, with the trained model."""
+        self._need_model()
+        single = isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], dict))
+        prompts = [prompt] if single else list(prompt)
+        answers = generate_texts(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                 **generate_kwargs)
+        return answers[0] if single else answers
+
+    def evaluate(self, *, samples: int | None = None, use_adapter: bool = True) -> dict[str, float]:
+        """Exact match of generated answers on the eval examples; `use_adapter=False` scores the base."""
+        self._need_model()
+        if not self.eval_pairs:
+            raise NbtuneError("this run has no eval data with answers; set `eval_data` or `eval_split`.",
+                              field="eval_data")
+        pairs = self.eval_pairs[: samples or self.config.metric_samples]
+        longest = max(len(self.tokenizer(answer, add_special_tokens=False)["input_ids"]) for _, answer in pairs)
+        with self._adapter(use_adapter):
+            predictions = generate_texts(self.model, self.tokenizer, [p for p, _ in pairs],
+                                         max_new_tokens=longest + 4)
+        key = "exact_match" if use_adapter else "base_exact_match"
+        return {key: exact_match(predictions, [a for _, a in pairs]), "samples": len(pairs)}
+
+    # ------------------------------------------------------------ saving
+    def save(self, path: str | Path | None = None) -> Path:
+        """Write the adapter (or weights), tokenizer and run.json to `path` atomically; returns the path."""
+        self._need_model()
+        target = Path(path) if path is not None else self.config.resolved_output_dir
+        with atomic_directory(target) as tmp:
+            if self.method.save is not None:
+                self.method.save(self.model, tmp, self._ctx)
+            else:
+                self.model.save_pretrained(str(tmp))
+            self.tokenizer.save_pretrained(str(tmp))
+            write_json(tmp / "run.json", self.to_dict())
+        self.saved_to = target
+        return target
+
+    def to_dict(self) -> dict[str, Any]:
+        """What run.json holds: name, status, method, config, metrics, history."""
+        from nbtune import __version__
+
+        return {
+            "nbtune_version": __version__,
+            "name": self.name,
+            "status": self.status,
+            "method": self.method.name,
+            "error": self.error,
+            "config": self.config.to_json_dict(),
+            "metrics": self.metrics,
+            "history": list(self.history),
+            "eval_history": self.eval_history,
+        }
+
+    def __repr__(self) -> str:
+        m = self.metrics
+        parts = [f"Run {self.name!r}", self.method.name, self.status]
+        if self.history:
+            parts.append(f"step {self.history[-1]['step']}/{self.total_steps}")
+        for key, fmt in (("train_loss", "loss {:.4f}"), ("eval_loss", "eval {:.4f}"),
+                         ("exact_match", "exact match {:.0%}"), ("trainable_percent", "trainable {:.2f}%")):
+            if m.get(key) is not None:
+                parts.append(fmt.format(m[key]))
+        return "<" + ", ".join(parts) + ">"
+
+    # ------------------------------------------------------------ helpers
+    def _need_model(self) -> None:
+        if self.model is None:
+            raise NbtuneError(f"run {self.name!r} has no model ({self.status}); run it first.")
+
+    @contextlib.contextmanager
+    def _adapter(self, enabled: bool) -> Iterator[None]:
+        if enabled:
+            yield
+            return
+        if not self.method.adapter:
+            raise NbtuneError(f"method {self.method.name!r} changed the base weights, so the base model "
+                              "cannot be scored from this run; score it before training.")
+        with self.model.disable_adapter():
+            yield

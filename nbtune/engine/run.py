@@ -1,0 +1,227 @@
+"""The whole fine-tuning pipeline, top to bottom: config -> data -> base model -> method -> Trainer -> run.
+
+    >>> import nbtune
+    >>> run = nbtune.finetune(method="lora", r=8, steps=60)      # doctest: +SKIP
+    >>> run.metrics["exact_match"], run.saved_to                  # doctest: +SKIP
+
+Everything expensive happens after everything checkable has been checked: a typo in the config or a
+missing data file fails in milliseconds, before a single weight is read.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+import weakref
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from nbtune.config import RunConfig
+from nbtune.data import detect_format, load_records, prepare_tokenizer, prompts_and_answers, tokenize_dataset
+from nbtune.engine.events import Broadcast, NullObserver, ProgressObserver
+from nbtune.engine.memory import PeakSampler
+from nbtune.engine.models import Base, load_base
+from nbtune.engine.result import Run
+from nbtune.methods import MethodContext, get_method
+
+
+def finetune(config: RunConfig | dict[str, Any] | str | None = None, *, base: Base | tuple[Any, Any] | None = None,
+             observers: Iterable[Any] = (), progress: bool = False, **overrides: Any) -> Run:
+    """Fine-tune a model as `config` says (a RunConfig, dict, YAML text or file; keyword overrides win).
+
+    `base` is an already loaded (model, tokenizer) to train instead of loading `config.model`; PEFT
+    methods add their adapter to it in place. `observers` receive the run's events; `progress=True`
+    adds a tqdm bar. Returns the `Run`, finished or stopped; a failed run raises.
+    """
+    # 1. Config and data: cheap, and where most mistakes are caught.
+    config = RunConfig.parse(config, **overrides)
+    method = get_method(config.method)
+    train_records, eval_records, fmt = read_data(config)
+
+    watchers = list(observers) + ([ProgressObserver()] if progress else []) or [NullObserver()]
+    workdir = Path(tempfile.mkdtemp(prefix=f"nbtune-{config.name}-"))
+    ctx = MethodContext(options=config.options, config=config, workdir=workdir,
+                        quantized=config.quantization != "none")
+    run = Run(config, method, ctx, Broadcast(watchers))
+    weakref.finalize(run, shutil.rmtree, workdir, True)  # PiSSA's initial adapter etc. live until the run dies
+    run.status = "running"
+    try:
+        with PeakSampler() as memory:
+            _train(run, base, train_records, eval_records, fmt, memory)
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt) and run.model is not None:
+            run.status = "stopped"  # Ctrl-C / kernel interrupt: keep what was learned
+        else:
+            run.status, run.error = "failed", f"{type(exc).__name__}: {exc}"
+            run.emit("on_error", exc)
+            raise
+    run.metrics["peak_rss_mb"] = round(memory.peak_mb, 1)
+    _finish(run)
+    return run
+
+
+def read_data(config: RunConfig) -> tuple[Any, Any, str]:
+    """(train, eval or None, format) as `datasets.Dataset`s, split and format-checked."""
+    train = load_records(config.data, field="data", split="train")
+    fmt = detect_format(train.column_names, config.format, field="data")
+    if config.eval_data is not None:
+        evaluation = load_records(config.eval_data, field="eval_data", split="test")
+        detect_format(evaluation.column_names, fmt, field="eval_data")
+    elif isinstance(config.data, str) and config.data == "demo":
+        evaluation = load_records("demo", field="data", split="test")
+    elif config.eval_split > 0:
+        parts = train.train_test_split(test_size=config.eval_split, seed=config.seed)
+        train, evaluation = parts["train"], parts["test"]
+    else:
+        evaluation = None
+    return train, evaluation, fmt
+
+
+def _train(run: Run, base: Any, train_records: Any, eval_records: Any, fmt: str, memory: PeakSampler) -> None:
+    import transformers
+
+    config = run.config
+    # 2. The base model: the caller's, or loaded (from cache, hub or the shipped GGUF).
+    started = time.perf_counter()
+    base = _as_base(base) or load_base(config.model, quantization=config.quantization, dtype=config.dtype)
+    tokenizer = prepare_tokenizer(base.tokenizer)
+    run.metrics["load_seconds"] = round(time.perf_counter() - started, 2)
+
+    # 3. Tokenise: chat template, answer-only labels, lengths for grouping batches of similar length.
+    tokenize = dict(tokenizer=tokenizer, fmt=fmt, max_length=config.max_length,
+                    train_on_prompt=config.train_on_prompt)
+    train_set = tokenize_dataset(train_records, field="data", **tokenize)
+    eval_set = tokenize_dataset(eval_records, field="eval_data", **tokenize) if eval_records is not None else None
+    run.eval_pairs = prompts_and_answers(eval_records, fmt) if eval_records is not None and fmt != "text" else []
+
+    # 4. The method turns the base into something trainable (seeded: adapter init draws random numbers).
+    transformers.set_seed(config.seed)
+    model = run.method.prepare(base.model, run._ctx)
+    run.model, run.tokenizer = model, tokenizer
+    run.metrics.update(count_parameters(model))
+
+    # 5. The loop is transformers' Trainer; RunCallback records history and relays events.
+    trainer = _make_trainer(run, model, tokenizer, train_set, eval_set, memory)
+    run.total_steps = _expected_steps(config, len(train_set))
+    run.emit("on_run_start")
+    started = time.perf_counter()
+    output = trainer.train()
+    run.metrics["train_seconds"] = round(time.perf_counter() - started, 2)
+    run.metrics["train_loss_mean"] = output.training_loss
+    if eval_set is not None:
+        run.metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+    run.status = "stopped" if run.stop_requested else "finished"
+
+
+def _make_trainer(run: Run, model: Any, tokenizer: Any, train_set: Any, eval_set: Any,
+                  memory: PeakSampler) -> Any:
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from nbtune.engine.callbacks import RunCallback
+
+    config = run.config
+    periodic_eval = bool(config.eval_steps and eval_set is not None)
+    args = TrainingArguments(
+        output_dir=str(run._ctx.workdir / "trainer"),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        max_steps=config.steps or -1,
+        num_train_epochs=config.epochs or 1.0,
+        seed=config.seed,
+        data_seed=config.seed,
+        logging_steps=1,  # one history record per optimizer step
+        eval_strategy="steps" if periodic_eval else "no",
+        eval_steps=config.eval_steps or None,
+        save_strategy="no",  # the run saves its own standard artefact at the end
+        report_to="none",
+        disable_tqdm=True,  # our observers draw progress
+        include_num_input_tokens_seen="non_padding",  # for honest tokens/s
+        train_sampling_strategy="group_by_length",  # batches of similar length waste little padding
+        remove_unused_columns=False,  # keep `length` for the sampler; the collator drops it
+        activation_checkpointing=config.gradient_checkpointing,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    # pad_to_multiple_of=8: fewer distinct shapes, so oneDNN/cuBLAS reuse their kernels across steps.
+    collator = _WithoutLength(DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8))
+    extra = run.method.make_callbacks(run._ctx, run.total_steps) if run.method.make_callbacks else []
+    optimizer = run.method.make_optimizer(model, args, run._ctx) if run.method.make_optimizer else None
+    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                      processing_class=tokenizer, data_collator=collator,
+                      callbacks=[RunCallback(run, memory), *extra], optimizers=(optimizer, None))
+    for noisy in (PrinterCallback, ProgressCallback):  # they print every log dict to stdout
+        trainer.remove_callback(noisy)
+    return trainer
+
+
+class _WithoutLength:
+    """The Seq2Seq collator (pads labels with -100) minus the `length` column only the sampler needs."""
+
+    def __init__(self, collator: Any) -> None:
+        self.collator = collator
+
+    def __call__(self, features: list[dict[str, Any]]) -> Any:
+        return self.collator([{k: v for k, v in f.items() if k != "length"} for f in features])
+
+
+def _finish(run: Run) -> None:
+    config = run.config
+    losses = [r["loss"] for r in run.history if "loss" in r]
+    tokens = sum(r["tokens"] for r in run.history)
+    train_seconds = run.metrics.get("train_seconds") or 0.0
+    run.metrics.update({
+        "steps": run.history[-1]["step"] if run.history else 0,
+        "first_loss": losses[0] if losses else None,
+        "train_loss": losses[-1] if losses else None,
+        "tokens": tokens,
+        "tokens_per_second": round(tokens / train_seconds, 1) if train_seconds else None,
+    })
+    if _wants_metric(config) and run.eval_pairs and run.status == "finished":
+        run.metrics.update(run.evaluate())
+    if config.save:
+        run.metrics["saved_to"] = str(run.save())
+    run.emit("on_run_end")
+
+
+def _wants_metric(config: RunConfig) -> bool:
+    if config.metric == "auto":
+        return isinstance(config.data, str) and config.data == "demo"
+    return config.metric == "exact_match"
+
+
+def count_parameters(model: Any) -> dict[str, Any]:
+    """Trainable and total parameter counts; 4-bit weights count as their unpacked size."""
+    trainable = total = 0
+    for param in model.parameters():
+        count = param.numel()
+        if type(param).__name__ == "Params4bit":
+            count *= 2  # two 4-bit values per stored byte (what peft reports as well)
+        total += count
+        if param.requires_grad:
+            trainable += count
+    return {"trainable_params": trainable, "total_params": total,
+            "trainable_percent": round(100 * trainable / total, 4) if total else 0.0}
+
+
+def _expected_steps(config: RunConfig, examples: int) -> int:
+    if config.steps:
+        return config.steps
+    per_epoch = max(math.ceil(examples / config.batch_size) // config.grad_accum, 1)
+    return math.ceil((config.epochs or 1.0) * per_epoch)
+
+
+def _as_base(base: Any) -> Base | None:
+    if base is None or isinstance(base, Base):
+        return base
+    model, tokenizer = base
+    return Base(model=model, tokenizer=tokenizer, name=getattr(model, "name_or_path", "") or "in-memory")

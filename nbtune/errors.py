@@ -1,0 +1,45 @@
+"""Errors a user can cause.
+
+Every one is an `NbtuneError`: a one-line message that says what is wrong, where (the config field),
+and how to fix it. The CLI prints it on one line and the notebook layer shows it without a traceback,
+so a typo never costs the runs already in the kernel.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class NbtuneError(Exception):
+    """Base class of every error a user can cause and fix."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class ConfigError(NbtuneError, ValueError):
+    """A config key is unknown, has the wrong type, or is out of range."""
+
+
+class MethodError(ConfigError):
+    """The method is unknown or cannot be applied to this model."""
+
+
+class DataError(NbtuneError, ValueError):
+    """The data cannot be found, read, or understood."""
+
+
+class ModelError(NbtuneError):
+    """The model cannot be found or loaded."""
+
+
+class DependencyError(NbtuneError, ImportError):
+    """An optional package the config asks for is not installed."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """Return ' Did you mean `x`?' for the closest choice, or '' when nothing is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" Did you mean `{close[0]}`?" if close else ""

@@ -1,0 +1,104 @@
+"""Full fine-tuning and freeze-tuning: training the model's own weights, no adapter.
+
+`full` trains every weight; `freeze` trains only the top `trainable_layers` decoder layers and any
+parameter whose name contains one of `trainable_modules` (LLaMA-Factory's "freeze" method). Both save a
+complete safetensors model, since the base weights change.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from nbtune.errors import MethodError
+from nbtune.methods.registry import MethodContext, MethodSpec, register_method
+from nbtune.params import Param
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from nbtune.config import RunConfig
+
+
+def decoder_layers(model: PreTrainedModel) -> tuple[str, int]:
+    """(qualified name, count) of the model's stack of decoder blocks, e.g. ('model.layers', 30)."""
+    import torch
+
+    expected = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == expected:
+            return name, len(module)
+    raise MethodError(
+        "`trainable_layers` needs the model's stack of decoder layers, and none was found; "
+        "use `trainable_modules` to name the parameters to train.",
+        field="trainable_layers",
+    )
+
+
+def _prepare_full(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedModel:
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return model
+
+
+def _prepare_freeze(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedModel:
+    top = ctx.options["trainable_layers"]
+    patterns = _as_list(ctx.options["trainable_modules"])
+    prefixes: tuple[str, ...] = ()
+    if top:
+        stack, count = decoder_layers(model)
+        prefixes = tuple(f"{stack}.{i}." for i in range(max(count - top, 0), count))
+    trained = []
+    for name, param in model.named_parameters():
+        train = name.startswith(prefixes) if prefixes else False
+        train = train or any(p in name for p in patterns)
+        param.requires_grad_(train)
+        if train:
+            trained.append(name)
+    if not trained:
+        raise MethodError(
+            f"`trainable_modules` {patterns} matches no parameter name; names look like "
+            f"{', '.join(n for n, _ in list(model.named_parameters())[:4])}.",
+            field="trainable_modules",
+        )
+    return model
+
+
+def _as_list(value: Any) -> list[str]:
+    if not value:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _validate_freeze(options: dict[str, Any], config: RunConfig) -> None:
+    if options["trainable_layers"] == 0 and not _as_list(options["trainable_modules"]):
+        raise MethodError(
+            "freeze with `trainable_layers: 0` and no `trainable_modules` would train nothing; "
+            "set trainable_layers >= 1 or name modules, e.g. trainable_modules: [norm].",
+            field="trainable_layers",
+        )
+
+
+register_method(MethodSpec(
+    name="full",
+    summary="Full fine-tuning: every weight trains (most memory: weights + grads + 2x Adam state).",
+    params=(),
+    prepare=_prepare_full,
+    adapter=False,
+    default_lr=2e-5,
+    quantization=("none",),
+))
+
+register_method(MethodSpec(
+    name="freeze",
+    summary="Freeze-tuning: only the top N decoder layers (and named modules) train.",
+    params=(
+        Param("trainable_layers", "int", 2, "How many of the top decoder layers train.", min=0),
+        Param("trainable_modules", "names", [], "Also train parameters whose names contain any of these, "
+              "e.g. [norm, embed_tokens]."),
+    ),
+    prepare=_prepare_freeze,
+    adapter=False,
+    default_lr=5e-5,
+    quantization=("none",),
+    validate=_validate_freeze,
+))

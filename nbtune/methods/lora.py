@@ -1,0 +1,153 @@
+"""LoRA and QLoRA: a trainable low-rank update B·A beside each target weight, done by peft.
+
+`lora` trains on a full-precision base (or a quantized one when `quantization` is set); `qlora` is the
+same adapter on a base loaded in 4-bit NF4 with double quantisation (or 8-bit). Options `rslora` and
+`init: pissa` select the rank-stabilised scaling and the principal-singular-vector initialisation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nbtune.errors import MethodError
+from nbtune.methods.registry import MethodContext, MethodSpec, register_method
+from nbtune.params import Param
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from nbtune.config import RunConfig
+
+# init -> peft's `init_lora_weights`; pissa and olora rewrite the base weights (the residual stays there).
+_INITS: dict[str, Any] = {
+    "default": True,
+    "gaussian": "gaussian",
+    "pissa": "pissa",
+    "pissa_niter_4": "pissa_niter_4",
+    "olora": "olora",
+}
+_REWRITES_BASE = ("pissa", "pissa_niter_4", "olora")
+
+LORA_PARAMS = (
+    Param("r", "int", 8, "LoRA rank: the size of the low-rank update.", min=1, max=4096),
+    Param("alpha", "float", 16.0, "Scale numerator: updates are scaled by alpha/r (alpha/sqrt(r) with rslora).",
+          min=0.0, min_exclusive=True),
+    Param("dropout", "float", 0.05, "Dropout on the LoRA input during training.", min=0.0, max=1.0,
+          max_exclusive=True),
+    Param("target_modules", "names", "all-linear",
+          "Modules that get LoRA: 'all-linear', or module names such as [q_proj, v_proj]."),
+    Param("rslora", "bool", False, "Rank-stabilised scaling alpha/sqrt(r): keeps large ranks learning."),
+    Param("init", "str", "default", "Adapter initialisation: default (B=0), gaussian, pissa (principal "
+          "singular vectors; pissa_niter_4 is the fast SVD), olora.", choices=tuple(_INITS)),
+)
+
+
+def lora_config(options: dict[str, Any]) -> Any:
+    """The peft `LoraConfig` for validated LoRA options."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=options["r"],
+        lora_alpha=options["alpha"],
+        lora_dropout=options["dropout"],
+        target_modules=options["target_modules"],
+        use_rslora=options["rslora"],
+        init_lora_weights=_INITS[options["init"]],
+        task_type="CAUSAL_LM",
+    )
+
+
+def linear_module_names(model: PreTrainedModel) -> list[str]:
+    """Short names of the model's linear layers (what `target_modules` can name)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
+    return sorted(names)
+
+
+def wrap_with_peft(model: PreTrainedModel, peft_config: Any, ctx: MethodContext) -> PreTrainedModel:
+    """`get_peft_model`, with k-bit preparation first and a readable error for targets that match nothing."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if ctx.quantized:
+        # Casts norms to fp32 and enables input grads; checkpointing only if the user asked for it,
+        # since on a CPU it costs a third more time for memory we rarely lack.
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=ctx.config.gradient_checkpointing
+        )
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as exc:
+        if "not found in the base model" in str(exc) or "Target modules" in str(exc):
+            raise MethodError(
+                f"`target_modules` {ctx.options.get('target_modules')!r} matches no module of this model. "
+                f"Its linear modules are: {', '.join(linear_module_names(model))} (or use 'all-linear').",
+                field="target_modules",
+            ) from None
+        raise
+
+
+def _prepare(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedModel:
+    options = ctx.options
+    peft_model = wrap_with_peft(model, lora_config(options), ctx)
+    if options["init"] in _REWRITES_BASE:
+        _save_initial_adapter(peft_model, ctx)
+    return peft_model
+
+
+def _save_initial_adapter(peft_model: Any, ctx: MethodContext) -> None:
+    # PiSSA/OLoRA move part of the base weights into the adapter. Keeping the adapter as it was before
+    # training lets `save` convert the result into a plain LoRA that applies to the *original* base, so
+    # `PeftModel.from_pretrained(base, dir)` reproduces the trained model (peft's documented recipe).
+    initial = ctx.workdir / "initial_adapter"
+    config = peft_model.peft_config["default"]
+    config.init_lora_weights = True  # the saved copy must not redo the SVD when peft reloads it
+    peft_model.save_pretrained(str(initial))
+    config.init_lora_weights = _INITS[ctx.options["init"]]
+
+
+def _save(model: Any, path: Path, ctx: MethodContext) -> None:
+    if ctx.options["init"] in _REWRITES_BASE:
+        model.save_pretrained(
+            str(path), path_initial_model_for_weight_conversion=str(ctx.workdir / "initial_adapter")
+        )
+    else:
+        model.save_pretrained(str(path))
+
+
+def _validate(options: dict[str, Any], config: RunConfig) -> None:
+    if options["init"] in _REWRITES_BASE and config.quantization != "none":
+        raise MethodError(
+            f"`init: {options['init']}` rewrites the base weights, which cannot be done on a "
+            f"{config.quantization} base; use `init: default` or `quantization: none`.",
+            field="init",
+        )
+
+
+register_method(MethodSpec(
+    name="lora",
+    summary="Low-rank adapters beside the frozen weights (Hu et al. 2021); rslora and PiSSA init as options.",
+    params=LORA_PARAMS,
+    prepare=_prepare,
+    adapter=True,
+    default_lr=2e-4,
+    save=_save,
+    validate=_validate,
+    can_merge=True,
+))
+
+register_method(MethodSpec(
+    name="qlora",
+    summary="LoRA on a base quantized to 4-bit NF4 with double quantisation (or 8-bit) by bitsandbytes.",
+    params=LORA_PARAMS,
+    prepare=_prepare,
+    adapter=True,
+    default_lr=2e-4,
+    default_quantization="4bit",
+    quantization=("4bit", "8bit"),
+    save=_save,
+    validate=_validate,
+    can_merge=True,
+))

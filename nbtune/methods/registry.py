@@ -1,0 +1,139 @@
+"""The methods registry: every fine-tuning method is one `MethodSpec`, registered by name.
+
+A method supplies what the engine needs from it (how to prepare the model, and optionally its own
+optimizer, Trainer callbacks and save routine), so adding a method never touches the engine. The idea
+follows peft's `register_peft_method`: registration is validated and refuses bad or duplicate names
+with a message that says how to fix them.
+
+    >>> from nbtune.methods import get_method
+    >>> get_method("lora").param("r").default
+    8
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nbtune.errors import MethodError, did_you_mean
+from nbtune.params import Param
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, TrainerCallback, TrainingArguments
+
+    from nbtune.config import RunConfig
+
+
+@dataclass
+class MethodContext:
+    """What a method sees while it prepares a model: the validated options and the run around them."""
+
+    options: dict[str, Any]
+    config: RunConfig
+    workdir: Path
+    quantized: bool = False
+    notes: list[str] = field(default_factory=list)  # shown to the user after preparation
+
+
+Prepare = Callable[["PreTrainedModel", MethodContext], "PreTrainedModel"]
+Save = Callable[["PreTrainedModel", Path, MethodContext], None]
+MakeOptimizer = Callable[["PreTrainedModel", "TrainingArguments", MethodContext], "torch.optim.Optimizer"]
+MakeCallbacks = Callable[[MethodContext, int], "list[TrainerCallback]"]
+Validate = Callable[[dict[str, Any], "RunConfig"], None]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A fine-tuning method: its name, knobs and the hooks the engine calls."""
+
+    name: str
+    summary: str
+    params: tuple[Param, ...]
+    prepare: Prepare
+    adapter: bool  # True: base weights stay untouched and the method saves a PEFT adapter
+    default_lr: float = 2e-4
+    default_quantization: str = "none"
+    quantization: tuple[str, ...] = ("none", "4bit", "8bit")  # what the method can train on
+    save: Save | None = None  # None: `model.save_pretrained` (adapter or full weights)
+    make_optimizer: MakeOptimizer | None = None  # None: the Trainer's AdamW
+    make_callbacks: MakeCallbacks | None = None  # called with (ctx, total_steps)
+    validate: Validate | None = None  # cross-field checks after each option passed its own
+    can_merge: bool = False
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def option_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params)
+
+    def check_options(self, options: Mapping[str, Any], config: RunConfig) -> dict[str, Any]:
+        """Defaults filled in, each value checked by its `Param`, then the method's own cross-checks."""
+        checked = {p.name: p.check(options.get(p.name, p.default)) for p in self.params}
+        if self.validate is not None:
+            self.validate(checked, config)
+        return checked
+
+    def describe(self) -> str:
+        lines = [f"{self.name}: {self.summary}"]
+        lines += [f"    {p.describe()}" for p in self.params]
+        return "\n".join(lines)
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def register_method(spec: MethodSpec, *, replace: bool = False) -> MethodSpec:
+    """Add `spec` to the registry after checking it is well formed; returns it (usable as a decorator target)."""
+    from nbtune.config import common_param_names
+
+    if not _NAME.match(spec.name):
+        raise MethodError(
+            f"method name {spec.name!r} must be lowercase letters, digits and '_', starting with a letter."
+        )
+    if spec.name in _REGISTRY and not replace:
+        raise MethodError(f"method {spec.name!r} is already registered; pass replace=True to override it.")
+    if not callable(spec.prepare):
+        raise MethodError(f"method {spec.name!r}: `prepare` must be a callable (model, ctx) -> model.")
+    names = [p.name for p in spec.params]
+    clashes = sorted(set(names) & set(common_param_names()))
+    if clashes:
+        raise MethodError(
+            f"method {spec.name!r}: option(s) {', '.join(clashes)} clash with run settings; rename them."
+        )
+    if len(set(names)) != len(names):
+        raise MethodError(f"method {spec.name!r}: option names repeat: {names}.")
+    for p in spec.params:
+        p.check(p.default)  # a default that fails its own check is a registration bug
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_method(name: str) -> MethodSpec:
+    """The registered method called `name`, or a `MethodError` listing the known ones."""
+    _load_builtin_methods()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise MethodError(
+            f"`method` is {name!r}, which is not a known method.{did_you_mean(name, _REGISTRY)} "
+            f"Known methods: {', '.join(sorted(_REGISTRY))}.",
+            field="method",
+        ) from None
+
+
+def all_methods() -> list[MethodSpec]:
+    _load_builtin_methods()
+    return sorted(_REGISTRY.values(), key=lambda s: s.name)
+
+
+def _load_builtin_methods() -> None:
+    # Imported lazily: the method modules import peft, which costs a second or more.
+    import nbtune.methods.builtin  # noqa: F401

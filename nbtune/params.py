@@ -1,0 +1,115 @@
+"""Typed, documented, range-checked settings: one `Param` describes a config key or a method hyperparameter.
+
+The same description feeds validation (with one-line messages naming the key), `nbtune.methods()`,
+the CLI's help and, later, the notebook picker's widgets, so the help text lives in exactly one place.
+
+    >>> Param("r", "int", 8, "LoRA rank.", min=1).check(16)
+    16
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from nbtune.errors import ConfigError
+
+Kind = Literal["int", "float", "bool", "str", "names", "any"]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One setting: its name, kind, default, help text and allowed values."""
+
+    name: str
+    kind: Kind
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+    min: float | None = None
+    max: float | None = None
+    min_exclusive: bool = False
+    max_exclusive: bool = False
+    nullable: bool = False
+
+    def check(self, value: Any) -> Any:
+        """Return `value` converted to this kind, or raise `ConfigError` naming the key and the fix."""
+        if value is None:
+            if self.nullable or self.default is None:
+                return None
+            raise ConfigError(f"`{self.name}` cannot be empty; {self._expected()}.", field=self.name)
+        value = self._coerce(value)
+        self._check_choice(value)
+        self._check_range(value)
+        return value
+
+    def describe(self) -> str:
+        """One line: name, kind, default, allowed values, help."""
+        allowed = f", one of {'|'.join(self.choices)}" if self.choices else self._bounds_text()
+        return f"{self.name} ({self.kind}, default {self.default!r}{allowed}): {self.help}"
+
+    def _coerce(self, value: Any) -> Any:
+        kind = self.kind
+        # bool is an int subclass in Python; `r: true` is a typo, not a rank of 1.
+        if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind == "int" and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind == "bool" and isinstance(value, bool):
+            return value
+        if kind == "str" and isinstance(value, str):
+            return value
+        if kind == "names":
+            if isinstance(value, str):
+                return value
+            if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+                return list(value)
+        if kind == "any":
+            return value
+        raise ConfigError(
+            f"`{self.name}` must be {self._expected()}, got {type(value).__name__} {value!r}.",
+            field=self.name,
+        )
+
+    def _check_choice(self, value: Any) -> None:
+        if self.choices is None or value in self.choices:
+            return
+        from nbtune.errors import did_you_mean
+
+        hint = did_you_mean(str(value), self.choices)
+        raise ConfigError(
+            f"`{self.name}` is {value!r}, which is not one of {', '.join(self.choices)}.{hint}",
+            field=self.name,
+        )
+
+    def _check_range(self, value: Any) -> None:
+        if self.kind not in ("int", "float"):
+            return
+        too_low = self.min is not None and (value <= self.min if self.min_exclusive else value < self.min)
+        too_high = self.max is not None and (value >= self.max if self.max_exclusive else value > self.max)
+        if too_low or too_high:
+            raise ConfigError(
+                f"`{self.name}` is {value!r}, outside its range{self._bounds_text()}; {self.help}",
+                field=self.name,
+            )
+
+    def _expected(self) -> str:
+        return {
+            "int": "an integer",
+            "float": "a number",
+            "bool": "true or false",
+            "str": "a string",
+            "names": "a name or a list of names",
+            "any": "a value",
+        }[self.kind]
+
+    def _bounds_text(self) -> str:
+        if self.min is None and self.max is None:
+            return ""
+        low = "" if self.min is None else ("(" if self.min_exclusive else "[") + f"{self.min:g}"
+        high = "" if self.max is None else f"{self.max:g}" + (")" if self.max_exclusive else "]")
+        low = low or "(-inf"
+        high = high or "inf)"
+        return f" {low}, {high}"
