@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from nbtune.config import load_yaml
 from nbtune.errors import ConfigError, NbtuneError
 
 DEMO_CONFIG = {"name": "demo", "method": "lora", "data": "demo", "steps": 40, "lr": 1e-3, "batch_size": 8,
@@ -66,7 +67,7 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise ConfigError(f"--set {pair!r} must look like key=value.")
         try:
-            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+            out[key.strip()] = load_yaml(value) if value.strip() else None
         except yaml.YAMLError:
             out[key.strip()] = value
     return out

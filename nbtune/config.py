@@ -76,13 +76,16 @@ class RunConfig:
     output_dir: str | None = _p(None, "str", "Where the final adapter or weights are saved. Default: runs/<name>.")
     save: bool = _p(True, "bool", "Save the result to `output_dir` when training ends.")
     options: dict[str, Any] = field(default_factory=dict, metadata={"param": None})
+    # The keys as the user gave them, before defaults were derived: re-parsing with overrides starts from
+    # these, so `parse(cfg, steps=5)` does not trip over the `epochs: 1` that `cfg` derived itself.
+    given: dict[str, Any] | None = field(default=None, repr=False, compare=False, metadata={"param": None})
 
     # ---------------------------------------------------------------- parsing
     @classmethod
     def parse(cls, source: RunConfig | Mapping[str, Any] | str | Path | None = None, **overrides: Any) -> RunConfig:
         """Build a validated config from a RunConfig, dict, YAML text or YAML file, then apply `overrides`."""
         if isinstance(source, RunConfig):
-            raw = source.to_dict()
+            raw = dict(source.given) if source.given is not None else source.to_dict()
         elif source is None:
             raw = {}
         elif isinstance(source, Mapping):
@@ -96,7 +99,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Flat dict (method options at top level), the same shape `parse` accepts."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("options", "given")}
         out.update(self.options)
         return out
 
@@ -126,19 +129,37 @@ def common_params() -> dict[str, Param]:
 
 
 def common_param_names() -> tuple[str, ...]:
-    return (*common_params(), "options")
+    return (*common_params(), "options", "given")
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-4` as a float, as YAML 1.2 does (PyYAML's 1.1 rules need `1.0e-4`)."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML safely (never constructs Python objects), with YAML 1.2 exponent floats."""
+    return yaml.load(text, Loader=_Yaml12Loader)
 
 
 def _read_yaml(source: str | Path) -> dict[str, Any]:
     text = str(source)
-    path = Path(text) if isinstance(source, Path) or re.fullmatch(r"[^\n]+\.ya?ml", text) else None
+    # A single line ending in .yaml with no `key: value` in it is a file name, not YAML text.
+    is_file_name = re.fullmatch(r"[^\n]+\.ya?ml", text) is not None and ": " not in text
+    path = Path(text) if isinstance(source, Path) or is_file_name else None
     if path is not None:
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist.")
         text = path.read_text(encoding="utf-8")
     try:
         # safe_load: a config never constructs Python objects.
-        loaded = yaml.safe_load(text)
+        loaded = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -155,6 +176,8 @@ def _build(raw: dict[str, Any]) -> RunConfig:
     from nbtune.methods import get_method
 
     raw = dict(raw)
+    given = {k: v for k, v in raw.items() if k != "given"}
+    raw.pop("given", None)
     nested = raw.pop("options", None) or {}
     if not isinstance(nested, Mapping):
         raise ConfigError("`options` must be a mapping of method options.", field="options")
@@ -178,6 +201,7 @@ def _build(raw: dict[str, Any]) -> RunConfig:
     config = RunConfig(**values)
     _check_cross_fields(config, method)
     config.options = method.check_options(option_raw, config)
+    config.given = given
     return config
 
 

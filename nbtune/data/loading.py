@@ -7,6 +7,7 @@ be reached. Failures are `DataError`s naming the config key (`data` or `eval_dat
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +66,41 @@ def _from_name(text: str, field: str, split: str) -> Any:
 def _read_file(path: Path, builder: str, field: str) -> Any:
     import datasets
 
+    if builder == "json":
+        return _read_json(path, field)
     try:
         loaded = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as exc:  # the builders raise many types; the user needs the file and the reason
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"`{field}` file {str(path)!r} could not be read as {builder}: {reason}", field=field) from None
     return loaded
+
+
+def _read_json(path: Path, field: str) -> Any:
+    # Not datasets' json builder: its pyarrow reader turns ISO-date strings into timestamps, so an
+    # answer "1987-08-03" would train as "1987-08-03 00:00:00". Python's json keeps strings strings.
+    import datasets
+
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".jsonl":
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            rows = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"`{field}` file {str(path)!r} is not valid JSON: {exc}", field=field) from None
+    if isinstance(rows, dict) and rows and all(isinstance(v, list) for v in rows.values()):
+        return _checked(datasets.Dataset.from_dict, rows, path, field)  # columns: {"prompt": [...], ...}
+    if isinstance(rows, list):
+        return _from_list(rows, field) if rows else datasets.Dataset.from_list([])
+    raise DataError(f"`{field}` file {str(path)!r} must hold a list of objects (or JSON lines).", field=field)
+
+
+def _checked(build: Any, rows: Any, path: Path, field: str) -> Any:
+    try:
+        return build(rows)
+    except Exception as exc:  # pyarrow's complaints about ragged or mixed columns
+        raise DataError(f"`{field}` file {str(path)!r} has inconsistent columns: {exc}", field=field) from None
 
 
 def _from_hub(name: str, field: str) -> Any:
@@ -100,7 +130,10 @@ def _from_list(rows: list[Any], field: str) -> Any:
             "{'prompt': ..., 'completion': ...}.",
             field=field,
         )
-    return datasets.Dataset.from_list(rows)
+    try:
+        return datasets.Dataset.from_list(rows)
+    except Exception as exc:  # pyarrow cannot build one column from mixed types
+        raise DataError(f"`{field}` rows do not share one shape per column: {exc}", field=field) from None
 
 
 def _train_split(dataset_dict: Any, field: str) -> Any:

@@ -74,7 +74,7 @@ def encode(example: dict[str, Any], *, tokenizer: Any, fmt: str, max_length: int
         labels = list(ids)
     else:
         labels = [tok if any(s <= start < e for s, e in spans) else IGNORE_INDEX
-                  for tok, (start, _end) in zip(ids, enc["offset_mapping"])]
+                  for tok, (start, _end) in zip(ids, enc["offset_mapping"], strict=True)]
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "length": len(ids)}
 
 

@@ -63,6 +63,8 @@ class RunCallback(TrainerCallback):
         record = history[-1]
         record.update({ours: logs[theirs] for theirs, ours in _LOG_KEYS.items() if theirs in logs})
         self.run.emit("on_step", record)
+        if self.run.stop_requested:  # an observer may have asked during this very step's event
+            control.should_training_stop = True
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None,
                     **kwargs: Any) -> None:

@@ -43,7 +43,7 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Share of predictions equal to their reference after trimming whitespace."""
     if not references:
         return float("nan")
-    hits = sum(p.strip() == r.strip() for p, r in zip(predictions, references))
+    hits = sum(p.strip() == r.strip() for p, r in zip(predictions, references, strict=True))
     return hits / len(references)
 
 

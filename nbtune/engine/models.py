@@ -8,19 +8,18 @@ safetensors in `NBTUNE_CACHE` (default: the user cache dir), so later loads take
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from nbtune.config import DEFAULT_MODEL
+from nbtune.engine.quiet import no_hf_progress_bars
 from nbtune.engine.saving import atomic_directory, write_json
 from nbtune.errors import DependencyError, ModelError
 
@@ -82,7 +81,7 @@ def load_base(name: str, *, quantization: str = "none", dtype: str = "float32") 
     if quantization != "none":
         kwargs["quantization_config"] = _bnb_config(quantization, torch_dtype)
         kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else "cpu"
-    with _quiet_loading():
+    with no_hf_progress_bars():
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if quantization == "none" and torch.cuda.is_available():
@@ -105,20 +104,6 @@ def _bnb_config(quantization: str, dtype: Any) -> Any:
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=dtype)
     return BitsAndBytesConfig(load_in_8bit=True)
-
-
-@contextlib.contextmanager
-def _quiet_loading() -> Iterator[None]:
-    # transformers draws a "Loading weights" bar per load; in a notebook cell that is noise.
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _looks_like_path(name: str) -> bool:
@@ -199,7 +184,7 @@ def _convert_gguf(gguf: Path, target: Path, name: str) -> None:
     except ImportError:
         raise DependencyError("loading the default model offline needs the `gguf` package: pip install gguf",
                               field="model") from None
-    with _quiet_loading():
+    with no_hf_progress_bars():
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # A model loaded from GGUF refuses save_pretrained ("not serializable"); a fresh model of the same
@@ -211,7 +196,7 @@ def _convert_gguf(gguf: Path, target: Path, name: str) -> None:
     fresh = type(loaded)(config)
     fresh.load_state_dict(loaded.state_dict())
     fresh.generation_config = loaded.generation_config
-    with atomic_directory(target) as tmp, _quiet_loading():
+    with atomic_directory(target) as tmp, no_hf_progress_bars():
         fresh.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "nbtune_source.json", {"model": name, "gguf": gguf.name})

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nbtune.engine.generation import Prompt, exact_match, generate_texts
+from nbtune.engine.quiet import no_hf_progress_bars
 from nbtune.engine.saving import atomic_directory, write_json
 from nbtune.errors import NbtuneError
 
@@ -98,7 +99,7 @@ class Run:
         """Write the adapter (or weights), tokenizer and run.json to `path` atomically; returns the path."""
         self._need_model()
         target = Path(path) if path is not None else self.config.resolved_output_dir
-        with atomic_directory(target) as tmp:
+        with atomic_directory(target) as tmp, no_hf_progress_bars():
             if self.method.save is not None:
                 self.method.save(self.model, tmp, self._ctx)
             else:

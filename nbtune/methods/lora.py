@@ -7,6 +7,7 @@ same adapter on a base loaded in 4-bit NF4 with double quantisation (or 8-bit). 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,8 +78,13 @@ def wrap_with_peft(model: PreTrainedModel, peft_config: Any, ctx: MethodContext)
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=ctx.config.gradient_checkpointing
         )
+    if _has_conv1d(model):
+        peft_config.fan_in_fan_out = True  # GPT-2 style Conv1D stores weights transposed
     try:
-        return get_peft_model(model, peft_config)
+        with warnings.catch_warnings():
+            # peft reads transformers' renamed `is_gradient_checkpointing`; the notice is theirs, not ours.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return get_peft_model(model, peft_config)
     except ValueError as exc:
         if "not found in the base model" in str(exc) or "Target modules" in str(exc):
             raise MethodError(
@@ -87,6 +93,12 @@ def wrap_with_peft(model: PreTrainedModel, peft_config: Any, ctx: MethodContext)
                 field="target_modules",
             ) from None
         raise
+
+
+def _has_conv1d(model: PreTrainedModel) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return any(isinstance(m, Conv1D) for m in model.modules())
 
 
 def _prepare(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedModel:
@@ -104,7 +116,9 @@ def _save_initial_adapter(peft_model: Any, ctx: MethodContext) -> None:
     initial = ctx.workdir / "initial_adapter"
     config = peft_model.peft_config["default"]
     config.init_lora_weights = True  # the saved copy must not redo the SVD when peft reloads it
-    peft_model.save_pretrained(str(initial))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*changes the base weights.*")  # we convert, as it advises
+        peft_model.save_pretrained(str(initial))
     config.init_lora_weights = _INITS[ctx.options["init"]]
 
 

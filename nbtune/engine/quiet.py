@@ -1,0 +1,39 @@
+"""Keeping library chatter out of a notebook cell: per-load progress bars and repeated log lines."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def no_hf_progress_bars() -> Iterator[None]:
+    """transformers draws a bar per load and per save ("Loading weights", "Writing model shards")."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+class _DropBitsandbytesNoise(logging.Filter):
+    # At import (peft imports bitsandbytes) it says its fast CPU 4-bit kernel would come from a hub:
+    # offline that is always so, and LoRA users do not care. 8-bit layers log a dtype cast on every
+    # forward call: hundreds of identical lines per step.
+    NOISE = ("kernels-community", "inputs will be cast from")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(noise in message for noise in self.NOISE)
+
+
+def install_log_filters() -> None:
+    for name in ("bitsandbytes.backends.cpu.ops", "bitsandbytes.autograd._functions"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropBitsandbytesNoise) for f in logger.filters):
+            logger.addFilter(_DropBitsandbytesNoise())

@@ -1,0 +1,132 @@
+"""Shared fixtures: tiny random models and a tiny tokenizer, built in memory in milliseconds.
+
+The tokenizer is a byte-level BPE trained on the demo task's text with ChatML markers, so the tiny
+models see the same prompt shapes as SmolLM2 without any file from a hub.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never wait on a network probe
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# datasets caches what it reads from files; keep the tests' throwaway files out of the user's cache.
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="nbtune-tests-datasets-"))
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _train_tokenizer(chat: bool):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from nbtune.data.demo import demo_splits
+
+    train, test = demo_splits()
+    corpus = [r["prompt"] + " " + r["completion"] for r in train + test]
+    corpus += ["user assistant system Hello world. What is the answer? Instruction: Response:"] * 4
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>" if chat else "<|endoftext|>",
+                                   bos_token="<|im_start|>" if chat else "<|endoftext|>")
+    if chat:
+        fast.chat_template = CHATML
+        fast.pad_token = "<|im_end|>"
+    return fast
+
+
+@pytest.fixture(scope="session")
+def _chat_tokenizer():
+    return _train_tokenizer(chat=True)
+
+
+@pytest.fixture(scope="session")
+def _plain_tokenizer():
+    return _train_tokenizer(chat=False)
+
+
+@pytest.fixture
+def chat_tokenizer(_chat_tokenizer):
+    """A ChatML tokenizer (a fresh copy: runs may set its chat template or pad token)."""
+    import copy
+
+    return copy.deepcopy(_chat_tokenizer)
+
+
+@pytest.fixture
+def plain_tokenizer(_plain_tokenizer):
+    """A tokenizer with no chat template and no pad token, like GPT-2's."""
+    import copy
+
+    return copy.deepcopy(_plain_tokenizer)
+
+
+def tiny_llama(tokenizer, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, initializer_range=0.2,  # sharper logits: learns in 10 steps
+                         eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    return LlamaForCausalLM(config)
+
+
+def tiny_gpt2(tokenizer, seed: int = 0):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=512,
+                        initializer_range=0.2,  # 0.02 makes logits too flat for a tiny model to learn fast
+                        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    return GPT2LMHeadModel(config)
+
+
+@pytest.fixture
+def llama_base(chat_tokenizer):
+    """(tiny random Llama, ChatML tokenizer), ready for `nbtune.finetune(..., base=...)`."""
+    return tiny_llama(chat_tokenizer), chat_tokenizer
+
+
+@pytest.fixture
+def gpt2_base(plain_tokenizer):
+    """(tiny random GPT-2, tokenizer without chat template)."""
+    return tiny_gpt2(plain_tokenizer), plain_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, _chat_tokenizer) -> Path:
+    """A tiny Llama saved as a normal model folder, for `model: <path>` and quantized loading."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(_chat_tokenizer).save_pretrained(path)
+    _chat_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def demo_rows():
+    """32 demo-task rows as a list of dicts (prompt/completion)."""
+    from nbtune.data.demo import demo_splits
+
+    return demo_splits()[0][:32]
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_cwd(tmp_path, monkeypatch):
+    # Runs save to runs/<name> by default: keep every test's files inside its own tmp dir.
+    monkeypatch.chdir(tmp_path)

@@ -1,0 +1,181 @@
+"""The engine end to end on tiny random models: training, history, events, stop, seeds, generation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import nbtune
+from nbtune.engine.events import NullObserver
+
+FAST = {"steps": 6, "batch_size": 4, "lr": 1e-2, "metric": "none", "output_dir": "out"}
+
+
+class Recorder(NullObserver):
+    def __init__(self, stop_at: int | None = None, raise_at: int | None = None, fail: bool = False):
+        self.events: list[str] = []
+        self.records: list[dict] = []
+        self.stop_at, self.raise_at, self.fail = stop_at, raise_at, fail
+
+    def on_run_start(self, run):
+        self.events.append("start")
+
+    def on_step(self, run, record):
+        self.events.append("step")
+        self.records.append(dict(record))
+        if self.fail:
+            raise ValueError("broken display")
+        if record["step"] == self.stop_at:
+            run.stop()
+        if record["step"] == self.raise_at:
+            raise KeyboardInterrupt
+
+    def on_log(self, run, logs):
+        self.events.append("log")
+
+    def on_eval(self, run, metrics):
+        self.events.append("eval")
+
+    def on_run_end(self, run):
+        self.events.append("end")
+
+
+def test_lora_learns_and_records_every_step(llama_base, demo_rows):
+    run = nbtune.finetune(data=demo_rows, base=llama_base, **{**FAST, "steps": 10})
+    assert run.status == "finished"
+    assert [r["step"] for r in run.history] == list(range(1, 11))
+    for key in ("loss", "lr", "grad_norm", "tokens", "tokens_per_second", "rss_mb", "elapsed_seconds"):
+        assert key in run.history[-1], key
+    losses = [r["loss"] for r in run.history]
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.5
+    trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    assert run.metrics["trainable_params"] == trainable > 0
+    assert 0 < run.metrics["trainable_percent"] < 100
+    for key in ("total_params", "train_seconds", "tokens_per_second", "peak_rss_mb", "train_loss", "steps"):
+        assert run.metrics[key], key
+    assert list(run.history.df.columns[:2]) == ["step", "epoch"]
+    assert "lora" in repr(run) and "finished" in repr(run)
+
+
+def test_events_arrive_in_order(llama_base, demo_rows):
+    recorder = Recorder()
+    run = nbtune.finetune(data=demo_rows, base=llama_base, eval_split=0.25, eval_steps=3, observers=[recorder],
+                          **FAST)
+    assert recorder.events[0] == "start" and recorder.events[-1] == "end"
+    assert recorder.events.count("step") == 6
+    assert recorder.events.count("eval") == 3  # steps 3 and 6, then the final evaluation
+    assert all("loss" in r for r in recorder.records)
+    assert [e["step"] for e in run.eval_history] == [3, 6, 6]
+    assert run.metrics["eval_loss"] == pytest.approx(run.eval_history[-1]["eval_loss"])
+
+
+def test_stop_request_ends_after_the_current_step_and_keeps_the_adapter(llama_base, demo_rows):
+    run = nbtune.finetune(data=demo_rows, base=llama_base, observers=[Recorder(stop_at=3)], **FAST)
+    assert run.status == "stopped"
+    assert len(run.history) == 3
+    assert (run.saved_to / "adapter_model.safetensors").is_file()
+    assert json.loads((run.saved_to / "run.json").read_text())["status"] == "stopped"
+
+
+def test_keyboard_interrupt_marks_the_run_stopped_and_returns_it(llama_base, demo_rows):
+    run = nbtune.finetune(data=demo_rows, base=llama_base, observers=[Recorder(raise_at=2)], **FAST)
+    assert run.status == "stopped"
+    assert run.model is not None
+    assert isinstance(run.generate("hello", max_new_tokens=2), str)
+
+
+def test_a_failing_observer_warns_but_training_goes_on(llama_base, demo_rows):
+    with pytest.warns(UserWarning, match="broken display"):
+        run = nbtune.finetune(data=demo_rows, base=llama_base, observers=[Recorder(fail=True)], **FAST)
+    assert run.status == "finished" and len(run.history) == 6
+
+
+def test_same_seed_gives_the_same_loss_curve(chat_tokenizer, demo_rows):
+    from conftest import tiny_llama
+
+    curves = []
+    for _ in range(2):
+        run = nbtune.finetune(data=demo_rows, base=(tiny_llama(chat_tokenizer), chat_tokenizer), seed=7, **FAST)
+        curves.append([r["loss"] for r in run.history])
+    assert curves[0] == curves[1]
+    other = nbtune.finetune(data=demo_rows, base=(tiny_llama(chat_tokenizer), chat_tokenizer), seed=8, **FAST)
+    assert [r["loss"] for r in other.history] != curves[0]
+
+
+def test_generate_takes_a_string_messages_or_a_list(llama_base, demo_rows):
+    run = nbtune.finetune(data=demo_rows, base=llama_base, **FAST)
+    mode = run.model.training
+    one = run.generate("Convert this date to ISO format (YYYY-MM-DD): 1 May 2000", max_new_tokens=3)
+    chat = run.generate([{"role": "user", "content": "hello"}], max_new_tokens=3)
+    many = run.generate(["a", "b", "c"], max_new_tokens=3)
+    assert isinstance(one, str) and isinstance(chat, str)
+    assert isinstance(many, list) and len(many) == 3
+    assert run.model.training == mode  # generate switches to eval mode and back
+    assert run.generate(["a", "b", "c"], max_new_tokens=3) == many  # greedy is deterministic
+
+
+def test_evaluate_scores_exact_match_with_and_without_the_adapter(llama_base, demo_rows):
+    run = nbtune.finetune(data=demo_rows, eval_data=demo_rows[:8], base=llama_base, **FAST)
+    scored = run.evaluate()
+    base = run.evaluate(use_adapter=False)
+    assert scored["samples"] == 8 and 0.0 <= scored["exact_match"] <= 1.0
+    assert 0.0 <= base["base_exact_match"] <= 1.0
+
+
+def test_metric_auto_scores_the_demo_task(llama_base):
+    run = nbtune.finetune(data="demo", base=llama_base, metric="auto", metric_samples=4,
+                          **{k: v for k, v in FAST.items() if k != "metric"})
+    assert run.metrics["samples"] == 4 and "exact_match" in run.metrics
+    assert "eval_loss" in run.metrics  # the demo's held-out split is the default eval data
+
+
+def test_gpt2_without_chat_template_trains_with_the_fallback_template(gpt2_base, demo_rows):
+    run = nbtune.finetune(data=demo_rows, base=gpt2_base, **FAST)
+    assert run.status == "finished"
+    assert "Assistant:" in run.tokenizer.chat_template
+    assert run.tokenizer.pad_token is not None
+    saved = json.loads((run.saved_to / "tokenizer_config.json").read_text())
+    assert "Assistant:" in saved.get("chat_template", "") or (run.saved_to / "chat_template.jinja").is_file()
+
+
+def test_errors_in_config_or_data_come_before_any_model_is_loaded():
+    # The model does not exist either: a DataError (not a ModelError) proves the order.
+    with pytest.raises(nbtune.DataError, match=r"missing\.jsonl"):
+        nbtune.finetune(model="./no/such/model", data="missing.jsonl")
+    with pytest.raises(nbtune.ConfigError, match="Did you mean `r`"):
+        nbtune.finetune(model="./no/such/model", rr=4)
+
+
+def test_target_modules_matching_nothing_lists_the_real_names(llama_base, demo_rows):
+    with pytest.raises(nbtune.MethodError, match="q_proj") as info:
+        nbtune.finetune(data=demo_rows, base=llama_base, target_modules=["query"], **FAST)
+    assert info.value.field == "target_modules"
+
+
+def test_a_failed_run_raises_and_reports_to_observers(llama_base, demo_rows):
+    class Seen(NullObserver):
+        error = None
+
+        def on_error(self, run, error):
+            Seen.error = (run.status, error)
+
+    with pytest.raises(nbtune.MethodError):
+        nbtune.finetune(data=demo_rows, base=llama_base, target_modules=["nothing"], observers=[Seen()], **FAST)
+    assert Seen.error[0] == "failed"
+
+
+def test_history_records_memory_and_throughput(llama_base, demo_rows):
+    run = nbtune.finetune(data=demo_rows, base=llama_base, **FAST)
+    assert all(r["rss_mb"] > 50 for r in run.history)
+    assert all(r["tokens"] > 0 and r["tokens_per_second"] > 0 for r in run.history)
+    assert run.metrics["peak_rss_mb"] >= max(r["rss_mb"] for r in run.history) - 1
+    assert run.metrics["tokens"] == sum(r["tokens"] for r in run.history)
+
+
+def test_epochs_set_the_number_of_steps(llama_base, demo_rows):
+    run = nbtune.finetune(data=demo_rows[:16], base=llama_base, epochs=2, batch_size=4, grad_accum=2, lr=1e-2,
+                          metric="none", output_dir="out")
+    assert run.total_steps == 4 and len(run.history) == 4
+    assert torch.isfinite(torch.tensor(run.metrics["train_loss"]))
