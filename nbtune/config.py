@@ -68,7 +68,7 @@ class RunConfig:
                     choices=("float32", "bfloat16", "float16"))
     quantization: str | None = _p(None, "str", "Base weights in 4-bit NF4 or 8-bit (bitsandbytes); default: "
                                   "the method's (none, 4bit for qlora).", choices=("none", "4bit", "8bit"))
-    gradient_checkpointing: bool = _p(False, "bool", "Recompute activations in backward: less memory, ~30% slower.")
+    gradient_checkpointing: bool = _p(False, "bool", "Recompute activations in backward: less memory, slower steps.")
     eval_steps: int = _p(0, "int", "Evaluate the loss every N steps (0: only at the end).", min=0)
     metric: str = _p("auto", "str", "Task metric at the end: exact match of generated answers; 'auto' uses it "
                      "for the demo task only.", choices=("auto", "exact_match", "none"))

@@ -64,6 +64,8 @@ class ProgressObserver(NullObserver):
         self._bar.update(record["step"] - self._bar.n)
         self._bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",
                               tok_s=f"{record.get('tokens_per_second', 0):.0f}", refresh=False)
+        if record["step"] >= run.total_steps:
+            self._close()  # training is over; the final evaluation and save should not count as step time
 
     def on_run_end(self, run: Run) -> None:
         self._close()
