@@ -205,6 +205,20 @@ def _build(raw: dict[str, Any]) -> RunConfig:
     return config
 
 
+_NAMES_GIVEN: set[str] = set()
+
+
+def _fresh_name(method: str) -> str:
+    # Two runs started in the same second must not share a name (and so an output folder).
+    stem = f"{method}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+    name, n = stem, 1
+    while name in _NAMES_GIVEN:
+        n += 1
+        name = f"{stem}-{n}"
+    _NAMES_GIVEN.add(name)
+    return name
+
+
 def _check_cross_fields(config: RunConfig, method: Any) -> None:
     if config.steps is not None and config.epochs is not None:
         raise ConfigError("set either `steps` or `epochs`, not both.", field="steps")
@@ -222,7 +236,7 @@ def _check_cross_fields(config: RunConfig, method: Any) -> None:
     if config.lr is None:
         config.lr = method.default_lr
     if config.name is None:
-        config.name = f"{method.name}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+        config.name = _fresh_name(method.name)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", config.name):
         raise ConfigError(
             f"`name` {config.name!r} must be 1-100 letters, digits, '_', '.' or '-' (it names a folder).",

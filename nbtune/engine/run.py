@@ -88,6 +88,9 @@ def _train(run: Run, base: Any, train_records: Any, eval_records: Any, fmt: str,
     started = time.perf_counter()
     base = _as_base(base) or load_base(config.model, quantization=config.quantization, dtype=config.dtype)
     tokenizer = prepare_tokenizer(base.tokenizer)
+    # A caller's base may be quantized whatever the config says; the method must know (k-bit prep).
+    run._ctx.quantized = bool(getattr(base.model, "is_loaded_in_4bit", False)
+                              or getattr(base.model, "is_loaded_in_8bit", False))
     run.metrics["load_seconds"] = round(time.perf_counter() - started, 2)
 
     # 3. Tokenise: chat template, answer-only labels, lengths for grouping batches of similar length.
