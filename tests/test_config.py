@@ -138,7 +138,7 @@ def test_full_has_no_options():
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_name_is_generated_and_folder_safe(method):
     cfg = RunConfig.parse({"method": method})
-    assert re.fullmatch(rf"{method}-\d{{8}}-\d{{6}}", cfg.name)
+    assert re.fullmatch(rf"{method}-\d{{8}}-\d{{6}}(-\d+)?", cfg.name)
     assert Path(cfg.name).name == cfg.name  # one path component
     assert cfg.resolved_output_dir == Path("runs") / cfg.name
 
