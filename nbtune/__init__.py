@@ -20,12 +20,13 @@ from nbtune.methods import MethodSpec, register_method
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from nbtune.engine.reopen import load
     from nbtune.engine.result import Run
     from nbtune.engine.run import finetune
 
 __all__ = [
     "DEFAULT_MODEL", "ConfigError", "DataError", "DependencyError", "MethodError", "MethodSpec", "ModelError",
-    "NbtuneError", "Run", "RunConfig", "finetune", "methods", "register_method",
+    "NbtuneError", "Run", "RunConfig", "finetune", "load", "methods", "register_method",
 ]
 
 
@@ -35,6 +36,10 @@ def __getattr__(name: str) -> Any:
         from nbtune.engine.run import finetune
 
         return finetune
+    if name == "load":
+        from nbtune.engine.reopen import load
+
+        return load
     if name == "Run":
         from nbtune.engine.result import Run
 

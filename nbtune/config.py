@@ -69,6 +69,9 @@ class RunConfig:
     quantization: str | None = _p(None, "str", "Base weights in 4-bit NF4 or 8-bit (bitsandbytes); default: "
                                   "the method's (none, 4bit for qlora).", choices=("none", "4bit", "8bit"))
     gradient_checkpointing: bool = _p(False, "bool", "Recompute activations in backward: less memory, slower steps.")
+    neftune_alpha: float | None = _p(None, "float", "NEFTune: uniform noise of this scale on the input "
+                                     "embeddings while training (5 is the paper's default); works with every "
+                                     "method.", min=0.0, min_exclusive=True)
     eval_steps: int = _p(0, "int", "Evaluate the loss every N steps (0: only at the end).", min=0)
     metric: str = _p("auto", "str", "Task metric at the end: exact match of generated answers; 'auto' uses it "
                      "for the demo task only.", choices=("auto", "exact_match", "none"))

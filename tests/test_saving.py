@@ -123,5 +123,5 @@ def test_freeze_with_a_pattern_that_matches_nothing_names_real_parameters(llama_
 def test_base_scoring_is_refused_for_methods_that_change_base_weights(llama_base, demo_rows):
     run = nbtune.finetune(data=demo_rows, eval_data=demo_rows[:4], base=llama_base, method="full", save=False,
                           **FAST)
-    with pytest.raises(nbtune.NbtuneError, match="changed the base weights"):
+    with pytest.raises(nbtune.NbtuneError, match="trained the base weights in place"):
         run.evaluate(use_adapter=False)

@@ -26,6 +26,12 @@ if TYPE_CHECKING:
 STATUSES = ("pending", "running", "finished", "stopped", "failed")
 
 
+def _json_safe(values: dict[str, Any]) -> dict[str, Any]:
+    """The keys as given, with in-memory data (lists, DataFrames) replaced by a short description."""
+    return {k: v if k not in ("data", "eval_data") or isinstance(v, (str, type(None))) else f"<{type(v).__name__}>"
+            for k, v in values.items()}
+
+
 class History(list):
     """Per-step records (step, loss, lr, grad_norm, tokens/s, memory, ...); `.df` is a pandas DataFrame."""
 
@@ -94,6 +100,29 @@ class Run:
         key = "exact_match" if use_adapter else "base_exact_match"
         return {key: exact_match(predictions, [a for _, a in pairs]), "samples": len(pairs)}
 
+    def base_disabled(self) -> contextlib.AbstractContextManager[Any]:
+        """`with run.base_disabled():` the model computes what the base model computes."""
+        self._need_model()
+        return self.method.disabled(self.model)
+
+    def merge(self) -> Any:
+        """Fold the adapter into the base weights and return the plain transformers model.
+
+        This changes the run's model in place (the adapter is gone afterwards); save first if you want
+        both. A 4-bit or 8-bit base cannot take the update without re-quantising it away: merge into a
+        full-precision copy instead (load the base with `quantization: none` and `method.load_trained`).
+        """
+        self._need_model()
+        if self._ctx.quantized and self.method.adapter:
+            raise NbtuneError(
+                f"run {self.name!r} has a {self.config.quantization} base: merging would re-quantize the "
+                "update away. Save the adapter, load the base unquantized (nbtune.load(path, "
+                "quantization='none')), and merge that.",
+                field="quantization",
+            )
+        self.model = self.method.merged(self.model)
+        return self.model
+
     # ------------------------------------------------------------ saving
     def save(self, path: str | Path | None = None) -> Path:
         """Write the adapter (or weights), tokenizer and run.json to `path` atomically; returns the path."""
@@ -120,6 +149,7 @@ class Run:
             "method": self.method.name,
             "error": self.error,
             "config": self.config.to_json_dict(),
+            "given": _json_safe(self.config.given or {}),
             "metrics": self.metrics,
             "history": list(self.history),
             "eval_history": self.eval_history,
@@ -146,8 +176,5 @@ class Run:
         if enabled:
             yield
             return
-        if not self.method.adapter:
-            raise NbtuneError(f"method {self.method.name!r} changed the base weights, so the base model "
-                              "cannot be scored from this run; score it before training.")
-        with self.model.disable_adapter():
+        with self.method.disabled(self.model):
             yield

@@ -88,6 +88,7 @@ def _train(run: Run, base: Any, train_records: Any, eval_records: Any, fmt: str,
     started = time.perf_counter()
     base = _as_base(base) or load_base(config.model, quantization=config.quantization, dtype=config.dtype)
     tokenizer = prepare_tokenizer(base.tokenizer)
+    run._ctx.tokenizer = tokenizer
     # A caller's base may be quantized whatever the config says; the method must know (k-bit prep).
     run._ctx.quantized = bool(getattr(base.model, "is_loaded_in_4bit", False)
                               or getattr(base.model, "is_loaded_in_8bit", False))
@@ -101,6 +102,7 @@ def _train(run: Run, base: Any, train_records: Any, eval_records: Any, fmt: str,
     run.eval_pairs = prompts_and_answers(eval_records, fmt) if eval_records is not None and fmt != "text" else []
 
     # 4. The method turns the base into something trainable (seeded: adapter init draws random numbers).
+    run.total_steps = run._ctx.total_steps = _expected_steps(config, len(train_set))
     transformers.set_seed(config.seed)
     model = run.method.prepare(base.model, run._ctx)
     run.model, run.tokenizer = model, tokenizer
@@ -108,7 +110,6 @@ def _train(run: Run, base: Any, train_records: Any, eval_records: Any, fmt: str,
 
     # 5. The loop is transformers' Trainer; RunCallback records history and relays events.
     trainer = _make_trainer(run, model, tokenizer, train_set, eval_set, memory)
-    run.total_steps = _expected_steps(config, len(train_set))
     run.emit("on_run_start")
     started = time.perf_counter()
     output = trainer.train()
@@ -152,7 +153,8 @@ def _make_trainer(run: Run, model: Any, tokenizer: Any, train_set: Any, eval_set
         include_num_input_tokens_seen="non_padding",  # for honest tokens/s
         train_sampling_strategy="group_by_length",  # batches of similar length waste little padding
         remove_unused_columns=False,  # keep `length` for the sampler; the collator drops it
-        activation_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing=config.gradient_checkpointing and run.method.gradient_checkpointing,
+        neftune_noise_alpha=config.neftune_alpha,  # transformers' NEFTune: noise on embeddings in training only
         use_cpu=not torch.cuda.is_available(),
     )
     # pad_to_multiple_of=8: fewer distinct shapes, so oneDNN/cuBLAS reuse their kernels across steps.

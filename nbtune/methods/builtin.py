@@ -1,3 +1,3 @@
 """Imports every built-in method module; each registers itself on import."""
 
-from nbtune.methods import full, lora  # noqa: F401
+from nbtune.methods import bitfit, bottleneck, full, lora, lora_variants, moe, prompts, tuners  # noqa: F401

@@ -44,11 +44,12 @@ LORA_PARAMS = (
 )
 
 
-def lora_config(options: dict[str, Any]) -> Any:
-    """The peft `LoraConfig` for validated LoRA options."""
+def lora_config(options: dict[str, Any], **extra: Any) -> Any:
+    """The peft `LoraConfig` for validated LoRA options (`extra`: more LoraConfig fields, e.g. use_dora)."""
     from peft import LoraConfig
 
     return LoraConfig(
+        **extra,
         r=options["r"],
         lora_alpha=options["alpha"],
         lora_dropout=options["dropout"],
@@ -101,9 +102,10 @@ def _has_conv1d(model: PreTrainedModel) -> bool:
     return any(isinstance(m, Conv1D) for m in model.modules())
 
 
-def _prepare(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedModel:
+def prepare_lora(model: PreTrainedModel, ctx: MethodContext, **extra: Any) -> PreTrainedModel:
+    """LoRA (or a variant: `extra` goes to LoraConfig) on `model`, saving PiSSA's initial adapter if needed."""
     options = ctx.options
-    peft_model = wrap_with_peft(model, lora_config(options), ctx)
+    peft_model = wrap_with_peft(model, lora_config(options, **extra), ctx)
     if options["init"] in _REWRITES_BASE:
         _save_initial_adapter(peft_model, ctx)
     return peft_model
@@ -122,7 +124,11 @@ def _save_initial_adapter(peft_model: Any, ctx: MethodContext) -> None:
     config.init_lora_weights = _INITS[ctx.options["init"]]
 
 
-def _save(model: Any, path: Path, ctx: MethodContext) -> None:
+def _prepare(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedModel:
+    return prepare_lora(model, ctx)
+
+
+def save_lora(model: Any, path: Path, ctx: MethodContext) -> None:
     if ctx.options["init"] in _REWRITES_BASE:
         model.save_pretrained(
             str(path), path_initial_model_for_weight_conversion=str(ctx.workdir / "initial_adapter")
@@ -131,7 +137,7 @@ def _save(model: Any, path: Path, ctx: MethodContext) -> None:
         model.save_pretrained(str(path))
 
 
-def _validate(options: dict[str, Any], config: RunConfig) -> None:
+def validate_lora(options: dict[str, Any], config: RunConfig) -> None:
     if options["init"] in _REWRITES_BASE and config.quantization != "none":
         raise MethodError(
             f"`init: {options['init']}` rewrites the base weights, which cannot be done on a "
@@ -147,8 +153,8 @@ register_method(MethodSpec(
     prepare=_prepare,
     adapter=True,
     default_lr=2e-4,
-    save=_save,
-    validate=_validate,
+    save=save_lora,
+    validate=validate_lora,
     can_merge=True,
 ))
 
@@ -161,7 +167,7 @@ register_method(MethodSpec(
     default_lr=2e-4,
     default_quantization="4bit",
     quantization=("4bit", "8bit"),
-    save=_save,
-    validate=_validate,
+    save=save_lora,
+    validate=validate_lora,
     can_merge=True,
 ))

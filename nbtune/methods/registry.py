@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +37,12 @@ class MethodContext:
     config: RunConfig
     workdir: Path
     quantized: bool = False
+    tokenizer: Any = None
+    total_steps: int = 0  # optimizer steps the run will take (AdaLoRA schedules its budget on it)
     notes: list[str] = field(default_factory=list)  # shown to the user after preparation
+    # Values a method wants in every history record (AdaLoRA's current rank budget, say); the engine
+    # copies them into each step's record.
+    step_metrics: dict[str, Any] = field(default_factory=dict)
 
 
 Prepare = Callable[["PreTrainedModel", MethodContext], "PreTrainedModel"]
@@ -44,6 +50,9 @@ Save = Callable[["PreTrainedModel", Path, MethodContext], None]
 MakeOptimizer = Callable[["PreTrainedModel", "TrainingArguments", MethodContext], "torch.optim.Optimizer"]
 MakeCallbacks = Callable[[MethodContext, int], "list[TrainerCallback]"]
 Validate = Callable[[dict[str, Any], "RunConfig"], None]
+Disable = Callable[["PreTrainedModel"], AbstractContextManager[Any]]
+Load = Callable[["PreTrainedModel", Path], "PreTrainedModel"]
+Merge = Callable[["PreTrainedModel"], "PreTrainedModel"]
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,13 @@ class MethodSpec:
     make_optimizer: MakeOptimizer | None = None  # None: the Trainer's AdamW
     make_callbacks: MakeCallbacks | None = None  # called with (ctx, total_steps)
     validate: Validate | None = None  # cross-field checks after each option passed its own
+    # For PEFT methods (adapter=True) the defaults are peft's disable_adapter / from_pretrained /
+    # merge_and_unload; a method that is no PEFT tuner supplies its own.
+    disable: Disable | None = None
+    load: Load | None = None  # (fresh base model, saved folder) -> trained model
+    merge: Merge | None = None
     can_merge: bool = False
+    gradient_checkpointing: bool = True  # False: the engine switches it off (prompt methods)
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -79,6 +94,38 @@ class MethodSpec:
         if self.validate is not None:
             self.validate(checked, config)
         return checked
+
+    def disabled(self, model: PreTrainedModel) -> AbstractContextManager[Any]:
+        """Context in which `model` computes exactly what the base model computes."""
+        if self.disable is not None:
+            return self.disable(model)
+        if self.adapter:
+            return model.disable_adapter()
+        raise MethodError(f"method {self.name!r} trained the base weights in place, so there is no base "
+                          "to switch back to; load the base model again to compare.")
+
+    def load_trained(self, base_model: PreTrainedModel, path: Path) -> PreTrainedModel:
+        """The trained model from a folder `save` wrote, on a freshly loaded base."""
+        if self.load is not None:
+            return self.load(base_model, path)
+        if self.adapter:
+            from peft import PeftModel
+
+            return PeftModel.from_pretrained(base_model, str(path))
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=base_model.dtype)
+
+    def merged(self, model: PreTrainedModel) -> PreTrainedModel:
+        """`model` with the method folded into plain weights (in place)."""
+        if self.merge is not None:
+            return self.merge(model)
+        if not self.adapter:
+            raise MethodError(f"method {self.name!r} trained the weights in place: there is nothing to merge.")
+        if not self.can_merge:
+            raise MethodError(f"method {self.name!r} cannot be merged into the base weights (it adds "
+                              "computation, not a weight delta); keep it as an adapter.")
+        return model.merge_and_unload()
 
     def describe(self) -> str:
         lines = [f"{self.name}: {self.summary}"]

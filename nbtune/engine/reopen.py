@@ -1,0 +1,74 @@
+"""`nbtune.load(path)`: a saved run back in memory, on a freshly loaded base, ready to generate or compare.
+
+    >>> run = nbtune.load("runs/demo")          # doctest: +SKIP
+    >>> run.generate("Convert this date to ISO format (YYYY-MM-DD): 1 May 2000")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from nbtune.config import RunConfig
+from nbtune.data import prepare_tokenizer, prompts_and_answers
+from nbtune.engine.events import Broadcast, NullObserver
+from nbtune.engine.models import Base, load_base
+from nbtune.engine.quiet import no_hf_progress_bars
+from nbtune.engine.result import History, Run
+from nbtune.errors import DataError, NbtuneError
+from nbtune.methods import MethodContext, get_method
+
+
+def load(path: str | Path, *, base: Base | tuple[Any, Any] | None = None, quantization: str | None = None) -> Run:
+    """Re-open a folder written by `Run.save`: config, metrics and history from run.json, and the model.
+
+    `base` is an already loaded (model, tokenizer) to put the result on; otherwise the run's own base
+    model is loaded (`quantization` overrides how, e.g. 'none' to merge a QLoRA adapter in full precision).
+    """
+    path = Path(path)
+    info = _read_run_json(path)
+    given = dict(info.get("given") or info["config"])
+    if quantization is not None:
+        given["quantization"] = quantization
+    config = RunConfig.parse(given)
+    method = get_method(config.method)
+    if base is None:
+        base = load_base(config.model, quantization=config.quantization, dtype=config.dtype)
+    elif not isinstance(base, Base):
+        base = Base(model=base[0], tokenizer=base[1], name="in-memory")
+    from transformers import AutoTokenizer
+
+    with no_hf_progress_bars():
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path))  # carries the chat template used
+        model = method.load_trained(base.model, path)
+    ctx = MethodContext(options=config.options, config=config, workdir=Path(tempfile.mkdtemp(prefix="nbtune-")),
+                        quantized=config.quantization != "none", tokenizer=tokenizer)
+    run = Run(config, method, ctx, Broadcast([NullObserver()]))
+    run.status, run.metrics = info["status"], dict(info.get("metrics") or {})
+    run.history = History(info.get("history") or [])
+    run.eval_history = list(info.get("eval_history") or [])
+    run.model, run.tokenizer, run.saved_to = model, tokenizer, path
+    run.total_steps = run.metrics.get("steps", 0)
+    run.eval_pairs = _eval_pairs(config)
+    return run
+
+
+def _read_run_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / "run.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NbtuneError(f"{str(path)!r} has no run.json: it is not a folder written by Run.save.") from None
+    except ValueError as exc:
+        raise NbtuneError(f"{str(path)!r}: run.json is damaged ({exc}).") from None
+
+
+def _eval_pairs(config: RunConfig) -> list[tuple[list[dict[str, str]], str]]:
+    from nbtune.engine.run import read_data
+
+    try:
+        _, evaluation, fmt = read_data(config)
+    except DataError:  # in-memory data is not saved with the run; evaluation then needs eval data again
+        return []
+    return prompts_and_answers(evaluation, fmt) if evaluation is not None and fmt != "text" else []
