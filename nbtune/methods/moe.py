@@ -55,7 +55,8 @@ def _prepare(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedModel:
     # LoRA on the stacked expert tensors themselves (e.g. mlp.experts.gate_up_proj), not on modules.
     suffixes = sorted({n.split(".layers.", 1)[-1].split(".", 1)[-1] for n in experts})
     options = ctx.options
-    config = LoraConfig(r=options["r"], lora_alpha=options["alpha"], lora_dropout=options["dropout"],
+    # lora_dropout stays 0: peft's parameter-targeting LoRA cannot apply dropout to a bare tensor.
+    config = LoraConfig(r=options["r"], lora_alpha=options["alpha"], lora_dropout=0.0,
                         target_modules=[], target_parameters=suffixes, task_type="CAUSAL_LM")
     return wrap_with_peft(model, config, ctx)
 
@@ -94,7 +95,7 @@ register_method(MethodSpec(
     summary="Mixture-of-experts tuning: experts only, router only, or LoRA on the expert weights.",
     params=(Param("moe_train", "str", "lora", "What trains: the expert weights, the router (gates), or LoRA "
                   "on the expert weights.", choices=("lora", "experts", "router")),
-            *[p for p in LORA_PARAMS if p.name in ("r", "alpha", "dropout")]),
+            *[p for p in LORA_PARAMS if p.name in ("r", "alpha")]),
     prepare=_prepare,
     adapter=False,
     default_lr=2e-4,
