@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-# The CPU build of torch, installed before anything else asks for torch: an unpinned `torch` pulls a
-# multi-GB CUDA build. On a GPU machine: make demo TORCH="torch".
+# torch goes in first, pinned, so nothing else pulls an unpinned (multi-GB CUDA) build. On our CPU
+# machines this pin resolves to the CPU build kept on local disk; elsewhere pass your own, e.g.
+# make demo TORCH="torch --index-url <PyTorch's CPU wheel index>" on a CPU box, TORCH=torch on a GPU one.
 TORCH  ?= torch==2.13.0
 
 .PHONY: demo test lint fetch clean
@@ -12,7 +13,7 @@ TORCH  ?= torch==2.13.0
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from nbtune.config import common_params
 from nbtune.methods import all_methods, get_method
 from nbtune.methods.registry import MethodSpec
 
@@ -31,8 +28,3 @@ def methods(name: str | None = None) -> MethodCatalog | MethodSpec:
     if name is not None:
         return get_method(name)
     return MethodCatalog(all_methods())
-
-
-def settings() -> dict[str, Any]:
-    """The run settings every method shares: name -> Param (type, default, help)."""
-    return common_params()

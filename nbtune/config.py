@@ -79,16 +79,20 @@ class RunConfig:
     output_dir: str | None = _p(None, "str", "Where the final adapter or weights are saved. Default: runs/<name>.")
     save: bool = _p(True, "bool", "Save the result to `output_dir` when training ends.")
     options: dict[str, Any] = field(default_factory=dict, metadata={"param": None})
-    # The keys as the user gave them, before defaults were derived: re-parsing with overrides starts from
-    # these, so `parse(cfg, steps=5)` does not trip over the `epochs: 1` that `cfg` derived itself.
-    given: dict[str, Any] | None = field(default=None, repr=False, compare=False, metadata={"param": None})
+    # Settings filled in from other settings (epochs, lr, quantization) with the value they got: a
+    # re-parse drops those still at that value, so `parse(cfg, steps=5)` does not trip over an `epochs: 1`
+    # that `cfg` derived itself, while a value the user set or edited since is kept.
+    derived: dict[str, Any] = field(default_factory=dict, repr=False, compare=False, metadata={"param": None})
 
     # ---------------------------------------------------------------- parsing
     @classmethod
     def parse(cls, source: RunConfig | Mapping[str, Any] | str | Path | None = None, **overrides: Any) -> RunConfig:
         """Build a validated config from a RunConfig, dict, YAML text or YAML file, then apply `overrides`."""
         if isinstance(source, RunConfig):
-            raw = dict(source.given) if source.given is not None else source.to_dict()
+            raw = source.to_dict()
+            for key, value in source.derived.items():
+                if raw.get(key) == value:
+                    del raw[key]
         elif source is None:
             raw = {}
         elif isinstance(source, Mapping):
@@ -102,13 +106,13 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Flat dict (method options at top level), the same shape `parse` accepts."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("options", "given")}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("options", "derived")}
         out.update(self.options)
         return out
 
     def to_json_dict(self) -> dict[str, Any]:
-        """Like `to_dict`, with in-memory data (lists, DataFrames) replaced by a short description."""
-        out = self.to_dict()
+        """Like `to_dict` plus `derived`, with in-memory data (lists, DataFrames) replaced by a description."""
+        out = {**self.to_dict(), "derived": dict(self.derived)}
         for key in ("data", "eval_data"):
             if out[key] is not None and not isinstance(out[key], (str, int, float, bool)):
                 out[key] = f"<{type(out[key]).__name__}>"
@@ -116,7 +120,7 @@ class RunConfig:
 
     @property
     def resolved_output_dir(self) -> Path:
-        return Path(self.output_dir) if self.output_dir else Path("runs") / str(self.name)
+        return Path(self.output_dir).expanduser() if self.output_dir else Path("runs") / str(self.name)
 
 
 def common_params() -> dict[str, Param]:
@@ -132,7 +136,7 @@ def common_params() -> dict[str, Param]:
 
 
 def common_param_names() -> tuple[str, ...]:
-    return (*common_params(), "options", "given")
+    return (*common_params(), "options", "derived")
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -179,8 +183,10 @@ def _build(raw: dict[str, Any]) -> RunConfig:
     from nbtune.methods import get_method
 
     raw = dict(raw)
-    given = {k: v for k, v in raw.items() if k != "given"}
-    raw.pop("given", None)
+    derived_before = raw.pop("derived", None) or {}  # as run.json stores it
+    for key, value in derived_before.items():
+        if raw.get(key) == value:
+            del raw[key]
     nested = raw.pop("options", None) or {}
     if not isinstance(nested, Mapping):
         raise ConfigError("`options` must be a mapping of method options.", field="options")
@@ -204,7 +210,6 @@ def _build(raw: dict[str, Any]) -> RunConfig:
     config = RunConfig(**values)
     _check_cross_fields(config, method)
     config.options = method.check_options(option_raw, config)
-    config.given = given
     return config
 
 
@@ -226,9 +231,9 @@ def _check_cross_fields(config: RunConfig, method: Any) -> None:
     if config.steps is not None and config.epochs is not None:
         raise ConfigError("set either `steps` or `epochs`, not both.", field="steps")
     if config.epochs is None and config.steps is None:
-        config.epochs = 1.0
+        config.epochs = config.derived["epochs"] = 1.0
     if config.quantization is None:
-        config.quantization = method.default_quantization
+        config.quantization = config.derived["quantization"] = method.default_quantization
     if config.quantization not in method.quantization:
         allowed = ", ".join(method.quantization)
         raise ConfigError(
@@ -237,7 +242,7 @@ def _check_cross_fields(config: RunConfig, method: Any) -> None:
             field="quantization",
         )
     if config.lr is None:
-        config.lr = method.default_lr
+        config.lr = config.derived["lr"] = method.default_lr
     if config.name is None:
         config.name = _fresh_name(method.name)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", config.name):

@@ -524,3 +524,55 @@ def test_prompts_and_answers_skips_conversations_not_ending_with_an_answer():
     messages = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
                 {"role": "user", "content": "Q2"}]
     assert prompts_and_answers([{"messages": messages}], "chat") == []
+
+
+# ---- rows a user's data really has: empty cells, refusing templates, assistant-first chats, drops
+def test_rows_with_empty_answers_or_messages_are_refused_not_trained_as_none(chat_tokenizer):
+    import nbtune.data.tokenize as tk
+    from nbtune.errors import DataError
+
+    bad_rows = [({"prompt": "p", "completion": None}, "prompt_completion", "completion"),
+                ({"instruction": "i", "output": None}, "alpaca", "output"),
+                ({"messages": None}, "chat", "no messages"),
+                ({"text": None}, "text", "text")]
+    for row, fmt, match in bad_rows:
+        with pytest.raises(DataError, match=match):
+            tk.encode(row, tokenizer=chat_tokenizer, fmt=fmt, max_length=64, train_on_prompt=False)
+
+
+def test_a_chat_template_that_refuses_a_conversation_is_a_data_error(chat_tokenizer):
+    import nbtune.data.tokenize as tk
+    from nbtune.errors import DataError
+
+    chat_tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{{ m['content'] }}{% endfor %}")
+    row = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                        {"role": "assistant", "content": "a"}]}
+    with pytest.raises(DataError, match="System role not supported"):
+        tk.encode(row, tokenizer=chat_tokenizer, fmt="chat", max_length=64, train_on_prompt=False)
+
+
+def test_an_assistant_first_chat_does_not_train_on_a_default_system_prompt(chat_tokenizer):
+    import nbtune.data.tokenize as tk
+
+    chat_tokenizer.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nDefault persona<|im_end|>\n{% endif %}"
+        + chat_tokenizer.chat_template)
+    row = {"messages": [{"role": "assistant", "content": "Hello world."}, {"role": "user", "content": "u"}]}
+    out = tk.encode(row, tokenizer=chat_tokenizer, fmt="chat", max_length=128, train_on_prompt=False)
+    learned = chat_tokenizer.decode([t for t, lab in zip(out["input_ids"], out["labels"], strict=True)
+                                     if lab != tk.IGNORE_INDEX])
+    assert "Hello world." in learned and "Default persona" not in learned
+
+
+def test_dropped_examples_are_reported(chat_tokenizer):
+    import datasets
+
+    import nbtune.data.tokenize as tk
+
+    rows = [{"prompt": "short", "completion": "ok"}, {"prompt": "word " * 200, "completion": "cut off"}]
+    with pytest.warns(UserWarning, match="1 of 2 examples"):
+        out = tk.tokenize_dataset(datasets.Dataset.from_list(rows), chat_tokenizer, fmt="prompt_completion",
+                                  max_length=64, train_on_prompt=False)
+    assert len(out) == 1

@@ -179,3 +179,41 @@ def test_epochs_set_the_number_of_steps(llama_base, demo_rows):
                           metric="none", output_dir="out")
     assert run.total_steps == 4 and len(run.history) == 4
     assert torch.isfinite(torch.tensor(run.metrics["train_loss"]))
+
+
+def test_a_base_already_trained_by_a_run_is_refused(llama_base, demo_rows):
+    nbtune.finetune(data=demo_rows, base=llama_base, **FAST)
+    with pytest.raises(nbtune.NbtuneError, match="Load a fresh base"):
+        nbtune.finetune(data=demo_rows, base=llama_base, **FAST)
+
+
+def test_a_quantization_the_callers_base_does_not_have_is_refused(llama_base, demo_rows):
+    with pytest.raises(nbtune.ConfigError, match="not quantized"):
+        nbtune.finetune(data=demo_rows, base=llama_base, method="qlora", **FAST)
+
+
+def test_the_step_count_rounds_up_a_last_partial_accumulation(llama_base, demo_rows):
+    run = nbtune.finetune(data=demo_rows[:10], base=llama_base, epochs=1, batch_size=4, grad_accum=2, lr=1e-2,
+                          metric="none", save=False)
+    assert len(run.history) == run.total_steps == 2
+    assert run._ctx.total_steps == 2  # what AdaLoRA would schedule on
+
+
+@pytest.mark.parametrize(("settings", "match"), [
+    ({"data": "demo", "eval_split": 0.1}, "eval_split"),
+    ({"eval_split": 0.01}, "holds out 0"),
+    ({"metric": "exact_match"}, "metric"),
+    ({"eval_steps": 2}, "eval_steps"),
+])
+def test_settings_that_would_be_silently_ignored_are_refused(llama_base, demo_rows, settings, match):
+    settings = {"data": demo_rows, **settings}
+    with pytest.raises(nbtune.NbtuneError, match=match):
+        nbtune.finetune(base=llama_base, **{**FAST, **settings})
+
+
+def test_edits_to_a_parsed_config_are_honoured(llama_base, demo_rows):
+    config = nbtune.RunConfig.parse({"data": demo_rows, "metric": "none", "save": False, "batch_size": 4})
+    config.steps, config.lr = 2, 5e-3
+    run = nbtune.finetune(config, base=llama_base)
+    assert len(run.history) == 2 and run.history[0]["lr"] == pytest.approx(5e-3)
+    assert run.name == config.name

@@ -54,3 +54,11 @@ def test_load_base_reads_a_local_folder(tiny_model_dir):
 def test_the_default_model_is_smollm2():
     assert nbtune.RunConfig().model == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in models.GGUF_WHEELS
+
+
+def test_a_model_folder_without_a_tokenizer_is_a_model_error(tmp_path, chat_tokenizer):
+    from conftest import tiny_llama
+
+    tiny_llama(chat_tokenizer).save_pretrained(tmp_path / "no-tokenizer")
+    with pytest.raises(nbtune.ModelError, match="no usable tokenizer"):
+        models.load_base(str(tmp_path / "no-tokenizer"))

@@ -45,6 +45,7 @@ def test_run_json_holds_config_metrics_and_history(llama_base, demo_rows):
 def test_save_replaces_an_existing_folder_atomically(llama_base, demo_rows, tmp_path):
     target = tmp_path / "twice"
     target.mkdir()
+    (target / "run.json").write_text("{}")  # an earlier save
     (target / "stale.txt").write_text("old")
     run = nbtune.finetune(data=demo_rows, base=llama_base, save=False, **FAST)
     run.save(target)
@@ -124,4 +125,31 @@ def test_base_scoring_is_refused_for_methods_that_change_base_weights(llama_base
     run = nbtune.finetune(data=demo_rows, eval_data=demo_rows[:4], base=llama_base, method="full", save=False,
                           **FAST)
     with pytest.raises(nbtune.NbtuneError, match="trained the base weights in place"):
+        run.evaluate(use_adapter=False)
+
+
+def test_save_never_replaces_a_folder_it_did_not_write(llama_base, demo_rows, tmp_path):
+    mine = tmp_path / "mydata"
+    mine.mkdir()
+    (mine / "train.jsonl").write_text("{}\n")
+    run = nbtune.finetune(data=demo_rows, base=llama_base, save=False, **FAST)
+    with pytest.raises(nbtune.NbtuneError, match="not a saved run"):
+        run.save(mine)
+    assert (mine / "train.jsonl").read_text() == "{}\n"
+    with pytest.raises(nbtune.NbtuneError, match="folder name"):
+        run.save(".")
+
+
+def test_a_failed_final_save_keeps_the_trained_run(llama_base, demo_rows, tmp_path):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    with pytest.warns(UserWarning, match="run.save"):
+        run = nbtune.finetune(data=demo_rows, base=llama_base, output_dir=str(tmp_path / "taken"), **FAST)
+    assert run.status == "finished" and "saving" in run.error and run.model is not None
+    assert run.save(tmp_path / "elsewhere").is_dir()
+
+
+def test_pissa_runs_refuse_to_pose_as_the_base(llama_base, demo_rows):
+    run = nbtune.finetune(data=demo_rows, eval_data=demo_rows[:4], base=llama_base, init="pissa", save=False,
+                          **FAST)
+    with pytest.raises(nbtune.MethodError, match="moved part of the base weights"):
         run.evaluate(use_adapter=False)

@@ -52,20 +52,36 @@ def detect_format(columns: list[str], declared: str = "auto", *, field: str = "d
 def to_messages(example: dict[str, Any], fmt: str) -> list[dict[str, str]]:
     """The example as chat messages (not for `text`)."""
     if fmt == "chat":
-        raw = next(example[c] for c in _CHAT_COLUMNS if c in example and example[c] is not None)
+        raw = next((example[c] for c in _CHAT_COLUMNS if example.get(c)), None)
+        if not raw:
+            raise DataError(f"a row of `data` has no messages ({_short(example)}); drop empty rows.", field="data")
         return [_message(m) for m in raw]
     if fmt == "alpaca":
-        prompt = str(example["instruction"])
+        prompt = _text(example, "instruction")
         if example.get("input"):
             prompt += "\n\n" + str(example["input"])
         messages = [{"role": "system", "content": str(example["system"])}] if example.get("system") else []
         return [*messages, {"role": "user", "content": prompt},
-                {"role": "assistant", "content": str(example["output"])}]
+                {"role": "assistant", "content": _text(example, "output")}]
     if fmt == "prompt_completion":
         prompt_col, answer_col = _pair(list(example)) or ("prompt", "completion")
-        return [{"role": "user", "content": str(example[prompt_col])},
-                {"role": "assistant", "content": str(example[answer_col])}]
+        return [{"role": "user", "content": _text(example, prompt_col)},
+                {"role": "assistant", "content": _text(example, answer_col)}]
     raise ValueError(f"format {fmt!r} has no messages")
+
+
+def _text(example: dict[str, Any], column: str) -> str:
+    # A missing answer must not train as the word "None".
+    value = example.get(column)
+    if value is None:
+        raise DataError(f"a row of `data` has an empty `{column}` ({_short(example)}); fill or drop such rows.",
+                        field="data")
+    return str(value)
+
+
+def _short(example: dict[str, Any]) -> str:
+    text = repr(example)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _message(raw: Any) -> dict[str, str]:

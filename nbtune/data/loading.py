@@ -7,7 +7,9 @@ be reached. Failures are `DataError`s naming the config key (`data` or `eval_dat
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +71,11 @@ def _read_file(path: Path, builder: str, field: str) -> Any:
     if builder == "json":
         return _read_json(path, field)
     try:
-        loaded = datasets.load_dataset(builder, data_files=str(path), split="train")
+        with quiet_datasets():
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as exc:  # the builders raise many types; the user needs the file and the reason
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"`{field}` file {str(path)!r} could not be read as {builder}: {reason}", field=field) from None
-    return loaded
+        raise DataError(f"`{field}` file {str(path)!r} could not be read as {builder}: {_reason(exc)}",
+                        field=field) from None
 
 
 def _read_json(path: Path, field: str) -> Any:
@@ -107,11 +109,12 @@ def _from_hub(name: str, field: str) -> Any:
     import datasets
 
     try:
-        loaded = datasets.load_dataset(name, split="train")
+        with quiet_datasets():
+            loaded = datasets.load_dataset(name, split="train")
     except Exception as exc:  # offline, unknown name, gated: all one answer for the user
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise DataError(
-            f"`{field}` {name!r} is not a local file and could not be loaded from the dataset hub ({reason}). "
+            f"`{field}` {name!r} is not a local file and could not be loaded from the dataset hub "
+            f"({_reason(exc)}). "
             "Give a .jsonl/.json/.csv/.parquet path, a DataFrame or a list of dicts.",
             field=field,
         ) from None
@@ -143,6 +146,26 @@ def _train_split(dataset_dict: Any, field: str) -> Any:
         f"`{field}` is a DatasetDict without a 'train' split (it has {', '.join(dataset_dict)}); pass one split.",
         field=field,
     )
+
+
+@contextlib.contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """No `datasets` progress bars inside the block (one per map/filter/split is noise in a cell)."""
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+def _reason(exc: Exception) -> str:
+    """The first line of an exception's message, short enough for a one-line error."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _is_dataframe(obj: Any) -> bool:

@@ -8,11 +8,11 @@ template, which SmolLM2's (and most models') templates do not have.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+import warnings
 from typing import Any
 
 from nbtune.data.formats import to_messages
+from nbtune.data.loading import quiet_datasets
 from nbtune.errors import DataError
 
 IGNORE_INDEX = -100  # label value the loss skips (transformers' convention)
@@ -38,7 +38,13 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
 
 
 def render(tokenizer: Any, messages: list[dict[str, str]], *, generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except TemplateError as exc:  # e.g. Gemma's template: "System role not supported"
+        raise DataError(f"the model's chat template refused a conversation: {exc}. Adjust the data (for "
+                        "instance drop system messages) or use another model.", field="data") from None
 
 
 def answer_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
@@ -48,9 +54,11 @@ def answer_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, l
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render(tokenizer, messages[:i], generation_prompt=True) if i else ""
+        before = render(tokenizer, messages[:i], generation_prompt=True) if i else None
         through = render(tokenizer, messages[: i + 1])
-        if through.startswith(before) and text.startswith(through):
+        # A conversation opening with the assistant has no "before"; the template may still put a default
+        # system prompt first, which must not be trained on: fall back to finding the answer.
+        if before is not None and through.startswith(before) and text.startswith(through):
             spans.append((len(before), len(through)))
         else:  # a template that rewrites earlier turns: fall back to finding the answer text
             start = text.find(message["content"], spans[-1][1] if spans else 0)
@@ -63,12 +71,14 @@ def encode(example: dict[str, Any], *, tokenizer: Any, fmt: str, max_length: int
            train_on_prompt: bool) -> dict[str, list[int]]:
     """input_ids, attention_mask, labels and length for one example."""
     if fmt == "text":
+        if example.get("text") is None:
+            raise DataError("a row of `data` has an empty `text`; fill or drop such rows.", field="data")
         enc = tokenizer(str(example["text"]) + tokenizer.eos_token, truncation=True, max_length=max_length)
         ids = enc["input_ids"]
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids), "length": len(ids)}
     text, spans = answer_spans(tokenizer, to_messages(example, fmt))
     enc = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length,
-                    return_offsets_mapping=True)
+                    return_offsets_mapping=not train_on_prompt)
     ids = enc["input_ids"]
     if train_on_prompt:
         labels = list(ids)
@@ -80,27 +90,17 @@ def encode(example: dict[str, Any], *, tokenizer: Any, fmt: str, max_length: int
 
 def tokenize_dataset(dataset: Any, tokenizer: Any, *, fmt: str, max_length: int, train_on_prompt: bool,
                      field: str = "data") -> Any:
-    """The dataset tokenised, with a `length` column; examples whose answer was cut off are dropped."""
-    if not tokenizer.is_fast:
-        raise DataError("nbtune needs a fast (Rust) tokenizer for answer-only loss; "
-                        "set `train_on_prompt: true` or use a model with tokenizer.json.", field=field)
-    with _quiet_datasets():
+    """The dataset tokenised, with a `length` column, and how many examples had no answer tokens left.
+
+    Examples with no answer tokens (no assistant turn, or the answer wholly cut off by `max_length`) are
+    dropped with a warning; an answer cut off partway trains on the part that fits.
+    """
+    if not tokenizer.is_fast and not train_on_prompt and fmt != "text":
+        raise DataError("answer-only loss needs a fast (Rust) tokenizer; set `train_on_prompt: true` or use a "
+                        "model with tokenizer.json.", field=field)
+    with quiet_datasets():
         return _tokenize(dataset, tokenizer, fmt=fmt, max_length=max_length, train_on_prompt=train_on_prompt,
                          field=field)
-
-
-@contextlib.contextmanager
-def _quiet_datasets() -> Iterator[None]:
-    # `datasets` draws a bar per map/filter; three bars per split is noise in a notebook cell.
-    import datasets
-
-    was_disabled = datasets.are_progress_bars_disabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if not was_disabled:
-            datasets.enable_progress_bars()
 
 
 def _tokenize(dataset: Any, tokenizer: Any, *, fmt: str, max_length: int, train_on_prompt: bool,
@@ -115,10 +115,14 @@ def _tokenize(dataset: Any, tokenizer: Any, *, fmt: str, max_length: int, train_
     kept = encoded.filter(lambda ex: any(label != IGNORE_INDEX for label in ex["labels"]))
     if len(kept) == 0:
         raise DataError(
-            f"every example of `{field}` lost its answer to truncation at max_length={max_length}; "
-            "raise `max_length`.",
+            f"no example of `{field}` has an answer left to learn: there is no assistant turn, or "
+            f"max_length={max_length} cuts every answer off; raise `max_length` or check the data.",
             field="max_length",
         )
+    if len(kept) < len(encoded):
+        warnings.warn(f"{len(encoded) - len(kept)} of {len(encoded)} examples of `{field}` have no answer "
+                      f"tokens (no assistant turn, or cut off by max_length={max_length}) and were dropped.",
+                      stacklevel=4)
     return kept
 
 

@@ -82,8 +82,17 @@ def load_base(name: str, *, quantization: str = "none", dtype: str = "float32") 
         kwargs["quantization_config"] = _bnb_config(quantization, torch_dtype)
         kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else "cpu"
     with no_hf_progress_bars():
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"`model` {name!r} has no usable tokenizer ({str(exc).splitlines()[0][:160]}); "
+                             "save the tokenizer into the model folder (tokenizer.save_pretrained).",
+                             field="model") from None
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"`model` {name!r} could not be loaded as a causal language model: "
+                             f"{str(exc).splitlines()[0][:200]}", field="model") from None
     if quantization == "none" and torch.cuda.is_available():
         model = model.to("cuda")
     return Base(model=model, tokenizer=tokenizer, name=ALIASES.get(name, name), quantization=quantization)

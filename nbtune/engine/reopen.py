@@ -29,7 +29,7 @@ def load(path: str | Path, *, base: Base | tuple[Any, Any] | None = None, quanti
     """
     path = Path(path)
     info = _read_run_json(path)
-    given = dict(info.get("given") or info["config"])
+    given = dict(info["config"])
     if quantization is not None:
         given["quantization"] = quantization
     config = RunConfig.parse(given)

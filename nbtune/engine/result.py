@@ -26,12 +26,6 @@ if TYPE_CHECKING:
 STATUSES = ("pending", "running", "finished", "stopped", "failed")
 
 
-def _json_safe(values: dict[str, Any]) -> dict[str, Any]:
-    """The keys as given, with in-memory data (lists, DataFrames) replaced by a short description."""
-    return {k: v if k not in ("data", "eval_data") or isinstance(v, (str, type(None))) else f"<{type(v).__name__}>"
-            for k, v in values.items()}
-
-
 class History(list):
     """Per-step records (step, loss, lr, grad_norm, tokens/s, memory, ...); `.df` is a pandas DataFrame."""
 
@@ -127,8 +121,8 @@ class Run:
     def save(self, path: str | Path | None = None) -> Path:
         """Write the adapter (or weights), tokenizer and run.json to `path` atomically; returns the path."""
         self._need_model()
-        target = Path(path) if path is not None else self.config.resolved_output_dir
-        with atomic_directory(target) as tmp, no_hf_progress_bars():
+        target = Path(path).expanduser() if path is not None else self.config.resolved_output_dir
+        with atomic_directory(target, replaceable="run.json") as tmp, no_hf_progress_bars():
             if self.method.save is not None:
                 self.method.save(self.model, tmp, self._ctx)
             else:
@@ -149,7 +143,6 @@ class Run:
             "method": self.method.name,
             "error": self.error,
             "config": self.config.to_json_dict(),
-            "given": _json_safe(self.config.given or {}),
             "metrics": self.metrics,
             "history": list(self.history),
             "eval_history": self.eval_history,

@@ -14,6 +14,7 @@ import math
 import shutil
 import tempfile
 import time
+import warnings
 import weakref
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,6 +26,7 @@ from nbtune.engine.events import Broadcast, NullObserver, ProgressObserver
 from nbtune.engine.memory import PeakSampler
 from nbtune.engine.models import Base, load_base
 from nbtune.engine.result import Run
+from nbtune.errors import ConfigError, DataError, NbtuneError
 from nbtune.methods import MethodContext, get_method
 
 
@@ -67,16 +69,28 @@ def read_data(config: RunConfig) -> tuple[Any, Any, str]:
     """(train, eval or None, format) as `datasets.Dataset`s, split and format-checked."""
     train = load_records(config.data, field="data", split="train")
     fmt = detect_format(train.column_names, config.format, field="data")
+    is_demo = isinstance(config.data, str) and config.data == "demo"
+    if config.eval_split > 0 and (config.eval_data is not None or is_demo):
+        raise ConfigError("`eval_split` only applies when there is no `eval_data` (the demo task brings its "
+                          "own held-out split); remove one of them.", field="eval_split")
     if config.eval_data is not None:
         evaluation = load_records(config.eval_data, field="eval_data", split="test")
         detect_format(evaluation.column_names, fmt, field="eval_data")
-    elif isinstance(config.data, str) and config.data == "demo":
+    elif is_demo:
         evaluation = load_records("demo", field="data", split="test")
     elif config.eval_split > 0:
-        parts = train.train_test_split(test_size=config.eval_split, seed=config.seed)
+        held_out = round(len(train) * config.eval_split)
+        if held_out < 1 or held_out >= len(train):
+            raise DataError(f"`eval_split: {config.eval_split}` of {len(train)} examples holds out {held_out}; "
+                            "it needs at least one for each side. Give more data or `eval_data`.",
+                            field="eval_split")
+        parts = train.train_test_split(test_size=held_out, seed=config.seed)
         train, evaluation = parts["train"], parts["test"]
     else:
         evaluation = None
+    if evaluation is None and (config.metric == "exact_match" or config.eval_steps):
+        key = "metric" if config.metric == "exact_match" else "eval_steps"
+        raise ConfigError(f"`{key}` needs evaluation data: set `eval_data` or `eval_split`.", field=key)
     return train, evaluation, fmt
 
 
@@ -86,12 +100,13 @@ def _train(run: Run, base: Any, train_records: Any, eval_records: Any, fmt: str,
     config = run.config
     # 2. The base model: the caller's, or loaded (from cache, hub or the shipped GGUF).
     started = time.perf_counter()
-    base = _as_base(base) or load_base(config.model, quantization=config.quantization, dtype=config.dtype)
+    base = _as_base(base)
+    if base is not None:
+        _check_callers_base(base.model, run)
+    else:
+        base = load_base(config.model, quantization=config.quantization, dtype=config.dtype)
     tokenizer = prepare_tokenizer(base.tokenizer)
     run._ctx.tokenizer = tokenizer
-    # A caller's base may be quantized whatever the config says; the method must know (k-bit prep).
-    run._ctx.quantized = bool(getattr(base.model, "is_loaded_in_4bit", False)
-                              or getattr(base.model, "is_loaded_in_8bit", False))
     run.metrics["load_seconds"] = round(time.perf_counter() - started, 2)
 
     # 3. Tokenise: chat template, answer-only labels, lengths for grouping batches of similar length.
@@ -105,6 +120,7 @@ def _train(run: Run, base: Any, train_records: Any, eval_records: Any, fmt: str,
     run.total_steps = run._ctx.total_steps = _expected_steps(config, len(train_set))
     transformers.set_seed(config.seed)
     model = run.method.prepare(base.model, run._ctx)
+    base.model._nbtune_trained_by = run.name  # see _check_callers_base
     run.model, run.tokenizer = model, tokenizer
     run.metrics.update(count_parameters(model))
 
@@ -194,7 +210,11 @@ def _finish(run: Run) -> None:
     if _wants_metric(config) and run.eval_pairs and run.status == "finished":
         run.metrics.update(run.evaluate())
     if config.save:
-        run.metrics["saved_to"] = str(run.save())
+        try:
+            run.metrics["saved_to"] = str(run.save())
+        except (OSError, NbtuneError) as exc:  # the trained model is still in memory: keep the run
+            run.error = f"saving to {config.resolved_output_dir} failed: {exc}"
+            warnings.warn(f"run {run.name!r}: {run.error}; call run.save(path) to try elsewhere.", stacklevel=3)
     run.emit("on_run_end")
 
 
@@ -219,10 +239,32 @@ def count_parameters(model: Any) -> dict[str, Any]:
 
 
 def _expected_steps(config: RunConfig, examples: int) -> int:
+    """The optimizer steps the Trainer will take (its own arithmetic: a last partial accumulation counts)."""
     if config.steps:
         return config.steps
-    per_epoch = max(math.ceil(examples / config.batch_size) // config.grad_accum, 1)
+    batches = math.ceil(examples / config.batch_size)
+    per_epoch = max(batches // config.grad_accum + int(batches % config.grad_accum > 0), 1)
     return math.ceil((config.epochs or 1.0) * per_epoch)
+
+
+def _check_callers_base(model: Any, run: Run) -> None:
+    """Refuse a base another run already changed, and a quantization the base does not have."""
+    earlier = getattr(model, "_nbtune_trained_by", None)
+    if earlier is not None or hasattr(model, "peft_config"):
+        raise NbtuneError(
+            f"this base model already carries run {earlier or 'another'}'s changes; training run {run.name!r} "
+            "on it would overwrite them. Load a fresh base for each run.",
+            field="model",
+        )
+    quantized = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+    if quantized != (run.config.quantization != "none"):
+        raise ConfigError(
+            f"`quantization: {run.config.quantization}` but the base model passed in is "
+            f"{'quantized' if quantized else 'not quantized'}; make them agree (a base is quantized when "
+            "it is loaded).",
+            field="quantization",
+        )
+    run._ctx.quantized = quantized
 
 
 def _as_base(base: Any) -> Base | None:

@@ -11,11 +11,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from nbtune.errors import NbtuneError
+
 
 @contextlib.contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `target`; on success it replaces `target` by rename."""
-    target = Path(target)
+def atomic_directory(target: Path, *, replaceable: str | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling of `target`; on success it replaces `target` by rename.
+
+    With `replaceable` set, an existing `target` is only replaced if it holds that file (a run.json,
+    say): a typo in `output_dir` must never wipe out a folder of the user's own files.
+    """
+    target = Path(target).expanduser()
+    if not target.name or target.name in (".", ".."):
+        raise NbtuneError(f"cannot save into {str(target)!r}: give a folder name, e.g. 'runs/my-run'.",
+                          field="output_dir")
+    if target.exists() and (not target.is_dir() or (replaceable and not (target / replaceable).exists())):
+        raise NbtuneError(f"{str(target)!r} exists and is not a saved run; choose another `output_dir` "
+                          "(nbtune only replaces folders it wrote).", field="output_dir")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any new folder
@@ -27,7 +39,12 @@ def atomic_directory(target: Path) -> Iterator[Path]:
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if old is not None:
+                os.replace(old, target)  # put the previous save back
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:

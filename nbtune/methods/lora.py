@@ -146,6 +146,15 @@ def validate_lora(options: dict[str, Any], config: RunConfig) -> None:
         )
 
 
+def disable_lora(model: Any) -> Any:
+    init = str(model.peft_config["default"].init_lora_weights)
+    if init.startswith(_REWRITES_BASE):
+        raise MethodError(f"`init: {init}` moved part of the base weights into the adapter, so switching the "
+                          "adapter off does not give the base model; load the base again to compare.",
+                          field="init")
+    return model.disable_adapter()
+
+
 register_method(MethodSpec(
     name="lora",
     summary="Low-rank adapters beside the frozen weights (Hu et al. 2021); rslora and PiSSA init as options.",
@@ -155,6 +164,7 @@ register_method(MethodSpec(
     default_lr=2e-4,
     save=save_lora,
     validate=validate_lora,
+    disable=disable_lora,
     can_merge=True,
 ))
 
@@ -169,5 +179,6 @@ register_method(MethodSpec(
     quantization=("4bit", "8bit"),
     save=save_lora,
     validate=validate_lora,
+    disable=disable_lora,
     can_merge=True,
 ))

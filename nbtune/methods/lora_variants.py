@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from nbtune.errors import MethodError
-from nbtune.methods.lora import LORA_PARAMS, prepare_lora, save_lora, validate_lora, wrap_with_peft
+from nbtune.methods.lora import LORA_PARAMS, disable_lora, prepare_lora, save_lora, validate_lora, wrap_with_peft
 from nbtune.methods.registry import MethodContext, MethodSpec, register_method
 from nbtune.params import Param
 
@@ -39,6 +39,7 @@ register_method(MethodSpec(
     default_lr=2e-4,
     save=save_lora,
     validate=validate_lora,
+    disable=disable_lora,
     can_merge=True,
 ))
 
@@ -63,6 +64,7 @@ register_method(MethodSpec(
     default_lr=2e-4,
     save=save_lora,
     validate=validate_lora,
+    disable=disable_lora,
     make_optimizer=_loraplus_optimizer,
     can_merge=True,
 ))

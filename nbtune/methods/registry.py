@@ -39,7 +39,6 @@ class MethodContext:
     quantized: bool = False
     tokenizer: Any = None
     total_steps: int = 0  # optimizer steps the run will take (AdaLoRA schedules its budget on it)
-    notes: list[str] = field(default_factory=list)  # shown to the user after preparation
     # Values a method wants in every history record (AdaLoRA's current rank budget, say); the engine
     # copies them into each step's record.
     step_metrics: dict[str, Any] = field(default_factory=dict)
