@@ -84,23 +84,23 @@ def _validate_prompt(options: dict[str, Any], config: RunConfig) -> None:
                           field="init_text")
 
 
-def _register(name: str, summary: str, params: tuple[Param, ...], prepare: Any, **extra: Any) -> None:
+def _register(name: str, summary: str, params: tuple[Param, ...], prepare: Any, lr: float, **extra: Any) -> None:
     register_method(MethodSpec(name=name, summary=summary, params=params, prepare=prepare, adapter=True,
-                               default_lr=1e-2, quantization=("none", "4bit", "8bit"),
+                               default_lr=lr, quantization=("none", "4bit", "8bit"),
                                gradient_checkpointing=False, can_merge=False, **extra))
 
 
 _register("prefix", "Prefix tuning: trained key/value prefixes in every layer (MLP-reparameterised).",
           (TOKENS, Param("prefix_projection", "bool", True, "Produce the prefixes through an MLP while "
-                         "training (more stable, as in the paper)."), ENCODER_SIZE), _prepare_prefix)
+                         "training (more stable, as in the paper)."), ENCODER_SIZE), _prepare_prefix, lr=1e-3)
 _register("ptuning_v2", "P-tuning v2: deep prompts in every layer, trained directly by default.",
           (TOKENS, Param("reparameterize", "bool", False, "Produce the prompts through an MLP while training."),
-           ENCODER_SIZE), _prepare_ptuning_v2)
+           ENCODER_SIZE), _prepare_ptuning_v2, lr=5e-3)
 _register("prompt", "Prompt tuning: trained embeddings of virtual tokens at the input only.",
           (TOKENS, Param("init", "str", "random", "Start from random vectors or from `init_text`'s embeddings.",
                          choices=("random", "text")),
            Param("init_text", "str", "", "Text whose token embeddings start the prompt (init: text).")),
-          _prepare_prompt, validate=_validate_prompt)
+          _prepare_prompt, lr=3e-2, validate=_validate_prompt)
 _register("ptuning", "P-tuning (v1): input prompts produced by a small MLP or LSTM prompt encoder.",
           (TOKENS, ENCODER_SIZE, Param("encoder", "str", "mlp", "Prompt encoder network.",
-                                       choices=("mlp", "lstm"))), _prepare_ptuning)
+                                       choices=("mlp", "lstm"))), _prepare_ptuning, lr=1e-3)
