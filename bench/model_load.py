@@ -10,13 +10,12 @@ machines; absolute seconds swing 2-4x on shared CPUs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
-from pathlib import Path
+
+from common import versions, write_result
 
 
 def _ready_seconds(cache: str) -> float:
@@ -43,38 +42,13 @@ def main() -> None:
             warm = _ready_seconds(cache)
         pairs.append({"cold_s": round(cold, 2), "warm_s": round(warm, 2), "ratio": round(cold / warm, 1)})
     ratios = [p["ratio"] for p in pairs]
-    result = {
-        "bench": "model_load",
-        "pairs": pairs,
-        "median_ratio": statistics.median(ratios),
-        "min_ratio": min(ratios),
-        "cpu": _cpu_name(),
-        "cores": os.cpu_count(),
-        "versions": _versions(),
-    }
+    result = {"pairs": pairs, "median_ratio": statistics.median(ratios), "min_ratio": min(ratios),
+              "versions": versions("gguf")}
     print(f"{'pair':>4} {'cold s':>8} {'warm s':>8} {'cold/warm':>10}")
     for i, p in enumerate(pairs, 1):
         print(f"{i:>4} {p['cold_s']:>8} {p['warm_s']:>8} {p['ratio']:>10}")
     print(f"median cold/warm {result['median_ratio']}x, min {result['min_ratio']}x")
-    out = Path(__file__).parent / "results" / "model_load.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import version
-
-    return {name: version(name) for name in ("torch", "transformers", "peft", "gguf", "nbtune")}
+    write_result("model_load", result)
 
 
 if __name__ == "__main__":

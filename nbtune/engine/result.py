@@ -56,6 +56,8 @@ class Run:
         self._ctx = ctx
         self._observers = observers
         self._stop = threading.Event()
+        self._data: Any = None  # (train, eval, format) between start and training
+        self._thread: threading.Thread | None = None  # set when training in the background
 
     # ------------------------------------------------------------ control
     def stop(self) -> None:
@@ -65,6 +67,12 @@ class Run:
     @property
     def stop_requested(self) -> bool:
         return self._stop.is_set()
+
+    def wait(self, timeout: float | None = None) -> Run:
+        """Block until a background run ends (or `timeout` seconds pass); returns the run."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self
 
     def emit(self, event: str, *args: Any) -> None:
         self._observers.emit(event, self, *args)

@@ -38,17 +38,28 @@ def finetune(config: RunConfig | dict[str, Any] | str | None = None, *, base: Ba
     methods add their adapter to it in place. `observers` receive the run's events; `progress=True`
     adds a tqdm bar. Returns the `Run`, finished or stopped; a failed run raises.
     """
-    # 1. Config and data: cheap, and where most mistakes are caught.
+    return train_run(start_run(config, observers=observers, progress=progress, **overrides), base=base)
+
+
+def start_run(config: RunConfig | dict[str, Any] | str | None = None, *, observers: Iterable[Any] = (),
+              progress: bool = False, **overrides: Any) -> Run:
+    """A pending `Run`: config checked and data read (cheap, and where most mistakes are caught)."""
     config = RunConfig.parse(config, **overrides)
     method = get_method(config.method)
-    train_records, eval_records, fmt = read_data(config)
-
+    data = read_data(config)
     watchers = list(observers) + ([ProgressObserver()] if progress else []) or [NullObserver()]
     workdir = Path(tempfile.mkdtemp(prefix=f"nbtune-{config.name}-"))
     ctx = MethodContext(options=config.options, config=config, workdir=workdir,
                         quantized=config.quantization != "none")
     run = Run(config, method, ctx, Broadcast(watchers))
+    run._data = data
     weakref.finalize(run, shutil.rmtree, workdir, True)  # PiSSA's initial adapter etc. live until the run dies
+    return run
+
+
+def train_run(run: Run, *, base: Base | tuple[Any, Any] | None = None) -> Run:
+    """Load (or take) the base, prepare the method, train with the Trainer, evaluate and save `run`."""
+    train_records, eval_records, fmt = run._data
     run.status = "running"
     try:
         with PeakSampler() as memory:
@@ -60,6 +71,7 @@ def finetune(config: RunConfig | dict[str, Any] | str | None = None, *, base: Ba
             run.status, run.error = "failed", f"{type(exc).__name__}: {exc}"
             run.emit("on_error", exc)
             raise
+    run._data = None  # the tokenised data is not needed any more
     run.metrics["peak_rss_mb"] = round(memory.peak_mb, 1)
     _finish(run)
     return run

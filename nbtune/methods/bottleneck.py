@@ -165,7 +165,7 @@ PARAMS = (
 )
 for _name, _placements, _summary in (
     ("houlsby", ("attention", "ffn"), "Houlsby adapters: a bottleneck MLP after attention and after the FFN."),
-    ("pfeiffer", ("ffn",), "Pfeiffer adapters: one bottleneck MLP after each FFN (half Houlsby's cost)."),
+    ("pfeiffer", ("ffn",), "Pfeiffer adapters: one bottleneck MLP after each FFN (half Houlsby's parameters)."),
 ):
     register_method(MethodSpec(name=_name, summary=_summary, params=PARAMS, prepare=_prepare(_placements),
                                adapter=True, default_lr=1e-3, quantization=("none", "4bit", "8bit"),

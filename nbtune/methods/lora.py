@@ -146,6 +146,10 @@ def validate_lora(options: dict[str, Any], config: RunConfig) -> None:
         )
 
 
+def rewrites_base(options: dict[str, Any]) -> bool:
+    return options["init"] in _REWRITES_BASE
+
+
 def disable_lora(model: Any) -> Any:
     init = str(model.peft_config["default"].init_lora_weights)
     if init.startswith(_REWRITES_BASE):
@@ -165,6 +169,7 @@ register_method(MethodSpec(
     save=save_lora,
     validate=validate_lora,
     disable=disable_lora,
+    rewrites_base=rewrites_base,
     can_merge=True,
 ))
 
@@ -180,5 +185,6 @@ register_method(MethodSpec(
     save=save_lora,
     validate=validate_lora,
     disable=disable_lora,
+    rewrites_base=rewrites_base,
     can_merge=True,
 ))

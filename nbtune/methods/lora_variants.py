@@ -14,7 +14,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from nbtune.errors import MethodError
-from nbtune.methods.lora import LORA_PARAMS, disable_lora, prepare_lora, save_lora, validate_lora, wrap_with_peft
+from nbtune.methods.lora import (
+    LORA_PARAMS,
+    disable_lora,
+    prepare_lora,
+    rewrites_base,
+    save_lora,
+    validate_lora,
+    wrap_with_peft,
+)
 from nbtune.methods.registry import MethodContext, MethodSpec, register_method
 from nbtune.params import Param
 
@@ -40,6 +48,7 @@ register_method(MethodSpec(
     save=save_lora,
     validate=validate_lora,
     disable=disable_lora,
+    rewrites_base=rewrites_base,
     can_merge=True,
 ))
 
@@ -65,6 +74,7 @@ register_method(MethodSpec(
     save=save_lora,
     validate=validate_lora,
     disable=disable_lora,
+    rewrites_base=rewrites_base,
     make_optimizer=_loraplus_optimizer,
     can_merge=True,
 ))

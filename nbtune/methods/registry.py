@@ -77,6 +77,9 @@ class MethodSpec:
     merge: Merge | None = None
     can_merge: bool = False
     gradient_checkpointing: bool = True  # False: the engine switches it off (prompt methods)
+    # Whether a run can train on a weight-sharing view of a cached base: adapters can, unless an
+    # option makes them write into base weights (PiSSA's init); methods training in place cannot.
+    rewrites_base: Callable[[dict[str, Any]], bool] | None = None  # False: the engine switches it off (prompt methods)
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -93,6 +96,10 @@ class MethodSpec:
         if self.validate is not None:
             self.validate(checked, config)
         return checked
+
+    def shares_base(self, options: dict[str, Any]) -> bool:
+        """True when training leaves every base tensor untouched, so runs may share one loaded base."""
+        return self.adapter and not (self.rewrites_base is not None and self.rewrites_base(options))
 
     def disabled(self, model: PreTrainedModel) -> AbstractContextManager[Any]:
         """Context in which `model` computes exactly what the base model computes."""

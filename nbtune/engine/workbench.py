@@ -1,0 +1,145 @@
+"""The kernel's workbench: base models loaded once, and every run by name.
+
+A notebook re-runs cells. Training a second run, or the same cell again, must neither reload the base
+(seconds, and hundreds of MB) nor stack a new adapter on top of an old one (plain peft's known pain).
+So the workbench keeps one pristine base per (model, quantization, dtype) and gives every run its own
+*view* of it: a copy of the module tree whose frozen weight tensors are the base's own, shared, not
+copied. An adapter method injects its layers into the view; the base never sees them, re-running a
+name simply drops the old view, and k adapters cost the base once plus k adapters. Methods that train
+base weights in place (full, freeze, bitfit, PiSSA's init) get a real copy, at their real memory cost.
+
+    >>> bench = Workbench()                                 # doctest: +SKIP
+    >>> bench.finetune({"name": "a", "steps": 20})          # doctest: +SKIP
+    >>> bench.runs                                          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from typing import Any
+
+from nbtune.config import RunConfig
+from nbtune.engine.models import Base, load_base
+from nbtune.engine.result import Run
+from nbtune.errors import NbtuneError
+from nbtune.methods import get_method
+
+
+class Runs(dict):
+    """Runs by name, printable as a table (status and key metrics)."""
+
+    def table(self) -> list[dict[str, Any]]:
+        rows = []
+        for name, run in self.items():
+            m = run.metrics
+            rows.append({"name": name, "method": run.method.name, "status": run.status,
+                         "steps": f"{run.history[-1]['step'] if run.history else 0}/{run.total_steps}",
+                         "train_loss": m.get("train_loss"), "eval_loss": m.get("eval_loss"),
+                         "exact_match": m.get("exact_match"), "trainable_%": m.get("trainable_percent")})
+        return rows
+
+    def __repr__(self) -> str:
+        rows = self.table()
+        if not rows:
+            return "no runs yet"
+        header = list(rows[0])
+        lines = ["  ".join(f"{h:<14}" for h in header)]
+        for row in rows:
+            lines.append("  ".join(f"{_fmt(row[h]):<14}" for h in header))
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        rows = self.table()
+        if not rows:
+            return "<i>no runs yet</i>"
+        head = "".join(f"<th>{h}</th>" for h in rows[0])
+        body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in row.values()) + "</tr>" for row in rows)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+class Workbench:
+    """Bases by (model, quantization, dtype) and runs by name, for one kernel."""
+
+    def __init__(self) -> None:
+        self.bases: dict[tuple[str, str, str], Base] = {}
+        self.runs = Runs()
+        self._threads: dict[str, threading.Thread] = {}
+        self._lock = threading.Lock()
+
+    def base(self, config: RunConfig) -> Base:
+        """The cached pristine base for this config, loaded on first use."""
+        key = (config.model, str(config.quantization), config.dtype)
+        if key not in self.bases:
+            self.bases[key] = load_base(config.model, quantization=str(config.quantization), dtype=config.dtype)
+        return self.bases[key]
+
+    def view_for(self, config: RunConfig) -> Base:
+        """A model for one run: a weight-sharing view of the cached base, or a real copy if weights train."""
+        base = self.base(config)
+        method = get_method(config.method)
+        model = shared_view(base.model) if method.shares_base(config.options) else copy.deepcopy(base.model)
+        return Base(model=model, tokenizer=copy.deepcopy(base.tokenizer), name=base.name,
+                    quantization=base.quantization)
+
+    def finetune(self, config: RunConfig | dict[str, Any] | str, *, observers: list[Any] | None = None,
+                 background: bool = False, **overrides: Any) -> Run:
+        """Train a run on a view of the cached base; a run of the same name is replaced, never stacked."""
+        from nbtune.engine.run import finetune, prepare_run
+
+        config = RunConfig.parse(config, **overrides)
+        self._refuse_while_training(config.name)
+        run_ready = prepare_run(config, observers=observers or [])  # checks config and data, cheaply
+        old = self.runs.pop(str(config.name), None)
+        if old is not None:
+            old.model = None  # drop the previous view (its adapter goes with it)
+        self.runs[str(config.name)] = run_ready.run
+        if not background:
+            return finetune(run_ready, base=self.view_for(config))
+        thread = threading.Thread(target=self._train_quietly, args=(run_ready, config), daemon=True,
+                                  name=f"nbtune-{config.name}")
+        self._threads[str(config.name)] = thread
+        run_ready.run._thread = thread
+        thread.start()
+        return run_ready.run
+
+    def _train_quietly(self, run_ready: Any, config: RunConfig) -> None:
+        from nbtune.engine.run import finetune
+
+        try:
+            finetune(run_ready, base=self.view_for(config))
+        except BaseException:  # the run records status and error; a thread has nobody to raise to
+            pass
+
+    def _refuse_while_training(self, name: Any) -> None:
+        busy = [n for n, t in self._threads.items() if t.is_alive()]
+        if busy:
+            raise NbtuneError(f"run {busy[0]!r} is still training in the background; stop it "
+                              f"(nbtune.runs[{busy[0]!r}].stop()) or wait for it (.wait()) first.")
+
+    def forget(self, name: str) -> None:
+        """Drop a run and its model from the kernel."""
+        run = self.runs.pop(name)
+        run.model = None
+
+
+def shared_view(model: Any) -> Any:
+    """A copy of `model`'s module tree that shares every parameter and buffer tensor with it (no weight copy).
+
+    Hand-written because neither transformers nor peft offers "same weights, separate modules": peft's
+    multi-adapter API keeps all adapters in one model, which cannot mix tuner types.
+    """
+    memo: dict[int, Any] = {id(t): t for t in model.parameters()}
+    memo.update({id(t): t for t in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
+WORKBENCH = Workbench()  # the kernel's one workbench; `nbtune.runs` is its runs
