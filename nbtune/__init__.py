@@ -26,8 +26,21 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MODEL", "ConfigError", "DataError", "DependencyError", "MethodError", "MethodSpec", "ModelError",
-    "NbtuneError", "Run", "RunConfig", "finetune", "load", "methods", "register_method",
+    "NbtuneError", "Run", "RunConfig", "finetune", "load", "methods", "register_method", "runs",
 ]
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """`%load_ext nbtune`: registers `%%finetune` and friends."""
+    from nbtune.magics import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    from nbtune.magics import unload_ipython_extension as unload
+
+    unload(ipython)
 
 
 def __getattr__(name: str) -> Any:
@@ -36,6 +49,10 @@ def __getattr__(name: str) -> Any:
         from nbtune.engine.run import finetune
 
         return finetune
+    if name == "runs":
+        from nbtune.engine.workbench import WORKBENCH
+
+        return WORKBENCH.runs
     if name == "load":
         from nbtune.engine.reopen import load
 

@@ -62,3 +62,18 @@ class PeakSampler:
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
             self.observe()
+
+
+def memory_split(model: Any) -> dict[str, float]:
+    """Estimate of what a training model holds: frozen weights, trainable weights + their grads, and
+    AdamW's two fp32 moments per trainable value. (Activations are what RSS holds beyond these.)"""
+    frozen = trainable_bytes = trainable_count = 0
+    for param in model.parameters():
+        size = param.numel() * param.element_size()
+        if param.requires_grad:
+            trainable_bytes += size
+            trainable_count += param.numel()
+        else:
+            frozen += size
+    return {"weights_mb": frozen / MB, "trainable_mb": 2 * trainable_bytes / MB,
+            "optimizer_mb": 8 * trainable_count / MB}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from nbtune.config import RunConfig
@@ -73,7 +74,6 @@ class Workbench:
         self.bases: dict[tuple[str, str, str], Base] = {}
         self.runs = Runs()
         self._threads: dict[str, threading.Thread] = {}
-        self._lock = threading.Lock()
 
     def base(self, config: RunConfig) -> Base:
         """The cached pristine base for this config, loaded on first use."""
@@ -91,35 +91,39 @@ class Workbench:
                     quantization=base.quantization)
 
     def finetune(self, config: RunConfig | dict[str, Any] | str, *, observers: list[Any] | None = None,
-                 background: bool = False, **overrides: Any) -> Run:
-        """Train a run on a view of the cached base; a run of the same name is replaced, never stacked."""
-        from nbtune.engine.run import finetune, prepare_run
+                 background: bool = False, on_ready: Callable[[Run], None] | None = None,
+                 **overrides: Any) -> Run:
+        """Train a run on a view of the cached base; a run of the same name is replaced, never stacked.
 
-        config = RunConfig.parse(config, **overrides)
-        self._refuse_while_training(config.name)
-        run_ready = prepare_run(config, observers=observers or [])  # checks config and data, cheaply
-        old = self.runs.pop(str(config.name), None)
+        `on_ready(run)` is called once the config and data passed their checks, before any weight moves
+        (the notebook shows its panel then, so a typo never leaves an empty panel behind).
+        """
+        from nbtune.engine.run import start_run, train_run
+
+        self._refuse_while_training()
+        run = start_run(config, observers=observers or [], **overrides)  # checks config and data, cheaply
+        old = self.runs.pop(run.name, None)
         if old is not None:
             old.model = None  # drop the previous view (its adapter goes with it)
-        self.runs[str(config.name)] = run_ready.run
+        self.runs[run.name] = run
+        if on_ready is not None:
+            on_ready(run)
         if not background:
-            return finetune(run_ready, base=self.view_for(config))
-        thread = threading.Thread(target=self._train_quietly, args=(run_ready, config), daemon=True,
-                                  name=f"nbtune-{config.name}")
-        self._threads[str(config.name)] = thread
-        run_ready.run._thread = thread
+            return train_run(run, base=self.view_for(run.config))
+        thread = threading.Thread(target=self._train_quietly, args=(run,), daemon=True, name=f"nbtune-{run.name}")
+        self._threads[run.name] = run._thread = thread
         thread.start()
-        return run_ready.run
+        return run
 
-    def _train_quietly(self, run_ready: Any, config: RunConfig) -> None:
-        from nbtune.engine.run import finetune
+    def _train_quietly(self, run: Run) -> None:
+        from nbtune.engine.run import train_run
 
         try:
-            finetune(run_ready, base=self.view_for(config))
+            train_run(run, base=self.view_for(run.config))
         except BaseException:  # the run records status and error; a thread has nobody to raise to
             pass
 
-    def _refuse_while_training(self, name: Any) -> None:
+    def _refuse_while_training(self) -> None:
         busy = [n for n, t in self._threads.items() if t.is_alive()]
         if busy:
             raise NbtuneError(f"run {busy[0]!r} is still training in the background; stop it "

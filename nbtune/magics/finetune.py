@@ -1,0 +1,120 @@
+"""The `%%finetune` cell magic, `%finetune_runs`, and their `%config Finetune.*` options.
+
+Thin by design: parse the line and the cell (`parse.py`), build one config, hand it to the kernel's
+workbench, show the panel. Defaults come, weakest first, from `[tool.nbtune]` in pyproject.toml,
+then `%config Finetune.defaults`, then the cell's YAML, then the line's flags.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from traitlets import Bool, Dict
+
+from nbtune.errors import NbtuneError
+from nbtune.magics.parse import parse_cell, project_defaults
+
+
+@magics_class
+class Finetune(Magics):
+    """Fine-tuning from notebook cells; options settable with `%config Finetune.<option> = ...`."""
+
+    panel = Bool(True, help="Show the live panel (off: a text progress bar).").tag(config=True)
+    background = Bool(False, help="Train on a worker thread and return at once; the panel's Stop button "
+                      "then works. Off: the cell blocks until the run ends (interrupt the kernel to stop).",
+                      ).tag(config=True)
+    log_scale = Bool(False, help="Plot the loss on a log scale.").tag(config=True)
+    defaults = Dict(help="Config keys applied to every %%finetune cell before its own, e.g. {'model': ...}.",
+                    ).tag(config=True)
+
+    @magic_arguments()
+    @argument("name", nargs="?", help="Run name; re-running a cell with the same name replaces that run.")
+    @argument("--model", help="Base model: a local folder or hub id (default SmolLM2-135M-Instruct).")
+    @argument("--method", help="Fine-tuning method (see nbtune.methods()).")
+    @argument("--steps", type=int, help="Optimizer steps.")
+    @argument("--data", help="Training data: 'demo' or a file path.")
+    @argument("--dry-run", action="store_true", help="Check the config and data, train nothing.")
+    @argument("--background", action="store_true", help="Train on a worker thread (Stop button works).")
+    @argument("--no-panel", action="store_true", help="Text progress instead of the live panel.")
+    @cell_magic
+    def finetune(self, line: str, cell: str) -> Any:
+        """Fine-tune with the YAML config in the cell body; returns the `Run` (also in nbtune.runs[name]).
+
+        Example::
+
+            %%finetune first_lora
+            method: lora
+            r: 8
+            data: demo            # or a file path, or {{ my_dataframe }}
+            steps: 60
+        """
+        try:
+            args = parse_argstring(self.finetune, line)
+            config = self._config(args, cell)
+            if args.dry_run:
+                return self._dry_run(config)
+            return self._train(config, background=args.background or self.background,
+                               panel=self.panel and not args.no_panel)
+        except NbtuneError as exc:
+            _error_line(exc)
+        except Exception as exc:  # a crash inside training: the run is marked failed, the kernel lives
+            _error_line(exc, crashed=True)
+        return None
+
+    @line_magic
+    def finetune_runs(self, line: str) -> Any:
+        """The runs of this kernel, with status and key metrics."""
+        from nbtune.engine.workbench import WORKBENCH
+
+        return WORKBENCH.runs
+
+    # ----------------------------------------------------------------- helpers
+    def _config(self, args: Any, cell: str) -> dict[str, Any]:
+        config = {**project_defaults(), **dict(self.defaults), **parse_cell(cell, self.shell.user_ns)}
+        flags = {"name": args.name, "model": args.model, "method": args.method, "steps": args.steps,
+                 "data": args.data}
+        config.update({k: v for k, v in flags.items() if v is not None})
+        if args.steps is not None:
+            config.pop("epochs", None)  # --steps wins over an `epochs:` in the cell
+        return config
+
+    def _dry_run(self, config: dict[str, Any]) -> Any:
+        from nbtune.engine.run import start_run
+
+        run = start_run(config)
+        train, evaluation, fmt = run._data
+        print(f"{run.name}: {run.method.name} on {run.config.model}; {len(train)} training examples ({fmt})"
+              f"{f', {len(evaluation)} for evaluation' if evaluation is not None else ''}; config OK.")
+        return run.config
+
+    def _train(self, config: dict[str, Any], *, background: bool, panel: bool) -> Any:
+        from nbtune.engine.events import ProgressObserver
+        from nbtune.engine.workbench import WORKBENCH
+
+        view = _live_panel(background, self.log_scale) if panel else None
+        observers = [view] if view is not None else [ProgressObserver()]
+        show = (lambda run: view.show()) if view is not None else None
+        return WORKBENCH.finetune(config, observers=observers, background=background, on_ready=show)
+
+
+def _live_panel(background: bool, log_scale: bool) -> Any:
+    """The widget panel when a frontend can show widgets; None in a terminal or plain shell."""
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        if shell is None or type(shell).__name__ != "ZMQInteractiveShell":
+            return None
+        from nbtune.widgets.panel import LivePanel
+    except ImportError:  # no ipywidgets: the text progress bar it is
+        return None
+    return LivePanel(interactive_stop=background, log_scale=log_scale)
+
+
+def _error_line(exc: BaseException, *, crashed: bool = False) -> None:
+    """One red line, no traceback: what went wrong and how to fix it."""
+    text = f"{type(exc).__name__}: {exc}" if crashed else str(exc)
+    print(f"\x1b[31mnbtune: {text}\x1b[0m", file=sys.stderr)

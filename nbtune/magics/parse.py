@@ -1,0 +1,88 @@
+"""Parsing a `%%finetune` cell, with no IPython in sight: YAML body, `{{ name }}` values, defaults.
+
+Only plain variable names resolve inside `{{ }}`; anything that looks like code (calls, attributes,
+indexing) is refused, so a cell can never run code through its config. A `{{ x }}` that is a whole
+YAML value becomes the object itself (a DataFrame, a list of dicts, a number); inside a longer string
+it becomes `str(x)`.
+
+    >>> parse_cell("steps: {{ n }}\\nr: 8", {"n": 30})
+    {'steps': 30, 'r': 8}
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from nbtune.config import load_yaml
+from nbtune.errors import ConfigError
+
+_TEMPLATE = re.compile(r"\{\{(.*?)\}\}")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def parse_cell(body: str, namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """The cell's YAML as a dict, with `{{ name }}` replaced by values from `namespace`."""
+    values: dict[str, Any] = {}
+
+    def placeholder(match: re.Match[str]) -> str:
+        name = match.group(1).strip()
+        if not _NAME.fullmatch(name):
+            raise ConfigError(f"`{{{{ {name} }}}}`: only a plain variable name can go inside {{{{ }}}}, "
+                              "not an expression; compute it in a cell above.")
+        if name not in namespace:
+            raise ConfigError(f"`{{{{ {name} }}}}`: the notebook has no variable {name!r}; define it above.")
+        key = f"__nbtune_value_{len(values)}__"
+        values[key] = namespace[name]
+        return key
+
+    text = _TEMPLATE.sub(placeholder, body or "")
+    if "{{" in text or "}}" in text:
+        raise ConfigError("an unclosed `{{` or `}}` in the cell; write `{{ name }}`.")
+    try:
+        loaded = load_yaml(text)
+    except Exception as exc:  # yaml's errors carry a position; keep the first line
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"the cell is not valid YAML{where}: {getattr(exc, 'problem', exc)}.") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError("the cell must hold `key: value` lines (YAML), e.g. `method: lora`.")
+    return _substitute(loaded, values)
+
+
+def _substitute(node: Any, values: dict[str, Any]) -> Any:
+    if isinstance(node, dict):
+        return {k: _substitute(v, values) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_substitute(v, values) for v in node]
+    if isinstance(node, str):
+        if node in values:
+            return values[node]
+        for key, value in values.items():
+            node = node.replace(key, str(value))
+    return node
+
+
+def project_defaults(start: Path | None = None) -> dict[str, Any]:
+    """`[tool.nbtune]` from the nearest pyproject.toml at or above `start` (default: the working dir)."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: no TOML reader in the standard library
+        return {}
+    folder = (start or Path.cwd()).resolve()
+    for candidate in (folder, *folder.parents):
+        path = candidate / "pyproject.toml"
+        if path.is_file():
+            try:
+                data = tomllib.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+            section = data.get("tool", {}).get("nbtune", {})
+            if not isinstance(section, dict):
+                raise ConfigError(f"{path}: [tool.nbtune] must be a table of config keys.")
+            return dict(section)
+    return {}

@@ -1,0 +1,145 @@
+"""Pure rendering of a run's state to HTML/SVG: the live panel's pieces and the static snapshot.
+
+No widget code here: the panel puts these strings into ipywidgets.HTML while training, and the same
+functions produce the snapshot left in the cell at the end, which a saved notebook, nbconvert HTML
+and GitHub show without a kernel. A hand-drawn SVG keeps the panel free of a JavaScript build and
+of plotting dependencies, and costs about a millisecond per redraw.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+from typing import Any
+
+WIDTH, HEIGHT, PAD = 420, 180, 34
+
+
+def smooth(values: Sequence[float], weight: float = 0.8) -> list[float]:
+    """Exponential moving average with bias correction (TensorBoard's smoothing)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight**i))
+    return out
+
+
+def loss_chart(steps: Sequence[float], losses: Sequence[float], eval_steps: Sequence[float] = (),
+               eval_losses: Sequence[float] = (), *, log_scale: bool = False, total: int | None = None) -> str:
+    """SVG of the train loss (raw, faint), its smoothed curve, and eval loss points."""
+    points = [(s, v) for s, v in zip(steps, losses, strict=True) if _finite(v)]
+    evals = [(s, v) for s, v in zip(eval_steps, eval_losses, strict=True) if _finite(v)]
+    if not points and not evals:
+        return _frame("waiting for the first step ...")
+    values = [v for _, v in points + evals]
+    if log_scale:
+        values = [math.log10(max(v, 1e-12)) for v in values]
+    low, high = min(values), max(values)
+    high = high if high > low else low + 1.0
+    x_max = max([total or 0] + [s for s, _ in points + evals] + [1])
+
+    def xy(step: float, value: float) -> tuple[float, float]:
+        v = math.log10(max(value, 1e-12)) if log_scale else value
+        x = PAD + (WIDTH - PAD - 8) * step / x_max
+        y = 8 + (HEIGHT - PAD - 8) * (high - v) / (high - low)
+        return x, y
+
+    def polyline(series: list[tuple[float, float]], style: str) -> str:
+        coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(s, v) for s, v in series))
+        return f'<polyline fill="none" {style} points="{coords}"/>'
+
+    parts = []
+    if points:
+        parts.append(polyline(points, 'stroke="#9ecae1" stroke-width="1"'))
+        smoothed = list(zip([s for s, _ in points], smooth([v for _, v in points]), strict=True))
+        parts.append(polyline(smoothed, 'stroke="#08519c" stroke-width="2"'))
+    for s, v in evals:
+        x, y = xy(s, v)
+        parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="#e6550d"/>')
+    scale = " (log)" if log_scale else ""
+    top = 10**high if log_scale else high
+    bottom = 10**low if log_scale else low
+    labels = (f'<text x="2" y="14" font-size="10">{top:.3g}</text>'
+              f'<text x="2" y="{HEIGHT - PAD}" font-size="10">{bottom:.3g}</text>'
+              f'<text x="{WIDTH - 8}" y="{HEIGHT - 10}" font-size="10" text-anchor="end">step {x_max}</text>'
+              f'<text x="{PAD}" y="{HEIGHT - 10}" font-size="10">loss{scale}: train (raw, smoothed)'
+              f'{", eval" if evals else ""}</text>')
+    return _frame("".join(parts) + labels)
+
+
+def _frame(inner: str) -> str:
+    if not inner.startswith("<"):
+        inner = f'<text x="{WIDTH / 2}" y="{HEIGHT / 2}" font-size="12" text-anchor="middle">{inner}</text>'
+    axes = (f'<line x1="{PAD}" y1="{HEIGHT - PAD}" x2="{WIDTH - 8}" y2="{HEIGHT - PAD}" stroke="#999"/>'
+            f'<line x1="{PAD}" y1="8" x2="{PAD}" y2="{HEIGHT - PAD}" stroke="#999"/>')
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
+            f'viewBox="0 0 {WIDTH} {HEIGHT}" class="nbtune-loss">{axes}{inner}</svg>')
+
+
+def progress_line(step: int, total: int, tokens_per_second: float, elapsed: float) -> str:
+    """'step 12/60 · 214 tok/s · 0:25 elapsed · ETA 1:40'."""
+    eta = elapsed / step * (total - step) if step else float("nan")
+    return (f"step {step}/{total} · {tokens_per_second:,.0f} tok/s · {_clock(elapsed)} elapsed · "
+            f"ETA {_clock(eta)}")
+
+
+def memory_html(memory: dict[str, Any]) -> str:
+    """RSS now/peak, CUDA counters when present, and the estimated split of what is held."""
+    rows = [("RSS now", memory.get("rss_mb")), ("RSS peak", memory.get("peak_rss_mb"))]
+    rows += [(k.replace("_mb", "").replace("_", " "), v) for k, v in memory.items() if k.startswith("cuda_")]
+    rows += [(label, memory.get(key)) for key, label in (
+        ("weights_mb", "base weights"), ("trainable_mb", "trainable + grads"), ("optimizer_mb", "optimizer"),
+        ("activations_mb", "activations, rest"))]
+    cells = "".join(f"<tr><td>{html.escape(label)}</td><td style='text-align:right'>{_mb(v)}</td></tr>"
+                    for label, v in rows if v is not None)
+    return f"<table class='nbtune-memory'><tr><th colspan=2>memory</th></tr>{cells}</table>"
+
+
+def metrics_table(metrics: dict[str, Any]) -> str:
+    keys = ("trainable_params", "trainable_percent", "train_loss", "eval_loss", "exact_match", "tokens_per_second",
+            "train_seconds", "peak_rss_mb", "saved_to")
+    cells = "".join(f"<tr><td>{k}</td><td>{html.escape(_value(metrics[k]))}</td></tr>"
+                    for k in keys if metrics.get(k) is not None)
+    return f"<table class='nbtune-metrics'>{cells}</table>"
+
+
+def status_html(name: str, method: str, status: str, detail: str = "") -> str:
+    colour = {"running": "#08519c", "finished": "#238b45", "stopped": "#d94801", "failed": "#cb181d"}.get(
+        status, "#555")
+    extra = f" — {html.escape(detail)}" if detail else ""
+    return (f"<b>{html.escape(name)}</b> · {html.escape(method)} · "
+            f"<span style='color:{colour}'><b>{html.escape(status)}</b></span>{extra}")
+
+
+def snapshot_html(run: Any, memory: dict[str, Any], log_scale: bool = False) -> str:
+    """The static end state of a run: status, loss chart, metrics and memory, as plain HTML."""
+    steps = [r["step"] for r in run.history if "loss" in r]
+    losses = [r["loss"] for r in run.history if "loss" in r]
+    evals = [e for e in run.eval_history if "eval_loss" in e]
+    chart = loss_chart(steps, losses, [e["step"] for e in evals], [e["eval_loss"] for e in evals],
+                       log_scale=log_scale, total=run.total_steps)
+    detail = run.error or ""
+    return (f"<div class='nbtune-snapshot'>{status_html(run.name, run.method.name, run.status, detail)}"
+            f"<div style='display:flex;gap:16px;align-items:flex-start'>{chart}"
+            f"{metrics_table(run.metrics)}{memory_html(memory)}</div></div>")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _clock(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "-"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def _mb(value: Any) -> str:
+    return "-" if value is None else f"{value:,.0f} MB"
+
+
+def _value(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,230 @@
+"""The notebook layer in a real IPython shell: %load_ext, %%finetune, templating, config, idempotent
+re-runs on a cached base, errors as one line, background runs and Stop."""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import pytest
+import torch
+from IPython.core.interactiveshell import InteractiveShell
+
+import nbtune
+from nbtune.engine.workbench import WORKBENCH, Workbench, shared_view
+
+CELL = "method: lora\nr: 4\ndata: {{ rows }}\nsteps: 3\nbatch_size: 4\nmetric: none\nsave: false\n"
+
+
+@pytest.fixture
+def ip(tiny_model_dir, demo_rows, monkeypatch):
+    """A real InteractiveShell with nbtune loaded, a fresh workbench, and `rows` in the namespace."""
+    shell = InteractiveShell.instance()
+    monkeypatch.setattr("nbtune.engine.workbench.WORKBENCH", Workbench())
+    shell.run_line_magic("load_ext", "nbtune")
+    shell.user_ns["rows"] = demo_rows[:16]
+    shell.run_line_magic("config", f"Finetune.defaults = {{'model': {str(tiny_model_dir)!r}}}")
+    yield shell
+    shell.run_line_magic("unload_ext", "nbtune")
+    shell.run_line_magic("config", "Finetune.defaults = {}")
+
+
+def runs():
+    import nbtune.engine.workbench as wb
+
+    return wb.WORKBENCH.runs
+
+
+def finetune(ip, line, cell=CELL):
+    return ip.run_cell_magic("finetune", line + " --no-panel", cell)
+
+
+def test_load_ext_registers_the_magics_and_unload_removes_them(ip):
+    assert "finetune" in ip.magics_manager.magics["cell"]
+    assert "finetune_runs" in ip.magics_manager.magics["line"]
+    ip.run_line_magic("unload_ext", "nbtune")
+    assert "finetune" not in ip.magics_manager.magics["cell"]
+    ip.run_line_magic("load_ext", "nbtune")
+    assert "finetune" in ip.magics_manager.magics["cell"]
+
+
+def test_the_help_is_generated_from_the_arguments():
+    from nbtune.magics.finetune import Finetune
+
+    doc = Finetune.finetune.__doc__
+    for flag in ("--model", "--method", "--steps", "--dry-run", "--background", "--no-panel"):
+        assert flag in doc
+
+
+def test_a_cell_trains_stores_and_returns_the_run(ip):
+    run = finetune(ip, "first")
+    assert isinstance(run, nbtune.Run) and run.status == "finished" and len(run.history) == 3
+    assert runs()["first"] is run
+    assert "first" in repr(ip.run_line_magic("finetune_runs", ""))
+    ip.run_cell("%%finetune second --no-panel\n" + CELL)
+    assert ip.user_ns["_"] is runs()["second"]  # `r = _` works
+
+
+def test_rerunning_a_cell_replaces_its_run_and_never_stacks_adapters(ip):
+    first = finetune(ip, "same")
+    again = finetune(ip, "same")
+    assert [r["loss"] for r in first.history] == [r["loss"] for r in again.history]
+    assert list(runs()) == ["same"] and runs()["same"] is again and first.model is None
+    base = next(iter(runs_bases(ip).values())).model
+    assert not any("lora" in n for n, _ in base.named_parameters())  # the cached base stays pristine
+    loras = [n for n, _ in again.model.named_modules() if n.endswith("lora_A")]
+    assert loras and not any("base_layer.base_layer" in n for n, _ in again.model.named_modules())
+
+
+def runs_bases(ip):
+    import nbtune.engine.workbench as wb
+
+    return wb.WORKBENCH.bases
+
+
+def test_changing_the_config_and_rerunning_applies_the_change(ip):
+    small = finetune(ip, "grow").metrics["trainable_params"]
+    big = finetune(ip, "grow", CELL.replace("r: 4", "r: 8")).metrics["trainable_params"]
+    assert big == 2 * small
+
+
+def test_the_second_run_reuses_the_loaded_base(ip, monkeypatch):
+    finetune(ip, "a")
+    import nbtune.engine.workbench as wb
+
+    monkeypatch.setattr(wb, "load_base", lambda *a, **k: pytest.fail("the base was loaded again"))
+    assert finetune(ip, "b").status == "finished"
+
+
+def test_runs_share_the_base_weights_instead_of_copying_them(ip):
+    a, b = finetune(ip, "a"), finetune(ip, "b")
+    weight = "model.layers.0.mlp.down_proj.weight"
+    pa = dict(a.model.named_parameters())[f"base_model.model.{weight}".replace("down_proj.", "down_proj.base_layer.")]
+    pb = dict(b.model.named_parameters())[f"base_model.model.{weight}".replace("down_proj.", "down_proj.base_layer.")]
+    assert pa.data_ptr() == pb.data_ptr()
+
+
+def test_a_method_that_trains_base_weights_gets_its_own_copy(ip):
+    finetune(ip, "lora-first")
+    base = next(iter(runs_bases(ip).values())).model
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    full = finetune(ip, "full", CELL.replace("method: lora\nr: 4", "method: full"))
+    assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())
+    assert not all(torch.equal(p, before[n]) for n, p in full.model.named_parameters())
+
+
+@pytest.mark.parametrize(("cell", "expected"), [
+    ("steps: {{ n }}", {"steps": 7}),
+    ("name: run-{{ n }}", {"name": "run-7"}),
+    ("data: {{ frame }}", "frame"),
+])
+def test_templating_pulls_plain_names_from_the_namespace(cell, expected):
+    import pandas as pd
+
+    from nbtune.magics.parse import parse_cell
+
+    frame = pd.DataFrame({"prompt": ["a"], "completion": ["b"]})
+    parsed = parse_cell(cell, {"n": 7, "frame": frame})
+    assert parsed["data"] is frame if expected == "frame" else parsed == expected
+
+
+@pytest.mark.parametrize(("cell", "match"), [
+    ("data: {{ __import__('os').system('echo hi') }}", "plain variable name"),
+    ("data: {{ rows[0] }}", "plain variable name"),
+    ("data: {{ missing }}", "no variable 'missing'"),
+    ("data: {{ rows", "unclosed"),
+    ("method: [lora", "not valid YAML"),
+    ("- a\n- b", "key: value"),
+    ("data: !!python/object/apply:os.system ['echo hi']", "not valid YAML"),
+])
+def test_bad_cells_give_one_red_line_and_keep_earlier_runs(ip, capsys, cell, match):
+    kept = finetune(ip, "kept")
+    capsys.readouterr()
+    assert finetune(ip, "broken", cell) is None
+    err = capsys.readouterr().err.strip()
+    assert match in err and err.count("\n") == 0 and "Traceback" not in err
+    assert runs()["kept"] is kept and "broken" not in runs()
+
+
+def test_config_errors_name_the_field(ip, capsys):
+    finetune(ip, "bad", CELL.replace("r: 4", "rr: 4"))
+    assert "Did you mean `r`?" in capsys.readouterr().err
+
+
+def test_config_defaults_come_from_pyproject_then_config_then_cell_then_flags(ip, tmp_path, monkeypatch):
+    (tmp_path / "pyproject.toml").write_text("[tool.nbtune]\nsteps = 2\nbatch_size = 2\nr = 2\n")
+    monkeypatch.chdir(tmp_path)
+    run = finetune(ip, "layers", "data: {{ rows }}\nmetric: none\nsave: false\nr: 4\n")
+    assert len(run.history) == 2 and run.config.batch_size == 2 and run.config.options["r"] == 4
+    model = runs()["layers"].config.model
+    ip.run_line_magic("config", f"Finetune.defaults = {{'model': {model!r}, 'steps': 1}}")
+    assert len(finetune(ip, "layers", "data: {{ rows }}\nmetric: none\nsave: false\n").history) == 1
+    assert len(finetune(ip, "layers --steps 3", "data: {{ rows }}\nmetric: none\nsave: false\n").history) == 3
+
+
+def test_dry_run_checks_everything_and_trains_nothing(ip, capsys):
+    config = finetune(ip, "dry --dry-run")
+    assert isinstance(config, nbtune.RunConfig) and "dry" not in runs()
+    assert "16 training examples" in capsys.readouterr().out
+
+
+def test_a_crash_mid_run_marks_it_failed_and_keeps_its_history(ip, capsys, monkeypatch):
+    from nbtune.engine.callbacks import RunCallback
+
+    original = RunCallback.on_step_end
+
+    def crash_at_two(self, args, state, control, **kw):
+        original(self, args, state, control, **kw)
+        if state.global_step == 2:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(RunCallback, "on_step_end", crash_at_two)
+    assert finetune(ip, "crash") is None
+    run = runs()["crash"]
+    assert run.status == "failed" and "simulated crash" in run.error and len(run.history) == 2
+    assert "simulated crash" in capsys.readouterr().err
+
+
+def test_a_background_run_returns_at_once_and_stops_within_a_step(ip):
+    cell = CELL.replace("steps: 3", "steps: 500")
+    run = ip.run_cell_magic("finetune", "bg --no-panel --background", cell)
+    assert run.status in ("pending", "running")
+    started = threading.Event()
+    while not started.is_set():
+        started.wait(0.05)
+        if run.history:
+            started.set()
+    stopper = threading.Thread(target=run.stop)  # as the Stop button does, from another thread
+    stopper.start()
+    stopper.join()
+    seen = len(run.history)
+    run.wait(60)
+    assert run.status == "stopped" and len(run.history) <= seen + 1 and run.model is not None
+
+
+def test_a_new_cell_is_refused_while_a_background_run_trains(ip, capsys):
+    run = ip.run_cell_magic("finetune", "long --no-panel --background", CELL.replace("steps: 3", "steps: 500"))
+    assert finetune(ip, "other") is None
+    assert "still training" in capsys.readouterr().err
+    run.stop()
+    run.wait(60)
+    assert finetune(ip, "other").status == "finished"
+
+
+def test_import_nbtune_alone_does_not_import_ipython():
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", "import nbtune, sys; print('IPython' in sys.modules)"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_shared_view_copies_modules_not_tensors(llama_base):
+    model, _ = llama_base
+    view = shared_view(model)
+    assert view is not model and view.model.layers[0] is not model.model.layers[0]
+    assert all(a is b for a, b in zip(view.parameters(), model.parameters(), strict=True))
+
+
+def test_the_module_level_workbench_is_what_nbtune_runs_shows():
+    assert nbtune.runs is WORKBENCH.runs
