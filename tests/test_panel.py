@@ -1,0 +1,143 @@
+"""The live panel by its widget state and the comm messages it sends, and its pure SVG/HTML rendering."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import nbtune
+from nbtune.widgets import render
+
+pytest.importorskip("ipywidgets")
+
+
+class RecordingComm:
+    """Stands in for a kernel comm (ipywidgets' DummyComm pattern): keeps every message a widget sends."""
+
+    sent: list[dict] = []
+
+    def __init__(self, *args, **kwargs):
+        self.comm_id = kwargs.get("comm_id", "test")
+        self.kernel = object()  # ipywidgets only sends when the comm has a kernel
+
+    def publish_msg(self, msg_type, data=None, metadata=None, buffers=None, **keys):
+        RecordingComm.sent.append({"type": msg_type, "data": data})
+
+    def send(self, data=None, metadata=None, buffers=None):
+        self.publish_msg("comm_msg", data=data)
+
+    def open(self, *args, **kwargs):
+        pass
+
+    def close(self, *args, **kwargs):
+        pass
+
+    def on_msg(self, callback):
+        pass
+
+    def on_close(self, callback):
+        pass
+
+
+@pytest.fixture
+def comms(monkeypatch):
+    import comm
+
+    RecordingComm.sent = []
+    monkeypatch.setattr(comm, "create_comm", RecordingComm)
+    return RecordingComm.sent
+
+
+def _panel(interactive_stop=True, min_interval=0.25):
+    from nbtune.widgets.panel import LivePanel
+
+    return LivePanel(interactive_stop=interactive_stop, min_interval=min_interval)
+
+
+def test_the_panel_draws_a_real_run(llama_base, demo_rows, comms):
+    panel = _panel(min_interval=0.0)
+    run = nbtune.finetune(data=demo_rows, eval_split=0.25, eval_steps=2, base=llama_base, observers=[panel],
+                          steps=4, batch_size=4, metric="none", save=False)
+    assert panel.chart.value.count("<polyline") == 2  # raw and smoothed train loss
+    assert panel.chart.value.count("<circle") == len(run.eval_history)
+    assert panel.progress_bar.value == panel.progress_bar.max == 4
+    assert "step 4/4" in panel.progress.value and "tok/s" in panel.progress.value
+    assert "finished" in panel.status.value and panel.stop_button.disabled
+    assert "RSS now" in panel.memory.value and "base weights" in panel.memory.value
+    updates = [m for m in comms if m["type"] == "comm_msg" and m["data"].get("method") == "update"]
+    assert any("value" in m["data"]["state"] and "<svg" in str(m["data"]["state"]["value"]) for m in updates)
+
+
+def test_redraws_are_throttled_but_the_last_step_always_shows(comms):
+    panel = _panel(min_interval=10.0)  # far longer than the loop below
+
+    class FakeRun:
+        name, total_steps, history, eval_history, model = "r", 100, [], [], None
+        method = nbtune.methods("lora")
+
+    run = FakeRun()
+    panel.on_run_start(run)
+    for step in range(1, 101):
+        record = {"step": step, "loss": 1.0 / step, "rss_mb": 100.0, "tokens_per_second": 10.0,
+                  "elapsed_seconds": step * 0.01}
+        run.history.append(record)
+        panel.on_step(run, record)
+    assert panel.renders == 2  # the first step, then only the last
+    assert panel.progress_bar.value == 100
+
+
+def test_the_memory_split_is_sane(llama_base, demo_rows, comms):
+    panel = _panel()
+    nbtune.finetune(data=demo_rows, base=llama_base, observers=[panel], steps=2, batch_size=4, metric="none",
+                    save=False)
+    memory = panel._memory(None)
+    assert memory["rss_mb"] > 0 and memory["peak_rss_mb"] >= memory["rss_mb"] * 0.5
+    trainable = panel._run.metrics["trainable_params"]
+    assert memory["optimizer_mb"] == pytest.approx(8 * trainable / 2**20)
+    assert memory["weights_mb"] > memory["trainable_mb"] > 0
+
+
+def test_stop_clicked_while_training_ends_the_run_after_that_step(llama_base, demo_rows, comms):
+    panel = _panel()
+
+    class ClickAtTwo(nbtune.engine.events.NullObserver):
+        def on_step(self, run, record):
+            if record["step"] == 2:
+                panel.stop_button.click()
+
+    run = nbtune.finetune(data=demo_rows, base=llama_base, observers=[panel, ClickAtTwo()], steps=50,
+                          batch_size=4, metric="none", save=False)
+    assert run.status == "stopped" and len(run.history) == 2
+    assert "stopped" in panel.status.value
+
+
+def test_a_blocking_run_shows_how_to_stop_instead_of_a_dead_button(comms):
+    panel = _panel(interactive_stop=False)
+    texts = [str(getattr(child, "value", "")) for box in panel.widget.children
+             for child in getattr(box, "children", [])]
+    assert any("interrupt the kernel" in t for t in texts)
+    assert panel.stop_button not in [c for box in panel.widget.children for c in getattr(box, "children", [])]
+
+
+def test_the_snapshot_is_static_html_with_chart_and_metrics(llama_base, demo_rows, comms):
+    panel = _panel()
+    run = nbtune.finetune(data=demo_rows, base=llama_base, observers=[panel], steps=3, batch_size=4,
+                          metric="none", save=False)
+    html = panel.snapshot()
+    assert "<svg" in html and "trainable_params" in html and run.name in html and "finished" in html
+    assert "<script" not in html  # shows in nbconvert, GitHub and saved notebooks without a kernel
+
+
+def test_smoothing_and_the_chart_handle_odd_values():
+    assert render.smooth([1.0, 1.0, 1.0]) == pytest.approx([1.0, 1.0, 1.0])
+    chart = render.loss_chart([1, 2, 3], [2.0, math.nan, 1.0])
+    assert chart.count("<polyline") == 2 and "nan" not in chart
+    assert "waiting" in render.loss_chart([], [])
+    log = render.loss_chart([1, 2], [100.0, 0.01], log_scale=True)
+    assert "(log)" in log
+
+
+def test_the_progress_line_has_eta():
+    line = render.progress_line(10, 40, 250.0, 30.0)
+    assert line == "step 10/40 · 250 tok/s · 0:30 elapsed · ETA 1:30"
