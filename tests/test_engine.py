@@ -217,3 +217,27 @@ def test_edits_to_a_parsed_config_are_honoured(llama_base, demo_rows):
     run = nbtune.finetune(config, base=llama_base)
     assert len(run.history) == 2 and run.history[0]["lr"] == pytest.approx(5e-3)
     assert run.name == config.name
+
+
+def test_a_stopped_run_resumes_exactly_where_it_stopped(chat_tokenizer, demo_rows):
+    from conftest import tiny_llama
+
+    settings = {"data": demo_rows, "steps": 8, "batch_size": 4, "lr": 1e-2, "metric": "none", "save": False}
+    whole = nbtune.finetune(base=(tiny_llama(chat_tokenizer), chat_tokenizer), **settings)
+    part = nbtune.finetune(base=(tiny_llama(chat_tokenizer), chat_tokenizer), observers=[Recorder(stop_at=3)],
+                           **settings)
+    assert part.status == "stopped" and len(part.history) == 3
+    part.resume()
+    assert part.status == "finished"
+    assert [r["loss"] for r in part.history] == [r["loss"] for r in whole.history]
+    for (name, a), b in zip(part.model.named_parameters(), whole.model.parameters(), strict=True):
+        assert torch.equal(a, b), name
+    with pytest.raises(nbtune.NbtuneError, match="only a stopped run"):
+        part.resume()
+
+
+def test_an_interrupted_run_can_resume_too(llama_base, demo_rows):
+    run = nbtune.finetune(data=demo_rows, base=llama_base, observers=[Recorder(raise_at=2)], steps=5,
+                          batch_size=4, lr=1e-2, metric="none", save=False)
+    assert run.status == "stopped" and len(run.history) == 2
+    assert run.resume().status == "finished" and len(run.history) == 5

@@ -40,7 +40,7 @@ def finetune(ip, line, cell=CELL):
 
 
 def test_load_ext_registers_the_magics_and_unload_removes_them(ip):
-    assert "finetune" in ip.magics_manager.magics["cell"]
+    assert "finetune" in ip.magics_manager.magics["cell"] and "finetune" in ip.magics_manager.magics["line"]
     assert "finetune_runs" in ip.magics_manager.magics["line"]
     ip.run_line_magic("unload_ext", "nbtune")
     assert "finetune" not in ip.magics_manager.magics["cell"]
@@ -228,3 +228,15 @@ def test_shared_view_copies_modules_not_tensors(llama_base):
 
 def test_the_module_level_workbench_is_what_nbtune_runs_shows():
     assert nbtune.runs is WORKBENCH.runs
+
+
+def test_resume_flag_continues_a_stopped_run(ip, capsys):
+    run = ip.run_cell_magic("finetune", "later --no-panel --background", CELL.replace("steps: 3", "steps: 6"))
+    run.stop()
+    run.wait(60)
+    assert run.status == "stopped"
+    stopped_at = len(run.history)
+    resumed = ip.run_line_magic("finetune", "later --no-panel --resume")
+    assert resumed is run and run.status == "finished" and len(run.history) == 6 >= stopped_at
+    assert ip.run_line_magic("finetune", "nothing --no-panel --resume") is None
+    assert "no run 'nothing'" in capsys.readouterr().err

@@ -58,6 +58,8 @@ class Run:
         self._stop = threading.Event()
         self._data: Any = None  # (train, eval, format) between start and training
         self._thread: threading.Thread | None = None  # set when training in the background
+        self._datasets: Any = None  # tokenised (train, eval), kept while the run may resume
+        self._checkpoint: str | None = None  # the Trainer checkpoint a stopped run resumes from
 
     # ------------------------------------------------------------ control
     def stop(self) -> None:
@@ -67,6 +69,12 @@ class Run:
     @property
     def stop_requested(self) -> bool:
         return self._stop.is_set()
+
+    def resume(self) -> Run:
+        """Continue a stopped run where it stopped (weights, optimizer, schedule, data order) to its end."""
+        from nbtune.engine.run import resume_run
+
+        return resume_run(self)
 
     def wait(self, timeout: float | None = None) -> Run:
         """Block until a background run ends (or `timeout` seconds pass); returns the run."""

@@ -137,15 +137,52 @@ def _train(run: Run, base: Any, train_records: Any, eval_records: Any, fmt: str,
     run.metrics.update(count_parameters(model))
 
     # 5. The loop is transformers' Trainer; RunCallback records history and relays events.
-    trainer = _make_trainer(run, model, tokenizer, train_set, eval_set, memory)
+    run._datasets = (train_set, eval_set)
+    _fit(run, memory)
+
+
+def _fit(run: Run, memory: PeakSampler, resume_from: str | None = None) -> None:
+    """Run the Trainer (from a checkpoint when resuming); a stopped run keeps a checkpoint to resume from."""
+    train_set, eval_set = run._datasets
+    trainer = _make_trainer(run, run.model, run.tokenizer, train_set, eval_set, memory)
     run.emit("on_run_start")
     started = time.perf_counter()
-    output = trainer.train()
-    run.metrics["train_seconds"] = round(time.perf_counter() - started, 2)
-    run.metrics["train_loss_mean"] = output.training_loss
+    try:
+        output = trainer.train(resume_from_checkpoint=resume_from)
+        run.metrics["train_loss_mean"] = output.training_loss
+    except KeyboardInterrupt:  # the kernel's interrupt: stop here, keeping everything learned so far
+        run.stop()
+    run.metrics["train_seconds"] = round(time.perf_counter() - started + run.metrics.get("train_seconds", 0), 2)
+    if run.stop_requested:
+        run._checkpoint = _resumable_checkpoint(trainer, run)
+        run.status = "stopped"
+        return
+    run._checkpoint, run._datasets = None, None
     if eval_set is not None:
         run.metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
-    run.status = "stopped" if run.stop_requested else "finished"
+    run.status = "finished"
+
+
+def _resumable_checkpoint(trainer: Any, run: Run) -> str | None:
+    """Save the Trainer's own checkpoint (weights, optimizer, scheduler, RNG, data position) for resume()."""
+    if trainer.state.global_step >= trainer.state.max_steps:
+        return None
+    trainer._save_checkpoint(trainer.model, trial=None)  # the Trainer's format, so its resume is exact
+    folder = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+    return str(folder) if folder.is_dir() else None
+
+
+def resume_run(run: Run) -> Run:
+    """Continue a stopped run from its checkpoint to its planned end (see `Run.resume`)."""
+    if run.status != "stopped" or not getattr(run, "_checkpoint", None):
+        raise NbtuneError(f"run {run.name!r} is {run.status}; only a stopped run with steps left can resume.")
+    run._stop.clear()
+    run.status = "running"
+    with PeakSampler() as memory:
+        _fit(run, memory, resume_from=run._checkpoint)
+    run.metrics["peak_rss_mb"] = max(run.metrics.get("peak_rss_mb", 0.0), round(memory.peak_mb, 1))
+    _finish(run)
+    return run
 
 
 def _make_trainer(run: Run, model: Any, tokenizer: Any, train_set: Any, eval_set: Any,

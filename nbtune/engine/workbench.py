@@ -115,6 +115,33 @@ class Workbench:
         thread.start()
         return run
 
+    def resume(self, name: str, *, observers: list[Any] | None = None, background: bool = False,
+               on_ready: Callable[[Run], None] | None = None) -> Run:
+        """Continue the stopped run `name` where it stopped, watched by `observers` (this cell's panel)."""
+        self._refuse_while_training()
+        if name not in self.runs:
+            raise NbtuneError(f"there is no run {name!r} to resume; runs: {', '.join(self.runs) or 'none'}.")
+        run = self.runs[name]
+        if run.status != "stopped" or not run._checkpoint:
+            raise NbtuneError(f"run {name!r} is {run.status}; only a stopped run with steps left can resume.")
+        if observers is not None:
+            run._observers.observers = list(observers)
+        if on_ready is not None:
+            on_ready(run)
+        if not background:
+            return run.resume()
+        thread = threading.Thread(target=self._quietly, args=(run.resume,), daemon=True, name=f"nbtune-{name}")
+        self._threads[name] = run._thread = thread
+        thread.start()
+        return run
+
+    @staticmethod
+    def _quietly(work: Callable[[], Any]) -> None:
+        try:
+            work()
+        except BaseException:  # the run records status and error; a thread has nobody to raise to
+            pass
+
     def _train_quietly(self, run: Run) -> None:
         from nbtune.engine.run import train_run
 

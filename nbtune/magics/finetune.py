@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Bool, Dict
 
@@ -37,10 +37,11 @@ class Finetune(Magics):
     @argument("--steps", type=int, help="Optimizer steps.")
     @argument("--data", help="Training data: 'demo' or a file path.")
     @argument("--dry-run", action="store_true", help="Check the config and data, train nothing.")
+    @argument("--resume", action="store_true", help="Continue the stopped run of this name where it stopped.")
     @argument("--background", action="store_true", help="Train on a worker thread (Stop button works).")
     @argument("--no-panel", action="store_true", help="Text progress instead of the live panel.")
-    @cell_magic
-    def finetune(self, line: str, cell: str) -> Any:
+    @line_cell_magic
+    def finetune(self, line: str, cell: str | None = None) -> Any:
         """Fine-tune with the YAML config in the cell body; returns the `Run` (also in nbtune.runs[name]).
 
         Example::
@@ -50,14 +51,18 @@ class Finetune(Magics):
             r: 8
             data: demo            # or a file path, or {{ my_dataframe }}
             steps: 60
+
+        As a line magic it takes its config from the flags alone: `%finetune first_lora --resume`.
         """
         try:
             args = parse_argstring(self.finetune, line)
             config = self._config(args, cell)
             if args.dry_run:
                 return self._dry_run(config)
-            return self._train(config, background=args.background or self.background,
-                               panel=self.panel and not args.no_panel)
+            background, panel = args.background or self.background, self.panel and not args.no_panel
+            if args.resume:
+                return self._resume(args.name, background=background, panel=panel)
+            return self._train(config, background=background, panel=panel)
         except NbtuneError as exc:
             _error_line(exc)
         except Exception as exc:  # a crash inside training: the run is marked failed, the kernel lives
@@ -73,7 +78,7 @@ class Finetune(Magics):
 
     # ----------------------------------------------------------------- helpers
     def _config(self, args: Any, cell: str) -> dict[str, Any]:
-        config = {**project_defaults(), **dict(self.defaults), **parse_cell(cell, self.shell.user_ns)}
+        config = {**project_defaults(), **dict(self.defaults), **parse_cell(cell or "", self.shell.user_ns)}
         flags = {"name": args.name, "model": args.model, "method": args.method, "steps": args.steps,
                  "data": args.data}
         config.update({k: v for k, v in flags.items() if v is not None})
@@ -91,13 +96,26 @@ class Finetune(Magics):
         return run.config
 
     def _train(self, config: dict[str, Any], *, background: bool, panel: bool) -> Any:
-        from nbtune.engine.events import ProgressObserver
         from nbtune.engine.workbench import WORKBENCH
 
-        view = _live_panel(background, self.log_scale) if panel else None
-        observers = [view] if view is not None else [ProgressObserver()]
-        show = (lambda run: view.show()) if view is not None else None
+        observers, show = self._watchers(background, panel)
         return WORKBENCH.finetune(config, observers=observers, background=background, on_ready=show)
+
+    def _resume(self, name: str | None, *, background: bool, panel: bool) -> Any:
+        from nbtune.engine.workbench import WORKBENCH
+
+        if not name:
+            raise NbtuneError("--resume needs the run's name: %%finetune NAME --resume")
+        observers, show = self._watchers(background, panel)
+        return WORKBENCH.resume(name, observers=observers, background=background, on_ready=show)
+
+    def _watchers(self, background: bool, panel: bool) -> tuple[list[Any], Any]:
+        from nbtune.engine.events import ProgressObserver
+
+        view = _live_panel(background, self.log_scale) if panel else None
+        if view is None:
+            return [ProgressObserver()], None
+        return [view], lambda run: view.show()
 
 
 def _live_panel(background: bool, log_scale: bool) -> Any:
