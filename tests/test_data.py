@@ -576,3 +576,26 @@ def test_dropped_examples_are_reported(chat_tokenizer):
         out = tk.tokenize_dataset(datasets.Dataset.from_list(rows), chat_tokenizer, fmt="prompt_completion",
                                   max_length=64, train_on_prompt=False)
     assert len(out) == 1
+
+
+def test_tokenised_data_is_reused_for_an_unchanged_file_and_redone_when_it_changes(tmp_path, chat_tokenizer):
+    import json
+    import os
+
+    from nbtune.data.loading import load_records, source_key
+    from nbtune.data.tokenize import tokenize_dataset
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"p{i}", "completion": "c"}) for i in range(4)))
+
+    def tokenised():
+        return tokenize_dataset(load_records(str(path)), chat_tokenizer, fmt="prompt_completion", max_length=64,
+                                train_on_prompt=False, cache_key=source_key(str(path)))
+
+    first = tokenised()
+    assert tokenised() is first
+    path.write_text(path.read_text() + "\n" + json.dumps({"prompt": "new", "completion": "row"}))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    changed = tokenised()
+    assert changed is not first and len(changed) == 5
+    assert source_key([{"prompt": "in memory"}]) is None  # no cache for data nbtune cannot identify

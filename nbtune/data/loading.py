@@ -43,6 +43,18 @@ def load_records(source: Any, *, field: str = "data", split: str = "train") -> A
     return dataset
 
 
+def source_key(source: Any) -> str | None:
+    """A stable identity for data named by a string (demo, a file as it is now, a hub name); None for
+    in-memory data, whose contents nbtune cannot cheaply tell apart."""
+    if not isinstance(source, (str, Path)):
+        return None
+    path = Path(source).expanduser()
+    if path.is_file():
+        stat = path.stat()
+        return f"{path.resolve()}:{stat.st_mtime_ns}:{stat.st_size}"
+    return str(source)
+
+
 def _from_name(text: str, field: str, split: str) -> Any:
     import datasets
 

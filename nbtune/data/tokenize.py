@@ -88,8 +88,12 @@ def encode(example: dict[str, Any], *, tokenizer: Any, fmt: str, max_length: int
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "length": len(ids)}
 
 
+_CACHE: dict[tuple[Any, ...], Any] = {}
+_CACHE_SIZE = 8
+
+
 def tokenize_dataset(dataset: Any, tokenizer: Any, *, fmt: str, max_length: int, train_on_prompt: bool,
-                     field: str = "data") -> Any:
+                     field: str = "data", cache_key: Any = None) -> Any:
     """The dataset tokenised, with a `length` column, and how many examples had no answer tokens left.
 
     Examples with no answer tokens (no assistant turn, or the answer wholly cut off by `max_length`) are
@@ -98,9 +102,25 @@ def tokenize_dataset(dataset: Any, tokenizer: Any, *, fmt: str, max_length: int,
     if not tokenizer.is_fast and not train_on_prompt and fmt != "text":
         raise DataError("answer-only loss needs a fast (Rust) tokenizer; set `train_on_prompt: true` or use a "
                         "model with tokenizer.json.", field=field)
+    # Re-running a notebook cell on the same data must not pay for tokenising it again: with a
+    # `cache_key` (data named by a string), the result is kept per tokenizer and settings.
+    key = None if cache_key is None else (cache_key, field, _tokenizer_identity(tokenizer), fmt, max_length,
+                                          train_on_prompt)
+    if key is not None and key in _CACHE:
+        return _CACHE[key]
     with quiet_datasets():
-        return _tokenize(dataset, tokenizer, fmt=fmt, max_length=max_length, train_on_prompt=train_on_prompt,
-                         field=field)
+        encoded = _tokenize(dataset, tokenizer, fmt=fmt, max_length=max_length, train_on_prompt=train_on_prompt,
+                            field=field)
+    if key is not None:
+        if len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))  # the oldest entry
+        _CACHE[key] = encoded
+    return encoded
+
+
+def _tokenizer_identity(tokenizer: Any) -> tuple[Any, ...]:
+    return (tokenizer.name_or_path, len(tokenizer), tokenizer.chat_template, tokenizer.eos_token,
+            tokenizer.pad_token)
 
 
 def _tokenize(dataset: Any, tokenizer: Any, *, fmt: str, max_length: int, train_on_prompt: bool,

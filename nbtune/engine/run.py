@@ -22,6 +22,7 @@ from typing import Any
 
 from nbtune.config import RunConfig
 from nbtune.data import detect_format, load_records, prepare_tokenizer, prompts_and_answers, tokenize_dataset
+from nbtune.data.loading import source_key
 from nbtune.engine.events import Broadcast, NullObserver, ProgressObserver
 from nbtune.engine.memory import PeakSampler
 from nbtune.engine.models import Base, load_base
@@ -122,8 +123,9 @@ def _train(run: Run, base: Any, train_records: Any, eval_records: Any, fmt: str,
     run.metrics["load_seconds"] = round(time.perf_counter() - started, 2)
 
     # 3. Tokenise: chat template, answer-only labels, lengths for grouping batches of similar length.
+    key = _data_key(config)
     tokenize = dict(tokenizer=tokenizer, fmt=fmt, max_length=config.max_length,
-                    train_on_prompt=config.train_on_prompt)
+                    train_on_prompt=config.train_on_prompt, cache_key=key)
     train_set = tokenize_dataset(train_records, field="data", **tokenize)
     eval_set = tokenize_dataset(eval_records, field="eval_data", **tokenize) if eval_records is not None else None
     run.eval_pairs = prompts_and_answers(eval_records, fmt) if eval_records is not None and fmt != "text" else []
@@ -294,6 +296,14 @@ def _expected_steps(config: RunConfig, examples: int) -> int:
     batches = math.ceil(examples / config.batch_size)
     per_epoch = max(batches // config.grad_accum + int(batches % config.grad_accum > 0), 1)
     return math.ceil((config.epochs or 1.0) * per_epoch)
+
+
+def _data_key(config: RunConfig) -> tuple[Any, ...] | None:
+    """What identifies this run's data for the tokenising cache; None when the data lives in memory."""
+    train, evaluation = source_key(config.data), source_key(config.eval_data)
+    if train is None or (config.eval_data is not None and evaluation is None):
+        return None
+    return (train, evaluation, config.eval_split, config.seed)
 
 
 def _check_callers_base(model: Any, run: Run) -> None:
