@@ -68,6 +68,9 @@ class LivePanel(NullObserver):
             return  # throttled: at most one redraw per min_interval
         self._last = now
         self.draw(record)
+        if last_step:  # the final evaluation and save can take a while: say so
+            self.status.value = render.status_html(run.name, run.method.name, "running",
+                                                   "training done; evaluating and saving ...")
 
     def on_eval(self, run: Any, metrics: dict[str, Any]) -> None:
         if run.history:
