@@ -1,0 +1,104 @@
+"""Comparing runs that share one base model: a table, a config diff, curves and side-by-side answers.
+
+The data lives here; `nbtune.widgets.compare_view` renders it (static HTML that survives saving).
+
+    >>> cmp = nbtune.compare("lora_r8", "ia3", "prefix")     # doctest: +SKIP
+    >>> cmp                                                   # a static HTML table + overlaid curves
+    >>> cmp.generations(["Convert this date ...: 3 Aug 1987"])  # doctest: +SKIP
+
+The base model's answers come from the same loaded weights with every adapter switched off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from nbtune.engine.generation import generate_texts
+from nbtune.engine.result import Run
+from nbtune.errors import NbtuneError
+
+TABLE_KEYS = ("trainable_params", "trainable_percent", "adapter_mb", "train_seconds", "tokens_per_second",
+              "peak_rss_mb", "train_loss", "eval_loss", "exact_match")
+_NOT_CONFIG = {"name", "output_dir", "derived"}
+
+
+class Comparison:
+    """Several runs side by side; renders as static HTML (survives saving the notebook)."""
+
+    def __init__(self, runs: Sequence[Run]) -> None:
+        if not runs:
+            raise NbtuneError("compare needs at least one run (a Run or a name in nbtune.runs).")
+        self.runs = list(runs)
+
+    # ------------------------------------------------------------------ data
+    def table(self) -> list[dict[str, Any]]:
+        """One row per run: method, size, speed, memory, losses and task metric."""
+        return [{"run": r.name, "method": r.method.name, "status": r.status,
+                 **{k: (adapter_mb(r) if k == "adapter_mb" else r.metrics.get(k)) for k in TABLE_KEYS}}
+                for r in self.runs]
+
+    def config_diff(self) -> dict[str, dict[str, Any]]:
+        """Only the config keys whose values differ between the runs: key -> {run: value}."""
+        configs = {r.name: {k: v for k, v in r.config.to_json_dict().items() if k not in _NOT_CONFIG}
+                   for r in self.runs}
+        keys = sorted({k for c in configs.values() for k in c})
+        diff = {}
+        for key in keys:
+            values = {name: config.get(key, "-") for name, config in configs.items()}
+            if len({repr(v) for v in values.values()}) > 1:
+                diff[key] = values
+        return diff
+
+    def curves(self) -> dict[str, dict[str, list[float]]]:
+        """run -> {step, elapsed_seconds, loss} lists, for overlaying by step or by wall time."""
+        out = {}
+        for r in self.runs:
+            rows = [h for h in r.history if "loss" in h]
+            out[r.name] = {"step": [h["step"] for h in rows], "elapsed_seconds": [h["elapsed_seconds"] for h in rows],
+                           "loss": [h["loss"] for h in rows]}
+        return out
+
+    def generations(self, prompts: Iterable[Any], *, max_new_tokens: int = 32) -> list[dict[str, str]]:
+        """For each prompt: the base model's answer and every run's answer (greedy)."""
+        prompts = list(prompts)
+        columns: dict[str, list[str]] = {}
+        first = self.runs[0]
+        first._need_model()
+        with first.base_disabled():
+            columns["base"] = generate_texts(first.model, first.tokenizer, prompts, max_new_tokens=max_new_tokens)
+        for r in self.runs:
+            r._need_model()
+            columns[r.name] = generate_texts(r.model, r.tokenizer, prompts, max_new_tokens=max_new_tokens)
+        return [{"prompt": p if isinstance(p, str) else p[-1]["content"],
+                 **{name: answers[i] for name, answers in columns.items()}} for i, p in enumerate(prompts)]
+
+    @property
+    def df(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame(self.table()).set_index("run")
+
+
+def adapter_mb(run: Run) -> float | None:
+    """Size on disk of what the run saved (adapter or weights), without tokenizer and run.json."""
+    folder = run.saved_to
+    if folder is None or not Path(folder).is_dir():
+        return None
+    skip = {"run.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+            "generation_config.json"}
+    return round(sum(f.stat().st_size for f in Path(folder).iterdir() if f.name not in skip) / 2**20, 2)
+
+
+def resolve_runs(items: Sequence[Any], runs: dict[str, Run]) -> list[Run]:
+    """Runs from Run objects or names in `runs`; an unknown name lists the known ones."""
+    out = []
+    for item in items:
+        if isinstance(item, Run):
+            out.append(item)
+        elif item in runs:
+            out.append(runs[item])
+        else:
+            raise NbtuneError(f"no run {item!r} to compare; runs in this kernel: {', '.join(runs) or 'none'}.")
+    return out

@@ -1,0 +1,95 @@
+"""Kernel-level helpers: compare runs, see what each holds in memory, and give memory back.
+
+`reclaim` has to reach past the engine: IPython's output history (`Out`, `_`, `__`) and the last
+traceback keep tensors alive long after a run is gone, so it clears those too when IPython is running.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+from typing import Any
+
+from nbtune.errors import NbtuneError
+
+
+def compare(*runs: Any) -> Any:
+    """Runs (objects or names in nbtune.runs) side by side: table, config diff, curves, generations."""
+    from nbtune.engine.compare import resolve_runs
+    from nbtune.engine.workbench import WORKBENCH
+    from nbtune.widgets.compare_view import ComparisonView
+
+    chosen = resolve_runs(runs, WORKBENCH.runs) if runs else list(WORKBENCH.runs.values())
+    return ComparisonView(chosen)
+
+
+def ledger() -> list[dict[str, Any]]:
+    """What each run and each cached base holds, in MB (weights it owns, adapter, gradients)."""
+    from nbtune.engine.workbench import WORKBENCH
+
+    rows = []
+    for key, base in WORKBENCH.bases.items():
+        rows.append({"holder": f"base {key[0]} ({key[1]}, {key[2]})", "kind": "cached base",
+                     "mb": round(_bytes(base.model.parameters()) / 2**20, 1)})
+    for name, run in WORKBENCH.runs.items():
+        if run.model is None:
+            rows.append({"holder": name, "kind": "released", "mb": 0.0})
+            continue
+        shares = run.method.shares_base(run.config.options)
+        own = [p for p in run.model.parameters() if p.requires_grad] if shares else list(run.model.parameters())
+        grads = [p.grad for p in run.model.parameters() if p.grad is not None]
+        rows.append({"holder": name, "kind": "adapter on the shared base" if shares else "own copy of the weights",
+                     "mb": round((_bytes(own) + _bytes(grads)) / 2**20, 1)})
+    return rows
+
+
+def reclaim(target: Any = "all") -> dict[str, float]:
+    """Free the memory a run (or every run and cached base: 'all') holds; returns RSS before/after in MB."""
+    from nbtune.data import tokenize
+    from nbtune.engine.memory import rss_mb
+    from nbtune.engine.workbench import WORKBENCH
+
+    before = rss_mb()
+    if target == "all":
+        chosen = list(WORKBENCH.runs.values())
+        WORKBENCH.bases.clear()
+        tokenize._CACHE.clear()
+    else:
+        from nbtune.engine.compare import resolve_runs
+
+        chosen = resolve_runs([target], WORKBENCH.runs)
+    for run in chosen:
+        if run._thread is not None and run._thread.is_alive():
+            raise NbtuneError(f"run {run.name!r} is still training; stop it before reclaiming its memory.")
+        run.model, run._datasets, run._checkpoint = None, None, None
+    _forget_notebook_references()
+    gc.collect()
+    _give_back_to_os()
+    after = rss_mb()
+    return {"rss_before_mb": round(before, 1), "rss_after_mb": round(after, 1), "freed_mb": round(before - after, 1)}
+
+
+def _forget_notebook_references() -> None:
+    # Only if IPython is already running: importing it here would defeat `import nbtune` being light.
+    sys.last_type = sys.last_value = sys.last_traceback = None
+    ipython_module = sys.modules.get("IPython")
+    shell = ipython_module.get_ipython() if ipython_module is not None else None
+    if shell is not None:
+        shell.displayhook.flush()  # empties Out, _, __, ___ which may pin a Run and its model
+
+
+def _give_back_to_os() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:  # glibc keeps freed memory in its arenas; malloc_trim returns it, so RSS really drops
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): the OS reclaims lazily
+        pass
+
+
+def _bytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)

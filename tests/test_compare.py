@@ -1,0 +1,100 @@
+"""Comparing runs on one shared base: the table, config diff, curves, side-by-side answers, the memory
+ledger, and reclaim really giving memory back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nbtune
+from nbtune.engine.generation import generate_texts
+from nbtune.engine.workbench import Workbench
+
+SETTINGS = {"steps": 3, "batch_size": 4, "metric": "none", "save": False}
+PROMPTS = ["Convert this date to ISO format (YYYY-MM-DD): 9 Nov 1989", "hello"]
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    fresh = Workbench()
+    monkeypatch.setattr("nbtune.engine.workbench.WORKBENCH", fresh)
+    return fresh
+
+
+@pytest.fixture
+def three_runs(bench, tiny_model_dir, demo_rows):
+    common = {**SETTINGS, "model": str(tiny_model_dir), "data": demo_rows}
+    bench.finetune({**common, "name": "lora8", "method": "lora", "r": 8, "lr": 1e-2})
+    bench.finetune({**common, "name": "ia3", "method": "ia3"})
+    bench.finetune({**common, "name": "prefix", "method": "prefix", "num_virtual_tokens": 4})
+    return bench
+
+
+def test_the_table_shows_each_runs_own_metrics(three_runs):
+    view = nbtune.compare("lora8", "ia3", "prefix")
+    rows = {row["run"]: row for row in view.table()}
+    for name, run in three_runs.runs.items():
+        assert rows[name]["method"] == run.method.name
+        for key in ("trainable_params", "train_loss", "tokens_per_second", "peak_rss_mb"):
+            assert rows[name][key] == run.metrics[key]
+    assert list(view.df.index) == ["lora8", "ia3", "prefix"]
+
+
+def test_the_config_diff_lists_only_keys_that_differ(three_runs):
+    diff = nbtune.compare("lora8", "ia3").config_diff()
+    assert diff["method"] == {"lora8": "lora", "ia3": "ia3"}
+    assert diff["r"] == {"lora8": 8, "ia3": "-"}
+    assert "steps" not in diff and "batch_size" not in diff and "name" not in diff
+
+
+def test_curves_and_html_survive_without_a_kernel(three_runs):
+    view = nbtune.compare()  # every run in the kernel
+    curves = view.curves()
+    assert set(curves) == {"lora8", "ia3", "prefix"} and all(len(c["loss"]) == 3 for c in curves.values())
+    page = view._repr_html_()
+    assert page.count("<svg") == 2 and page.count("<polyline") == 6 and "<script" not in page
+
+
+def test_generations_match_each_adapter_alone_and_the_base(three_runs, tiny_model_dir):
+    from nbtune.engine.models import load_base
+
+    rows = nbtune.compare("lora8", "ia3", "prefix").generations(PROMPTS, max_new_tokens=4)
+    for name, run in three_runs.runs.items():
+        alone = generate_texts(run.model, run.tokenizer, PROMPTS, max_new_tokens=4)
+        assert [row[name] for row in rows] == alone
+    base = load_base(str(tiny_model_dir))
+    assert [row["base"] for row in rows] == generate_texts(base.model, base.tokenizer, PROMPTS, max_new_tokens=4)
+
+
+def test_unknown_names_are_refused_with_the_known_ones(three_runs):
+    with pytest.raises(nbtune.NbtuneError, match="lora8"):
+        nbtune.compare("nope")
+
+
+def test_the_ledger_tells_shared_adapters_from_own_copies(bench, tiny_model_dir, demo_rows):
+    common = {**SETTINGS, "model": str(tiny_model_dir), "data": demo_rows}
+    bench.finetune({**common, "name": "adapter", "method": "lora"})
+    bench.finetune({**common, "name": "copy", "method": "full"})
+    kinds = {row["holder"]: row for row in nbtune.ledger()}
+    assert kinds["adapter"]["kind"] == "adapter on the shared base"
+    assert kinds["copy"]["kind"] == "own copy of the weights"
+    base_row = next(row for row in kinds.values() if row["kind"] == "cached base")
+    assert kinds["copy"]["mb"] >= base_row["mb"] > kinds["adapter"]["mb"] > 0
+
+
+def test_reclaim_gives_the_memory_back(bench, tmp_path, chat_tokenizer, demo_rows):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(chat_tokenizer), hidden_size=512, intermediate_size=1536,
+                         num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                         pad_token_id=chat_tokenizer.pad_token_id, eos_token_id=chat_tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "medium")  # ~100 MB of fp32 weights
+    chat_tokenizer.save_pretrained(tmp_path / "medium")
+    common = {**SETTINGS, "model": str(tmp_path / "medium"), "data": demo_rows, "steps": 1}
+    bench.finetune({**common, "name": "a", "method": "lora"})
+    bench.finetune({**common, "name": "b", "method": "full"})
+    report = nbtune.reclaim("all")
+    assert report["freed_mb"] > 100, report
+    assert all(run.model is None for run in bench.runs.values()) and not bench.bases
+    assert bench.runs["a"].history  # the record of the run stays
