@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -189,11 +190,10 @@ def test_a_background_run_returns_at_once_and_stops_within_a_step(ip):
     cell = CELL.replace("steps: 3", "steps: 500")
     run = ip.run_cell_magic("finetune", "bg --no-panel --background", cell)
     assert run.status in ("pending", "running")
-    started = threading.Event()
-    while not started.is_set():
+    started, deadline = threading.Event(), time.monotonic() + 60
+    while not run.history and time.monotonic() < deadline:
         started.wait(0.05)
-        if run.history:
-            started.set()
+    assert run.history, f"no step within 60 s: {run.status} {run.error}"
     stopper = threading.Thread(target=run.stop)  # as the Stop button does, from another thread
     stopper.start()
     stopper.join()
@@ -236,7 +236,35 @@ def test_resume_flag_continues_a_stopped_run(ip, capsys):
     run.wait(60)
     assert run.status == "stopped"
     stopped_at = len(run.history)
+    assert stopped_at < 6
     resumed = ip.run_line_magic("finetune", "later --no-panel --resume")
-    assert resumed is run and run.status == "finished" and len(run.history) == 6 >= stopped_at
+    assert resumed is run and run.status == "finished" and len(run.history) == 6
     assert ip.run_line_magic("finetune", "nothing --no-panel --resume") is None
     assert "no run 'nothing'" in capsys.readouterr().err
+
+
+def test_merging_a_run_leaves_the_shared_base_and_other_runs_alone(ip):
+    a, b = finetune(ip, "a"), finetune(ip, "b")
+    base = next(iter(runs_bases(ip).values())).model
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    b_logits = _logits(b)
+    merged = a.merge()
+    assert not hasattr(merged, "peft_config")
+    assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())
+    assert torch.equal(_logits(b), b_logits) and hasattr(a.model, "peft_config")
+
+
+def _logits(run):
+    ids = run.tokenizer("hello there", return_tensors="pt")
+    run.model.eval()
+    with torch.no_grad():
+        return run.model(**ids).logits
+
+
+def test_a_rerun_that_fails_before_training_keeps_the_earlier_run(ip, capsys):
+    good = finetune(ip, "keep")
+    assert finetune(ip, "keep", CELL.replace("r: 4", "target_modules: [nope_proj]")) is None
+    assert runs()["keep"] is good and good.model is not None
+    assert "nope_proj" in capsys.readouterr().err
+    assert finetune(ip, "keep --model ./no/such/folder") is None
+    assert runs()["keep"] is good

@@ -43,9 +43,14 @@ def test_loraplus_puts_the_b_matrices_on_a_higher_learning_rate(llama_base, demo
     assert b_ids == {id(p) for g in groups if g["lr"] == pytest.approx(8e-3) for p in g["params"]}
 
 
-@pytest.mark.parametrize("method", ["full", "freeze", "houlsby", "lora", "dora", "adalora", "loraplus", "prefix",
-                                    "ptuning_v2", "prompt", "ptuning", "ia3", "ln_tuning"])
-def test_neftune_adds_noise_in_training_only_with_every_method(chat_tokenizer, demo_rows, method):
+NEFTUNE_CASES = [(m, "llama") for m in ("full", "freeze", "houlsby", "lora", "dora", "adalora", "loraplus",
+                                         "prefix", "ptuning_v2", "prompt", "ptuning", "ia3", "ln_tuning")]
+NEFTUNE_CASES += [(m, "gpt2") for m in ("lora", "prefix", "prompt", "ptuning", "bitfit", "houlsby")]
+
+
+@pytest.mark.parametrize(("method", "arch"), NEFTUNE_CASES, ids=[f"{m}-{a}" for m, a in NEFTUNE_CASES])
+def test_neftune_adds_noise_in_training_only_with_every_method(chat_tokenizer, plain_tokenizer, demo_rows, method,
+                                                               arch):
     probes = []
 
     class Probe(NullObserver):
@@ -55,8 +60,9 @@ def test_neftune_adds_noise_in_training_only_with_every_method(chat_tokenizer, d
             with torch.no_grad():
                 probes.append(not torch.equal(embed(ids), embed(ids)))  # training mode: noisy, twice different
 
-    run = nbtune.finetune(data=demo_rows, base=(tiny_llama(chat_tokenizer), chat_tokenizer), method=method,
-                          neftune_alpha=5.0, observers=[Probe()], **FAST)
+    base = (tiny_llama(chat_tokenizer), chat_tokenizer) if arch == "llama" else (tiny_gpt2(plain_tokenizer),
+                                                                                 plain_tokenizer)
+    run = nbtune.finetune(data=demo_rows, base=base, method=method, neftune_alpha=5.0, observers=[Probe()], **FAST)
     assert run.status == "finished" and all(torch.isfinite(torch.tensor([r["loss"] for r in run.history])))
     assert all(probes), "no NEFTune noise while training"
     embed = run.model.get_input_embeddings()
@@ -149,3 +155,62 @@ def test_gpt2_gets_ia3_defaults_for_its_architecture(plain_tokenizer, demo_rows)
     config = run.model.peft_config["default"]
     assert set(config.target_modules) == {"c_attn", "mlp.c_proj"} and set(config.feedforward_modules) == {
         "mlp.c_proj"}
+
+
+def test_an_interrupt_leaves_no_neftune_noise_behind(llama_base, demo_rows):
+    class Interrupt(NullObserver):
+        def on_step(self, run, record):
+            if record["step"] == 2:
+                raise KeyboardInterrupt
+
+    run = nbtune.finetune(data=demo_rows, base=llama_base, neftune_alpha=5.0, observers=[Interrupt()],
+                          **{**FAST, "steps": 5})
+    assert run.status == "stopped"
+    embed = run.model.get_input_embeddings()
+    embed.train()
+    ids = torch.tensor([[3, 4, 5]])
+    assert torch.equal(embed(ids), embed(ids))
+
+
+@pytest.mark.parametrize("method", ["prefix", "ptuning", "adalora"])
+def test_methods_peft_cannot_checkpoint_for_training_refuse_to_resume(llama_base, demo_rows, method):
+    class StopAtTwo(NullObserver):
+        def on_step(self, run, record):
+            if record["step"] == 2:
+                run.stop()
+
+    options = {"init_r": 8, "target_r": 4} if method == "adalora" else {}
+    run = nbtune.finetune(data=demo_rows, base=llama_base, method=method, observers=[StopAtTwo()],
+                          **{**FAST, "steps": 6}, **options)
+    assert run.status == "stopped"
+    with pytest.raises(nbtune.NbtuneError, match="cannot resume"):
+        run.resume()
+
+
+def test_a_stop_on_the_last_step_finishes_the_run(llama_base, demo_rows):
+    class StopAtEnd(NullObserver):
+        def on_step(self, run, record):
+            if record["step"] == 3:
+                run.stop()
+
+    run = nbtune.finetune(data=demo_rows, base=llama_base, observers=[StopAtEnd()], **{**FAST, "steps": 3})
+    assert run.status == "finished" and not run.stop_requested
+
+
+def test_elapsed_time_goes_on_across_a_resume(llama_base, demo_rows):
+    class StopAtTwo(NullObserver):
+        def on_step(self, run, record):
+            if record["step"] == 2 and not getattr(self, "done", False):
+                self.done = True
+                run.stop()
+
+    run = nbtune.finetune(data=demo_rows, base=llama_base, observers=[StopAtTwo()], **{**FAST, "steps": 4})
+    run.resume()
+    elapsed = [r["elapsed_seconds"] for r in run.history]
+    assert elapsed == sorted(elapsed) and len(elapsed) == 4
+
+
+def test_a_peft_passthrough_with_a_base_rewriting_init_does_not_share_the_base():
+    spec = nbtune.methods("peft")
+    assert not spec.shares_base({"peft_type": "lora", "peft_args": {"init_lora_weights": "pissa"}})
+    assert spec.shares_base({"peft_type": "lora", "peft_args": {"r": 4}})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+import torch
 from transformers import TrainerCallback
 
 from nbtune.engine.memory import cuda_mb
@@ -30,7 +31,10 @@ class RunCallback(TrainerCallback):
         self._last_tokens = 0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._started = self._last_time = time.perf_counter()
+        # On resume, elapsed time goes on from where the run stopped.
+        done = self.run.history[-1]["elapsed_seconds"] if self.run.history else 0.0
+        self._last_time = time.perf_counter()
+        self._started = self._last_time - done
         self._last_tokens = state.num_input_tokens_seen
         self.run.total_steps = state.max_steps  # the Trainer's own count wins over our estimate
 
@@ -72,3 +76,39 @@ class RunCallback(TrainerCallback):
         metrics = {"step": state.global_step, **(metrics or {})}
         self.run.eval_history.append(metrics)
         self.run.emit("on_eval", metrics)
+
+
+class NEFTuneCallback(TrainerCallback):
+    """NEFTune (Jain et al. 2023): uniform noise on the input embeddings, in training mode only.
+
+    Written here rather than using TrainingArguments(neftune_noise_alpha): transformers finds the
+    embeddings through a `.model` attribute that GPT-2 style models and peft's prompt methods lack;
+    `get_input_embeddings()` works for all. The noise scale is transformers' and the paper's:
+    alpha / sqrt(sequence length x hidden size).
+    """
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = alpha
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        remove_neftune(model)
+        alpha = self.alpha
+
+        def add_noise(module: Any, inputs: Any, output: Any) -> Any:
+            if not module.training:
+                return output
+            scale = alpha / (output.size(1) * output.size(2)) ** 0.5
+            return output + torch.zeros_like(output).uniform_(-scale, scale)
+
+        model._nbtune_neftune = model.get_input_embeddings().register_forward_hook(add_noise)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        remove_neftune(model)
+
+
+def remove_neftune(model: Any) -> None:
+    """Take the NEFTune hook off `model`, if there is one (also after an interrupt)."""
+    handle = getattr(model, "_nbtune_neftune", None)
+    if handle is not None:
+        handle.remove()
+        model._nbtune_neftune = None

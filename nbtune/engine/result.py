@@ -116,12 +116,14 @@ class Run:
         return self.method.disabled(self.model)
 
     def merge(self) -> Any:
-        """Fold the adapter into the base weights and return the plain transformers model.
+        """A plain transformers model with the adapter folded into the weights; the run keeps its adapter.
 
-        This changes the run's model in place (the adapter is gone afterwards); save first if you want
-        both. A 4-bit or 8-bit base cannot take the update without re-quantising it away: merge into a
-        full-precision copy instead (load the base with `quantization: none` and `method.load_trained`).
+        The merge happens on a copy: the run's model may share its base weights with other runs in the
+        kernel, which merging in place would change. A 4-bit or 8-bit base cannot take the update
+        without re-quantising it away: load the base unquantized and merge that instead.
         """
+        import copy
+
         self._need_model()
         if self._ctx.quantized and self.method.adapter:
             raise NbtuneError(
@@ -130,8 +132,7 @@ class Run:
                 "quantization='none')), and merge that.",
                 field="quantization",
             )
-        self.model = self.method.merged(self.model)
-        return self.model
+        return self.method.merged(copy.deepcopy(self.model))
 
     # ------------------------------------------------------------ saving
     def save(self, path: str | Path | None = None) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
+import threading
 import time
 import warnings
 import weakref
@@ -23,6 +24,7 @@ from typing import Any
 from nbtune.config import RunConfig
 from nbtune.data import detect_format, load_records, prepare_tokenizer, prompts_and_answers, tokenize_dataset
 from nbtune.data.loading import source_key
+from nbtune.engine.callbacks import remove_neftune
 from nbtune.engine.events import Broadcast, NullObserver, ProgressObserver
 from nbtune.engine.memory import PeakSampler
 from nbtune.engine.models import Base, load_base
@@ -154,11 +156,14 @@ def _fit(run: Run, memory: PeakSampler, resume_from: str | None = None) -> None:
         run.metrics["train_loss_mean"] = output.training_loss
     except KeyboardInterrupt:  # the kernel's interrupt: stop here, keeping everything learned so far
         run.stop()
+    finally:
+        remove_neftune(run.model)  # an interrupt skips the Trainer's own clean-up
     run.metrics["train_seconds"] = round(time.perf_counter() - started + run.metrics.get("train_seconds", 0), 2)
-    if run.stop_requested:
+    if run.stop_requested and trainer.state.global_step < trainer.state.max_steps:
         run._checkpoint = _resumable_checkpoint(trainer, run)
         run.status = "stopped"
         return
+    run._stop.clear()  # a Stop that came with the last step changes nothing: the run is complete
     run._checkpoint, run._datasets = None, None
     if eval_set is not None:
         run.metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
@@ -167,7 +172,7 @@ def _fit(run: Run, memory: PeakSampler, resume_from: str | None = None) -> None:
 
 def _resumable_checkpoint(trainer: Any, run: Run) -> str | None:
     """Save the Trainer's own checkpoint (weights, optimizer, scheduler, RNG, data position) for resume()."""
-    if trainer.state.global_step >= trainer.state.max_steps:
+    if not run.method.resumable(run.config.options):
         return None
     trainer._save_checkpoint(trainer.model, trial=None)  # the Trainer's format, so its resume is exact
     folder = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
@@ -176,12 +181,22 @@ def _resumable_checkpoint(trainer: Any, run: Run) -> str | None:
 
 def resume_run(run: Run) -> Run:
     """Continue a stopped run from its checkpoint to its planned end (see `Run.resume`)."""
-    if run.status != "stopped" or not getattr(run, "_checkpoint", None):
-        raise NbtuneError(f"run {run.name!r} is {run.status}; only a stopped run with steps left can resume.")
+    thread = run._thread
+    if thread is not None and thread.is_alive() and thread is not threading.current_thread():
+        raise NbtuneError(f"run {run.name!r} is still finishing in the background; wait for it (.wait()).")
+    if run.status != "stopped" or not run._checkpoint:
+        why = "" if run.method.resumable(run.config.options) else (
+            f" Method {run.method.name!r} cannot resume: peft checkpoints only its inference form.")
+        raise NbtuneError(f"run {run.name!r} is {run.status}; only a stopped run with steps left can resume.{why}")
     run._stop.clear()
     run.status = "running"
-    with PeakSampler() as memory:
-        _fit(run, memory, resume_from=run._checkpoint)
+    try:
+        with PeakSampler() as memory:
+            _fit(run, memory, resume_from=run._checkpoint)
+    except BaseException as exc:
+        run.status, run.error = "failed", f"{type(exc).__name__}: {exc}"
+        run.emit("on_error", exc)
+        raise
     run.metrics["peak_rss_mb"] = max(run.metrics.get("peak_rss_mb", 0.0), round(memory.peak_mb, 1))
     _finish(run)
     return run
@@ -193,7 +208,7 @@ def _make_trainer(run: Run, model: Any, tokenizer: Any, train_set: Any, eval_set
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from nbtune.engine.callbacks import RunCallback
+    from nbtune.engine.callbacks import NEFTuneCallback, RunCallback
 
     config = run.config
     periodic_eval = bool(config.eval_steps and eval_set is not None)
@@ -221,12 +236,13 @@ def _make_trainer(run: Run, model: Any, tokenizer: Any, train_set: Any, eval_set
         train_sampling_strategy="group_by_length",  # batches of similar length waste little padding
         remove_unused_columns=False,  # keep `length` for the sampler; the collator drops it
         activation_checkpointing=config.gradient_checkpointing and run.method.gradient_checkpointing,
-        neftune_noise_alpha=config.neftune_alpha,  # transformers' NEFTune: noise on embeddings in training only
         use_cpu=not torch.cuda.is_available(),
     )
     # pad_to_multiple_of=8: fewer distinct shapes, so oneDNN/cuBLAS reuse their kernels across steps.
     collator = _WithoutLength(DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8))
     extra = run.method.make_callbacks(run._ctx, run.total_steps) if run.method.make_callbacks else []
+    if config.neftune_alpha:
+        extra.append(NEFTuneCallback(config.neftune_alpha))
     optimizer = run.method.make_optimizer(model, args, run._ctx) if run.method.make_optimizer else None
     trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                       processing_class=tokenizer, data_collator=collator,

@@ -86,7 +86,10 @@ class Workbench:
         """A model for one run: a weight-sharing view of the cached base, or a real copy if weights train."""
         base = self.base(config)
         method = get_method(config.method)
-        model = shared_view(base.model) if method.shares_base(config.options) else copy.deepcopy(base.model)
+        # k-bit preparation casts the unquantized weights to fp32 in place: only harmless if they already are.
+        casts = config.quantization != "none" and config.dtype != "float32"
+        shares = method.shares_base(config.options) and not casts
+        model = shared_view(base.model) if shares else copy.deepcopy(base.model)
         return Base(model=model, tokenizer=copy.deepcopy(base.tokenizer), name=base.name,
                     quantization=base.quantization)
 
@@ -98,22 +101,46 @@ class Workbench:
         `on_ready(run)` is called once the config and data passed their checks, before any weight moves
         (the notebook shows its panel then, so a typo never leaves an empty panel behind).
         """
-        from nbtune.engine.run import start_run, train_run
+        from nbtune.engine.run import start_run
 
         self._refuse_while_training()
         run = start_run(config, observers=observers or [], **overrides)  # checks config and data, cheaply
-        old = self.runs.pop(run.name, None)
-        if old is not None:
-            old.model = None  # drop the previous view (its adapter goes with it)
+        old = self.runs.get(run.name)
         self.runs[run.name] = run
         if on_ready is not None:
             on_ready(run)
         if not background:
-            return train_run(run, base=self.view_for(run.config))
-        thread = threading.Thread(target=self._train_quietly, args=(run,), daemon=True, name=f"nbtune-{run.name}")
+            return self._train(run, old)
+        thread = threading.Thread(target=self._quietly, args=(lambda: self._train(run, old),), daemon=True,
+                                  name=f"nbtune-{run.name}")
         self._threads[run.name] = run._thread = thread
         thread.start()
         return run
+
+    def _train(self, run: Run, old: Run | None) -> Run:
+        """Train `run`; the earlier run of its name is dropped only once the new one has trained a step."""
+        from nbtune.engine.run import train_run
+
+        try:
+            view = self.view_for(run.config)
+        except BaseException as exc:  # e.g. a model that cannot be loaded: nothing trained
+            run.status, run.error = "failed", f"{type(exc).__name__}: {exc}"
+            run.emit("on_error", exc)
+            self._keep(run, old)
+            raise
+        try:
+            train_run(run, base=view)
+        except BaseException:
+            self._keep(run, old)
+            raise
+        if old is not None:
+            old.model = None  # the previous view, and its adapter, can go
+        return run
+
+    def _keep(self, run: Run, old: Run | None) -> None:
+        # A re-run that failed before training a step must not cost the user the run it replaced.
+        if old is not None and not run.history:
+            self.runs[run.name] = old
 
     def resume(self, name: str, *, observers: list[Any] | None = None, background: bool = False,
                on_ready: Callable[[Run], None] | None = None) -> Run:
@@ -139,14 +166,6 @@ class Workbench:
     def _quietly(work: Callable[[], Any]) -> None:
         try:
             work()
-        except BaseException:  # the run records status and error; a thread has nobody to raise to
-            pass
-
-    def _train_quietly(self, run: Run) -> None:
-        from nbtune.engine.run import train_run
-
-        try:
-            train_run(run, base=self.view_for(run.config))
         except BaseException:  # the run records status and error; a thread has nobody to raise to
             pass
 

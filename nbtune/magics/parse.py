@@ -38,8 +38,10 @@ def parse_cell(body: str, namespace: Mapping[str, Any]) -> dict[str, Any]:
         values[key] = namespace[name]
         return key
 
-    text = _TEMPLATE.sub(placeholder, body or "")
-    if "{{" in text or "}}" in text:
+    # YAML comments may mention `{{ name }}` (a hint, an example): only the code part of a line counts.
+    lines = [(code, comment) for code, comment in (_split_comment(line) for line in (body or "").splitlines())]
+    text = "\n".join(_TEMPLATE.sub(placeholder, code) + comment for code, comment in lines)
+    if any("{{" in code or "}}" in code for code in (_TEMPLATE.sub("", c) for c, _ in lines)):
         raise ConfigError("an unclosed `{{` or `}}` in the cell; write `{{ name }}`.")
     try:
         loaded = load_yaml(text)
@@ -52,6 +54,19 @@ def parse_cell(body: str, namespace: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise ConfigError("the cell must hold `key: value` lines (YAML), e.g. `method: lora`.")
     return _substitute(loaded, values)
+
+
+def _split_comment(line: str) -> tuple[str, str]:
+    """(code, comment) of a YAML line: a `#` outside quotes at the start or after a space begins a comment."""
+    quote = None
+    for i, char in enumerate(line):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i], line[i:]
+    return line, ""
 
 
 def _substitute(node: Any, values: dict[str, Any]) -> Any:

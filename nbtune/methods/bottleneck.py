@@ -168,5 +168,4 @@ for _name, _placements, _summary in (
     ("pfeiffer", ("ffn",), "Pfeiffer adapters: one bottleneck MLP after each FFN (half Houlsby's parameters)."),
 ):
     register_method(MethodSpec(name=_name, summary=_summary, params=PARAMS, prepare=_prepare(_placements),
-                               adapter=True, default_lr=1e-3, quantization=("none", "4bit", "8bit"),
-                               save=save, load=load, disable=disabled, can_merge=False))
+                               adapter=True, default_lr=1e-3, save=save, load=load, disable=disabled, can_merge=False))

@@ -159,32 +159,15 @@ def disable_lora(model: Any) -> Any:
     return model.disable_adapter()
 
 
-register_method(MethodSpec(
-    name="lora",
-    summary="Low-rank adapters beside the frozen weights (Hu et al. 2021); rslora and PiSSA init as options.",
-    params=LORA_PARAMS,
-    prepare=_prepare,
-    adapter=True,
-    default_lr=2e-4,
-    save=save_lora,
-    validate=validate_lora,
-    disable=disable_lora,
-    rewrites_base=rewrites_base,
-    can_merge=True,
-))
+def register_lora_family(name: str, summary: str, prepare: Any = None, **extra: Any) -> MethodSpec:
+    """Register a LoRA variant: LoRA's options, saving (PiSSA conversion), checks and switch-off."""
+    fields: dict[str, Any] = {"params": LORA_PARAMS, "adapter": True, "default_lr": 2e-4, "save": save_lora,
+                              "validate": validate_lora, "disable": disable_lora, "rewrites_base": rewrites_base,
+                              "can_merge": True, **extra}
+    return register_method(MethodSpec(name=name, summary=summary, prepare=prepare or _prepare, **fields))
 
-register_method(MethodSpec(
-    name="qlora",
-    summary="LoRA on a base quantized to 4-bit NF4 with double quantisation (or 8-bit) by bitsandbytes.",
-    params=LORA_PARAMS,
-    prepare=_prepare,
-    adapter=True,
-    default_lr=2e-4,
-    default_quantization="4bit",
-    quantization=("4bit", "8bit"),
-    save=save_lora,
-    validate=validate_lora,
-    disable=disable_lora,
-    rewrites_base=rewrites_base,
-    can_merge=True,
-))
+
+register_lora_family("lora", "Low-rank adapters beside the frozen weights (Hu et al. 2021); rslora and PiSSA init "
+                     "as options.")
+register_lora_family("qlora", "LoRA on a base quantized to 4-bit NF4 with double quantisation (or 8-bit) by "
+                     "bitsandbytes.", default_quantization="4bit", quantization=("4bit", "8bit"))

@@ -14,15 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from nbtune.errors import MethodError
-from nbtune.methods.lora import (
-    LORA_PARAMS,
-    disable_lora,
-    prepare_lora,
-    rewrites_base,
-    save_lora,
-    validate_lora,
-    wrap_with_peft,
-)
+from nbtune.methods.lora import LORA_PARAMS, prepare_lora, register_lora_family, wrap_with_peft
 from nbtune.methods.registry import MethodContext, MethodSpec, register_method
 from nbtune.params import Param
 
@@ -38,19 +30,8 @@ def _prepare_dora(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedModel
     return prepare_lora(model, ctx, use_dora=True)
 
 
-register_method(MethodSpec(
-    name="dora",
-    summary="DoRA: LoRA on the direction of each weight plus a trained magnitude vector.",
-    params=LORA_PARAMS,
-    prepare=_prepare_dora,
-    adapter=True,
-    default_lr=2e-4,
-    save=save_lora,
-    validate=validate_lora,
-    disable=disable_lora,
-    rewrites_base=rewrites_base,
-    can_merge=True,
-))
+register_lora_family("dora", "DoRA: LoRA on the direction of each weight plus a trained magnitude vector.",
+                     _prepare_dora)
 
 
 # ---------------------------------------------------------------- LoRA+
@@ -63,21 +44,12 @@ def _loraplus_optimizer(model: PreTrainedModel, args: TrainingArguments, ctx: Me
                                      weight_decay=args.weight_decay)
 
 
-register_method(MethodSpec(
-    name="loraplus",
-    summary="LoRA+: LoRA with the B matrices on a higher learning rate (lr x loraplus_lr_ratio).",
+register_lora_family(
+    "loraplus", "LoRA+: LoRA with the B matrices on a higher learning rate (lr x loraplus_lr_ratio).",
+    prepare_lora, make_optimizer=_loraplus_optimizer,
     params=(*LORA_PARAMS, Param("loraplus_lr_ratio", "float", 16.0, "Learning-rate multiplier of the B "
                                 "matrices relative to A.", min=1.0)),
-    prepare=prepare_lora,
-    adapter=True,
-    default_lr=2e-4,
-    save=save_lora,
-    validate=validate_lora,
-    disable=disable_lora,
-    rewrites_base=rewrites_base,
-    make_optimizer=_loraplus_optimizer,
-    can_merge=True,
-))
+)
 
 
 # ---------------------------------------------------------------- AdaLoRA
@@ -150,5 +122,6 @@ register_method(MethodSpec(
     default_lr=2e-4,
     make_callbacks=_adalora_callbacks,
     validate=_validate_adalora,
+    can_resume=False,
     can_merge=True,
 ))

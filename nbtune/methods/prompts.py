@@ -86,16 +86,16 @@ def _validate_prompt(options: dict[str, Any], config: RunConfig) -> None:
 
 def _register(name: str, summary: str, params: tuple[Param, ...], prepare: Any, lr: float, **extra: Any) -> None:
     register_method(MethodSpec(name=name, summary=summary, params=params, prepare=prepare, adapter=True,
-                               default_lr=lr, quantization=("none", "4bit", "8bit"),
-                               gradient_checkpointing=False, can_merge=False, **extra))
+                               default_lr=lr, gradient_checkpointing=False, can_merge=False, **extra))
 
 
 _register("prefix", "Prefix tuning: trained key/value prefixes in every layer (MLP-reparameterised).",
           (TOKENS, Param("prefix_projection", "bool", True, "Produce the prefixes through an MLP while "
-                         "training (more stable, as in the paper)."), ENCODER_SIZE), _prepare_prefix, lr=1e-3)
+                         "training (more stable, as in the paper)."), ENCODER_SIZE), _prepare_prefix, lr=1e-3,
+          can_resume=False)
 _register("ptuning_v2", "P-tuning v2: deep prompts in every layer, trained directly by default.",
           (TOKENS, Param("reparameterize", "bool", False, "Produce the prompts through an MLP while training."),
-           ENCODER_SIZE), _prepare_ptuning_v2, lr=5e-3)
+           ENCODER_SIZE), _prepare_ptuning_v2, lr=5e-3, can_resume=False)
 _register("prompt", "Prompt tuning: trained embeddings of virtual tokens at the input only.",
           (TOKENS, Param("init", "str", "random", "Start from random vectors or from `init_text`'s embeddings.",
                          choices=("random", "text")),
@@ -103,4 +103,4 @@ _register("prompt", "Prompt tuning: trained embeddings of virtual tokens at the 
           _prepare_prompt, lr=3e-2, validate=_validate_prompt)
 _register("ptuning", "P-tuning (v1): input prompts produced by a small MLP or LSTM prompt encoder.",
           (TOKENS, ENCODER_SIZE, Param("encoder", "str", "mlp", "Prompt encoder network.",
-                                       choices=("mlp", "lstm"))), _prepare_ptuning, lr=1e-3)
+                                       choices=("mlp", "lstm"))), _prepare_ptuning, lr=1e-3, can_resume=False)

@@ -77,9 +77,12 @@ class MethodSpec:
     merge: Merge | None = None
     can_merge: bool = False
     gradient_checkpointing: bool = True  # False: the engine switches it off (prompt methods)
-    # Whether a run can train on a weight-sharing view of a cached base: adapters can, unless an
-    # option makes them write into base weights (PiSSA's init); methods training in place cannot.
-    rewrites_base: Callable[[dict[str, Any]], bool] | None = None  # False: the engine switches it off (prompt methods)
+    # Whether an option makes an adapter write into the base weights (PiSSA's init): then a run cannot
+    # share a cached base with others. Methods that train in place (adapter=False) never share.
+    rewrites_base: Callable[[dict[str, Any]], bool] | None = None
+    # False: a stopped run cannot resume exactly, because peft checkpoints the method's inference form
+    # (prefix tuning's projected prompts, AdaLoRA's pruned ranks), not its training state.
+    can_resume: bool = True  # False: the engine switches it off (prompt methods)
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -100,6 +103,9 @@ class MethodSpec:
     def shares_base(self, options: dict[str, Any]) -> bool:
         """True when training leaves every base tensor untouched, so runs may share one loaded base."""
         return self.adapter and not (self.rewrites_base is not None and self.rewrites_base(options))
+
+    def resumable(self, options: dict[str, Any]) -> bool:
+        return self.can_resume
 
     def disabled(self, model: PreTrainedModel) -> AbstractContextManager[Any]:
         """Context in which `model` computes exactly what the base model computes."""

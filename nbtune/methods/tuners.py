@@ -129,6 +129,12 @@ def _validate_peft(options: dict[str, Any], config: RunConfig) -> None:
     _peft_config(options)  # fail before any weight is loaded
 
 
+def _peft_rewrites_base(options: dict[str, Any]) -> bool:
+    # Initialisations such as PiSSA, OLoRA or CorDA move part of the base weights into the adapter.
+    inits = ("pissa", "olora", "corda", "loftq")
+    return any(isinstance(v, str) and v.lower().startswith(inits) for v in (options["peft_args"] or {}).values())
+
+
 register_method(MethodSpec(
     name="peft",
     summary="Any peft tuner by name (vera, loha, lokr, oft, boft, ...) with its own keyword arguments.",
@@ -141,5 +147,6 @@ register_method(MethodSpec(
     adapter=True,
     default_lr=1e-3,
     validate=_validate_peft,
+    rewrites_base=_peft_rewrites_base,
     can_merge=True,
 ))

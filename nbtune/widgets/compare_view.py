@@ -6,6 +6,7 @@ import html
 from typing import Any
 
 from nbtune.engine.compare import Comparison
+from nbtune.engine.workbench import _fmt
 from nbtune.widgets.render import HEIGHT, PAD, WIDTH, smooth
 
 COLOURS = ("#08519c", "#e6550d", "#31a354", "#756bb1", "#636363", "#d6616b", "#3182bd", "#8c6d31")
@@ -69,11 +70,3 @@ def curves_svg(curves: dict[str, dict[str, list[float]]], x_key: str) -> str:
             f'<text x="2" y="{HEIGHT - PAD}" font-size="10">{low:.3g}</text>'
             f'<text x="{PAD}" y="{HEIGHT - 10}" font-size="10">smoothed train loss by {label} '
             f'(to {x_max:.3g})</text></svg>')
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
