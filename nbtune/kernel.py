@@ -23,6 +23,37 @@ def compare(*runs: Any) -> Any:
     return ComparisonView(chosen)
 
 
+def combine(runs: list[Any], weights: list[float], *, how: str = "linear", name: str | None = None) -> Any:
+    """A new run (in nbtune.runs) whose LoRA adapter is a weighted combination of LoRA runs' adapters:
+    `how` is 'linear', 'ties' or 'svd' (peft's add_weighted_adapter)."""
+    from nbtune.engine.adapters import combine as combine_adapters
+    from nbtune.engine.compare import resolve_runs
+    from nbtune.engine.workbench import WORKBENCH
+
+    combined = combine_adapters(resolve_runs(runs, WORKBENCH.runs), weights, how=how, name=name)
+    WORKBENCH.runs[combined.name] = combined
+    return combined
+
+
+def load_run(path: Any) -> Any:
+    """A saved run back into this kernel's nbtune.runs, its adapter on the cached base (loaded once)."""
+    import json
+    from pathlib import Path
+
+    from nbtune.config import RunConfig
+    from nbtune.engine.reopen import load
+    from nbtune.engine.workbench import WORKBENCH
+
+    try:
+        config = RunConfig.parse(json.loads((Path(path) / "run.json").read_text(encoding="utf-8"))["config"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise NbtuneError(f"{str(path)!r} is not a folder written by Run.save ({exc}).") from None
+    view = WORKBENCH.view_for(config)
+    run = load(path, base=(view.model, view.tokenizer))
+    WORKBENCH.runs[run.name] = run
+    return run
+
+
 def ledger() -> list[dict[str, Any]]:
     """What each run and each cached base holds, in MB (weights it owns, adapter, gradients)."""
     from nbtune.engine.workbench import WORKBENCH

@@ -98,3 +98,70 @@ def test_reclaim_gives_the_memory_back(bench, tmp_path, chat_tokenizer, demo_row
     assert report["freed_mb"] > 100, report
     assert all(run.model is None for run in bench.runs.values()) and not bench.bases
     assert bench.runs["a"].history  # the record of the run stays
+
+
+@pytest.fixture
+def two_loras(bench, tiny_model_dir, demo_rows):
+    common = {**SETTINGS, "model": str(tiny_model_dir), "data": demo_rows, "lr": 1e-2}
+    bench.finetune({**common, "name": "r4", "r": 4})
+    bench.finetune({**common, "name": "r8", "r": 8, "seed": 3})
+    bench.finetune({**common, "name": "ia3", "method": "ia3"})
+    return bench
+
+
+def test_lora_runs_answer_in_one_mixed_batch_equal_to_each_alone(two_loras, tiny_model_dir, monkeypatch):
+    import nbtune.engine.adapters as adapters
+    from nbtune.engine.models import load_base
+
+    calls = []
+    original = adapters.mixed_generate
+    monkeypatch.setattr(adapters, "mixed_generate", lambda *a, **k: calls.append(a[3]) or original(*a, **k))
+    rows = nbtune.compare("r4", "r8", "ia3").generations(PROMPTS, max_new_tokens=4)
+    assert calls == [["r4", "r8"]]  # both LoRA runs in one batch; ia3 by switching
+    for name, run in two_loras.runs.items():
+        assert [row[name] for row in rows] == generate_texts(run.model, run.tokenizer, PROMPTS, max_new_tokens=4)
+    base = load_base(str(tiny_model_dir))
+    assert [row["base"] for row in rows] == generate_texts(base.model, base.tokenizer, PROMPTS, max_new_tokens=4)
+
+
+def test_combined_adapters_are_a_comparable_run(two_loras):
+    combined = nbtune.combine(["r4", "r8"], [0.5, 0.5], name="half")
+    assert nbtune.runs["half"] is combined and combined.status == "combined"
+    assert isinstance(combined.generate("hello", max_new_tokens=3), str)
+    nothing = nbtune.combine(["r4", "r8"], [0.0, 0.0], name="nothing")  # zero weights: the base exactly
+    r8 = two_loras.runs["r8"]
+    ids = r8.tokenizer("hello there", return_tensors="pt")
+    with torch.no_grad(), r8.base_disabled():
+        assert torch.equal(nothing.model(**ids).logits, r8.model(**ids).logits)
+        assert not torch.equal(combined.model(**ids).logits, r8.model(**ids).logits)
+    with pytest.raises(nbtune.NbtuneError, match="one weight per run"):
+        nbtune.combine(["r4", "r8"], [1.0])
+
+
+def test_save_then_load_run_gives_identical_generations(two_loras, tmp_path):
+    run = two_loras.runs["r4"]
+    path = run.save(tmp_path / "r4")
+    before = run.generate(PROMPTS, max_new_tokens=4)
+    nbtune.reclaim("all")
+    loaded = nbtune.load_run(path)
+    assert nbtune.runs["r4"] is loaded and loaded.generate(PROMPTS, max_new_tokens=4) == before
+
+
+def test_yaml_and_script_export_rerun_the_same_experiment(two_loras, tmp_path):
+    run = two_loras.runs["r8"]
+    config = nbtune.RunConfig.parse(run.to_yaml())
+    assert config.options["r"] == 8 and config.seed == 3 and config.steps == 3
+    script = run.export_script(tmp_path / "again.sh")
+    assert "nbtune run r8.yaml" in script and (tmp_path / "again.sh").read_text() == script
+
+
+def test_merge_and_export_writes_a_plain_model(two_loras, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run = two_loras.runs["r4"]
+    path = run.merge_and_export(tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(path)
+    ids = run.tokenizer("hello there", return_tensors="pt")
+    run.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**ids).logits, run.model(**ids).logits, atol=1e-5, rtol=1e-5)

@@ -61,18 +61,33 @@ class Comparison:
         return out
 
     def generations(self, prompts: Iterable[Any], *, max_new_tokens: int = 32) -> list[dict[str, str]]:
-        """For each prompt: the base model's answer and every run's answer (greedy)."""
+        """For each prompt: the base model's answer and every run's answer (greedy).
+
+        Plain-LoRA runs on one base answer together in one mixed batch (peft `adapter_names`), with
+        the base rows in the same batch; other runs answer one after another.
+        """
+        from nbtune.engine.adapters import is_plain_lora, lora_stack, mixed_generate
+
         prompts = list(prompts)
+        for run in self.runs:
+            run._need_model()
+        loras = [r for r in self.runs if is_plain_lora(r)]
         columns: dict[str, list[str]] = {}
-        first = self.runs[0]
-        first._need_model()
-        with first.base_disabled():
-            columns["base"] = generate_texts(first.model, first.tokenizer, prompts, max_new_tokens=max_new_tokens)
+        if len(loras) > 1:
+            stack = lora_stack(loras)
+            columns.update(mixed_generate(stack, loras[0].tokenizer, prompts, [r.name for r in loras],
+                                          max_new_tokens=max_new_tokens))
+        else:
+            loras = []
+            first = self.runs[0]
+            with first.base_disabled():
+                columns["base"] = generate_texts(first.model, first.tokenizer, prompts, max_new_tokens=max_new_tokens)
         for r in self.runs:
-            r._need_model()
-            columns[r.name] = generate_texts(r.model, r.tokenizer, prompts, max_new_tokens=max_new_tokens)
-        return [{"prompt": p if isinstance(p, str) else p[-1]["content"],
-                 **{name: answers[i] for name, answers in columns.items()}} for i, p in enumerate(prompts)]
+            if r not in loras:
+                columns[r.name] = generate_texts(r.model, r.tokenizer, prompts, max_new_tokens=max_new_tokens)
+        order = ["base", *(r.name for r in self.runs)]
+        return [{"prompt": p if isinstance(p, str) else p[-1]["content"], **{n: columns[n][i] for n in order}}
+                for i, p in enumerate(prompts)]
 
     @property
     def df(self) -> Any:

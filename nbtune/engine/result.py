@@ -134,6 +134,52 @@ class Run:
             )
         return self.method.merged(copy.deepcopy(self.model))
 
+    def merge_and_export(self, path: str | Path) -> Path:
+        """Save a plain model with the adapter merged in (weights, tokenizer) to `path`, loadable anywhere.
+
+        A 4-bit or 8-bit run is merged into its base loaded afresh in full precision (dequantise, then
+        merge), since merging into the quantized weights would round the update away.
+        """
+        self._need_model()
+        if not self.method.adapter:
+            model = self.model  # full/freeze/bitfit: the weights are already the merged model
+        elif self._ctx.quantized:
+            model = self._dequantised_copy().merge_and_unload()
+        else:
+            model = self.merge()
+        with atomic_directory(Path(path), replaceable="config.json") as tmp, no_hf_progress_bars():
+            model.save_pretrained(str(tmp))
+            self.tokenizer.save_pretrained(str(tmp))
+        return Path(path)
+
+    def _dequantised_copy(self) -> Any:
+        import tempfile
+
+        from nbtune.engine.models import load_base
+
+        base = load_base(self.config.model, quantization="none", dtype="float32")
+        with tempfile.TemporaryDirectory(prefix="nbtune-merge-") as folder:
+            self.method.save(self.model, Path(folder), self._ctx) if self.method.save else \
+                self.model.save_pretrained(folder)
+            return self.method.load_trained(base.model, Path(folder))
+
+    def to_yaml(self) -> str:
+        """The run's config as YAML: the same experiment for `nbtune run config.yaml`."""
+        import yaml
+
+        config = {k: v for k, v in self.config.to_json_dict().items()
+                  if k != "derived" and k not in self.config.derived and v is not None}
+        return yaml.safe_dump(config, sort_keys=False)
+
+    def export_script(self, path: str | Path | None = None) -> str:
+        """A shell script that re-runs this experiment outside the notebook; written to `path` if given."""
+        config_file = f"{self.name}.yaml"
+        script = (f"#!/usr/bin/env bash\n# Re-run nbtune run {self.name!r} outside the notebook.\nset -euo pipefail\n"
+                  f"cat > {config_file} <<'YAML'\n{self.to_yaml()}YAML\nnbtune run {config_file}\n")
+        if path is not None:
+            Path(path).write_text(script, encoding="utf-8")
+        return script
+
     # ------------------------------------------------------------ saving
     def save(self, path: str | Path | None = None) -> Path:
         """Write the adapter (or weights), tokenizer and run.json to `path` atomically; returns the path."""

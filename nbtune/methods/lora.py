@@ -151,7 +151,7 @@ def rewrites_base(options: dict[str, Any]) -> bool:
 
 
 def disable_lora(model: Any) -> Any:
-    init = str(model.peft_config["default"].init_lora_weights)
+    init = str(model.peft_config[model.active_adapter].init_lora_weights)
     if init.startswith(_REWRITES_BASE):
         raise MethodError(f"`init: {init}` moved part of the base weights into the adapter, so switching the "
                           "adapter off does not give the base model; load the base again to compare.",

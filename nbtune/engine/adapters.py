@@ -1,0 +1,111 @@
+"""Several LoRA runs on one model: mixed-batch generation and adapter arithmetic.
+
+Runs normally each hold their own view of a shared base. For LoRA-family runs, peft can also hold
+many adapters in one model and answer a batch whose rows each use a different adapter
+(`adapter_names`), or combine adapters into a new one (`add_weighted_adapter`). `lora_stack` builds
+that one model on a fresh weight-sharing view, so the runs themselves are never touched.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+from nbtune.engine.generation import Prompt, _device, _eval_mode, _left_padding, as_messages
+from nbtune.engine.result import Run
+from nbtune.errors import NbtuneError
+
+BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+
+def is_plain_lora(run: Run) -> bool:
+    """True for runs whose adapter is a peft LoRA that mixed batches support (not DoRA or PiSSA)."""
+    config = getattr(run.model, "peft_config", {}).get("default")
+    return (config is not None and getattr(config, "peft_type", None) is not None
+            and config.peft_type.value == "LORA" and not config.use_dora
+            and run.method.shares_base(run.config.options) and not run._ctx.quantized)
+
+
+def adapter_name(index: int) -> str:
+    # Not the run's name: adapter names become module attributes, so "half" or "a.b" would break peft.
+    return f"nbtune_{index}"
+
+
+def lora_stack(runs: Sequence[Run]) -> Any:
+    """One peft model holding every run's LoRA adapter (as `adapter_name(i)`), on a view of their base."""
+    from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+
+    if not runs or not all(is_plain_lora(r) for r in runs):
+        raise NbtuneError("a LoRA stack needs runs of plain LoRA (lora, qlora-free, loraplus) on one base.")
+    view = _unwrapped_base(runs[0])
+    stack = None
+    for i, run in enumerate(runs):
+        config = copy.deepcopy(run.model.peft_config["default"])
+        config.inference_mode = True
+        if stack is None:
+            stack = PeftModel(view, config, adapter_name=adapter_name(i))
+        else:
+            stack.add_adapter(adapter_name(i), config)
+        set_peft_model_state_dict(stack, get_peft_model_state_dict(run.model), adapter_name=adapter_name(i))
+    stack.eval()
+    return stack
+
+
+def _unwrapped_base(run: Run) -> Any:
+    """The run's base model without its LoRA layers: a view with the adapter modules taken out."""
+    from nbtune.engine.workbench import shared_view
+
+    view = shared_view(run.model)
+    return view.unload()  # peft: replace each LoRA layer by its base layer (weights shared, not merged)
+
+
+def mixed_generate(stack: Any, tokenizer: Any, prompts: Sequence[Prompt], runs: Sequence[str], *,
+                   max_new_tokens: int = 32) -> dict[str, list[str]]:
+    """Every prompt answered by the base and by every run of `lora_stack(runs)` in one batch: name -> answers."""
+    import torch
+
+    names = [BASE, *(adapter_name(i) for i in range(len(runs)))]
+    labels = ["base", *runs]
+    texts = [tokenizer.apply_chat_template(as_messages(p), tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    rows = [(name, text) for name in names for text in texts]
+    with _eval_mode(stack), _left_padding(tokenizer), torch.no_grad():
+        batch = tokenizer([t for _, t in rows], return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = batch.to(_device(stack))
+        out = stack.generate(**batch, adapter_names=[n for n, _ in rows], max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    answers = [a.strip() for a in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:],
+                                                         skip_special_tokens=True)]
+    per = len(texts)
+    return {label: answers[i * per:(i + 1) * per] for i, label in enumerate(labels)}
+
+
+def combine(runs: Sequence[Run], weights: Sequence[float], *, how: str = "linear", name: str | None = None,
+            density: float = 0.5) -> Run:
+    """A new run whose adapter is a weighted combination of LoRA runs' adapters (peft's arithmetic)."""
+    if len(weights) != len(runs):
+        raise NbtuneError(f"combine needs one weight per run: {len(runs)} runs, {len(weights)} weights.")
+    kinds = {"linear": "linear", "ties": "ties", "svd": "svd"}
+    if how not in kinds:
+        raise NbtuneError(f"combine `how` is {how!r}; use linear, ties or svd.")
+    stack = lora_stack(runs)
+    name = name or "+".join(r.name for r in runs)
+    extra = {"density": density} if how == "ties" else {}
+    if how == "linear" and len({r.model.peft_config["default"].r for r in runs}) > 1:
+        how = "cat"  # peft's linear needs equal ranks; concatenation is the exact linear sum otherwise
+    sources = [adapter_name(i) for i in range(len(runs))]
+    stack.add_weighted_adapter(sources, list(weights), "nbtune_combined", combination_type=kinds.get(how, how),
+                               **extra)
+    stack.set_adapter("nbtune_combined")
+    for adapter in sources:
+        stack.delete_adapter(adapter)
+    from nbtune.engine.events import Broadcast, NullObserver
+
+    first = runs[0]
+    combined = Run(first.config, first.method, first._ctx, Broadcast([NullObserver()]))
+    combined.name, combined.status = name, "combined"
+    combined.model, combined.tokenizer = stack, first.tokenizer
+    combined.metrics = {"combined_from": [r.name for r in runs], "weights": list(weights), "how": how,
+                        "trainable_params": first.metrics.get("trainable_params")}
+    return combined
