@@ -61,6 +61,9 @@ class Finetune(Magics):
                 return self._dry_run(config)
             background, panel = args.background or self.background, self.panel and not args.no_panel
             if args.resume:
+                if (cell or "").strip():
+                    raise NbtuneError("--resume continues a stopped run as it was configured; remove the cell "
+                                      "body, or drop --resume to start a new run with it.")
                 return self._resume(args.name, background=background, panel=panel)
             return self._train(config, background=background, panel=panel)
         except NbtuneError as exc:

@@ -42,7 +42,7 @@ def _prepare_full(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedModel
 
 def _prepare_freeze(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedModel:
     top = ctx.options["trainable_layers"]
-    patterns = _as_list(ctx.options["trainable_modules"])
+    patterns = as_names(ctx.options["trainable_modules"])
     prefixes: tuple[str, ...] = ()
     if top:
         stack, count = decoder_layers(model)
@@ -63,14 +63,15 @@ def _prepare_freeze(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedMod
     return model
 
 
-def _as_list(value: Any) -> list[str]:
+def as_names(value: Any) -> list[str]:
+    """A `names` option (one name or a list) as a list; empty when unset."""
     if not value:
         return []
     return [value] if isinstance(value, str) else list(value)
 
 
 def _validate_freeze(options: dict[str, Any], config: RunConfig) -> None:
-    if options["trainable_layers"] == 0 and not _as_list(options["trainable_modules"]):
+    if options["trainable_layers"] == 0 and not as_names(options["trainable_modules"]):
         raise MethodError(
             "freeze with `trainable_layers: 0` and no `trainable_modules` would train nothing; "
             "set trainable_layers >= 1 or name modules, e.g. trainable_modules: [norm].",

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from nbtune.errors import MethodError, did_you_mean
+from nbtune.methods.full import as_names
 from nbtune.methods.lora import linear_module_names, wrap_with_peft
 from nbtune.methods.registry import MethodContext, MethodSpec, register_method
 from nbtune.params import Param
@@ -23,9 +24,9 @@ if TYPE_CHECKING:
 
 
 def _as_list(value: Any) -> list[str] | None:
-    if value is None or value == []:
-        return None
-    return [value] if isinstance(value, str) else list(value)
+    """Module names as a list, or None when none were given (peft then uses its per-model default)."""
+    names = as_names(value)
+    return names or None
 
 
 # ---------------------------------------------------------------- (IA)3
