@@ -54,6 +54,17 @@ def load_run(path: Any) -> Any:
     return run
 
 
+def picker(run: Any = None, *, model: str | None = None) -> Any:
+    """The method picker: a form from the registry, live estimates, the equivalent cell, and Train.
+    Pre-filled from `run` (a Run or a name in nbtune.runs) when given."""
+    from nbtune.engine.compare import resolve_runs
+    from nbtune.engine.workbench import WORKBENCH
+    from nbtune.widgets.picker import Picker
+
+    chosen = resolve_runs([run], WORKBENCH.runs)[0] if run is not None else None
+    return Picker(chosen, model=model)
+
+
 def ledger() -> list[dict[str, Any]]:
     """What each run and each cached base holds, in MB (weights it owns, adapter, gradients)."""
     from nbtune.engine.workbench import WORKBENCH

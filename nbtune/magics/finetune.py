@@ -73,6 +73,17 @@ class Finetune(Magics):
         return None
 
     @line_magic
+    def finetune_ui(self, line: str) -> Any:
+        """The method picker (a run's name pre-fills it): `%finetune_ui [NAME]`."""
+        from nbtune.kernel import picker
+
+        try:
+            return picker(line.strip() or None)
+        except NbtuneError as exc:
+            _error_line(exc)
+        return None
+
+    @line_magic
     def finetune_runs(self, line: str) -> Any:
         """The runs of this kernel, with status and key metrics."""
         from nbtune.engine.workbench import WORKBENCH

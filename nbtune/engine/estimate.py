@@ -1,0 +1,63 @@
+"""Estimates for a config without loading any weights: the model is built on PyTorch's meta device.
+
+What they are: trainable parameters (exact, from the method applied to the meta model), adapter size
+(trainable x 4 bytes), memory split into weights / trainable + grads / optimizer / activations, and a
+step cost relative to LoRA from FLOPs per token: 4N for the frozen forward and backward through the
+activations, plus 2T for the trainable weights' gradients (6N for full fine-tuning, which matches the
+1.5x measured in bench/methods.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nbtune.config import RunConfig
+
+_BYTES = {"none": None, "4bit": 0.5625, "8bit": 1.0625}  # incl. the quantisation scales
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def estimate(config: RunConfig) -> dict[str, Any]:
+    """Parameter counts, sizes and memory for `config`, computed on a weightless (meta) model."""
+    import tempfile
+    from pathlib import Path
+
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from nbtune.engine.models import resolve_model
+    from nbtune.engine.run import count_parameters
+    from nbtune.methods import MethodContext, get_method
+
+    model_config = AutoConfig.from_pretrained(resolve_model(config.model))
+    method = get_method(config.method)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(model_config)
+    model.tie_weights()  # tied embeddings are one tensor, as in the loaded model
+    options = dict(config.options)
+    if "init" in options and options["init"] not in ("default", "random", "text"):
+        options["init"] = "default"  # an SVD on meta tensors is impossible; the counts are the same
+    with tempfile.TemporaryDirectory() as folder:
+        ctx = MethodContext(options=options, config=config, workdir=Path(folder),
+                            total_steps=max(config.steps or 100, 2))
+        prepared = method.prepare(model, ctx)
+        counts = count_parameters(prepared)
+    total, trainable = counts["total_params"], counts["trainable_params"]
+    hidden = getattr(model_config, "hidden_size", 0) or getattr(model_config, "n_embd", 0)
+    layers = getattr(model_config, "num_hidden_layers", 0) or getattr(model_config, "n_layer", 0)
+    per_weight = _BYTES[str(config.quantization)] or _DTYPE_BYTES[config.dtype]
+    embedding = model.get_input_embeddings().weight.numel()  # never quantized by bitsandbytes
+    # Activations kept for backward: ~34 values per token per hidden unit per layer (Korthikanti et al.)
+    activations = config.batch_size * config.max_length * hidden * layers * 34 * _DTYPE_BYTES[config.dtype]
+    mb = 2**20
+    flops = 6 * total if trainable == total else 4 * total + 2 * trainable
+    return {
+        **counts,
+        "adapter_mb": round(trainable * 4 / mb, 2),
+        "weights_mb": round((max(total - trainable - embedding, 0) * per_weight
+                             + min(embedding, total - trainable) * _DTYPE_BYTES[config.dtype]) / mb),
+        "trainable_and_grads_mb": round(trainable * 8 / mb),
+        "optimizer_mb": round(trainable * 8 / mb),
+        "activations_mb": round(activations / mb),  # an upper bound: every sequence at max_length
+        "step_cost": round(flops / (4 * total), 2),
+    }

@@ -1,0 +1,198 @@
+"""`nbtune.picker()`: a form built from the methods registry, with live estimates and the equivalent cell.
+
+Every field comes from a `Param` (never a hand-kept list), so a new method shows up with its knobs.
+Estimates come from a weightless (meta-device) model. "Insert cell" writes the equivalent
+`%%finetune` cell below (through ipylab's JupyterLab command bridge, when installed); "Train" starts
+the run in the background with the live panel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nbtune.config import RunConfig, common_params
+from nbtune.errors import NbtuneError
+from nbtune.params import Param
+
+COMMON = ("name", "data", "steps", "batch_size", "lr", "max_length", "quantization", "neftune_alpha")
+
+
+def field_widget(param: Param, value: Any, choices: list[str] | None = None) -> Any:
+    """The widget for one setting, from its kind, range and choices."""
+    import ipywidgets as w
+
+    label = {"description": param.name, "description_tooltip": param.help, "style": {"description_width": "130px"}}
+    if param.choices:
+        return w.Dropdown(options=list(param.choices), value=value if value in param.choices else param.choices[0],
+                          **label)
+    if param.kind == "bool":
+        return w.Checkbox(value=bool(value), **label)
+    if param.kind == "int":
+        return w.IntText(value=int(value) if value is not None else 0, **label)
+    if param.kind == "float":
+        return w.FloatText(value=float(value) if value is not None else 0.0, **label)
+    if param.kind == "names" and choices:
+        tags = [value] if isinstance(value, str) else list(value or [])
+        return w.TagsInput(value=tags, allowed_tags=[*choices, "all-linear"], allow_duplicates=False)
+    return w.Text(value="" if value is None else str(value), **label)
+
+
+class Picker:
+    """The method picker; `nbtune.picker()` as a cell's last line shows it."""
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    def __init__(self, run: Any = None, *, model: str | None = None) -> None:
+        import ipywidgets as w
+
+        from nbtune.catalog import methods
+
+        start = run.config.to_dict() if run is not None else RunConfig.parse({"steps": 40}).to_dict()
+        if model:
+            start["model"] = model
+        # A run's settings the form has no field for (metric, save, eval_data, ...) carry over as they were.
+        shown = {*COMMON, "model", "method", *(run.method.option_names() if run is not None else ())}
+        derived = run.config.derived if run is not None else {}
+        self.hidden = {k: v for k, v in start.items() if run is not None and k not in shown and k not in derived}
+        self.model = start["model"]
+        self._linear = _linear_names(self.model)
+        self.method = w.Dropdown(options=[(f"{s.name} — {s.summary}", s.name) for s in methods()],
+                                 value=start["method"], description="method", layout=w.Layout(width="720px"))
+        params = common_params()
+        self.common = {k: field_widget(params[k], start.get(k)) for k in COMMON}
+        self.options: dict[str, Any] = {}
+        self._kinds: dict[str, str] = {}
+        self.options_box = w.VBox()
+        self.estimates, self.message = w.HTML(), w.HTML()
+        self.cell = w.Textarea(layout=w.Layout(width="720px", height="170px"), disabled=True)
+        self.insert = w.Button(description="Insert cell", icon="plus")
+        self.train = w.Button(description="Train", icon="play", button_style="primary")
+        self.output = w.Output()
+        self.widget = w.VBox([self.method, self.options_box, w.HTML("<b>run settings</b>"),
+                              w.VBox(list(self.common.values())), self.estimates, self.message, self.cell,
+                              w.HBox([self.insert, self.train]), self.output])
+        self._build_options(start)
+        self.method.observe(lambda change: self._build_options({}), names="value")
+        for widget in self.common.values():
+            widget.observe(lambda change: self.refresh(), names="value")
+        self.insert.on_click(lambda _: self.insert_cell())
+        self.train.on_click(lambda _: self.start_training())
+        self.refresh()
+
+    # ------------------------------------------------------------------ state
+    def values(self) -> dict[str, Any]:
+        """The form as a config dict (what the inserted cell says)."""
+        out = {**self.hidden, "model": self.model, "method": self.method.value}
+        out.update({k: self._value(w) for k, w in self.common.items()})
+        if not out.get("neftune_alpha"):
+            out.pop("neftune_alpha", None)  # 0 in the form means off
+        for key, widget in self.options.items():
+            value = self._value(widget)
+            if self._kinds[key] == "any" and isinstance(value, str) and value.strip():
+                from nbtune.config import load_yaml
+
+                value = load_yaml(value)  # e.g. peft_args: {r: 64}
+            out[key] = value
+        return {k: v for k, v in out.items() if v is not None and v != ""}
+
+    def config(self) -> RunConfig:
+        return RunConfig.parse(self.values())
+
+    def cell_text(self) -> str:
+        """The equivalent `%%finetune` cell: every key that differs from its default."""
+        import yaml
+
+        values = self.values()
+        name = values.pop("name", None)
+        defaults = RunConfig.parse({"method": values["method"]}).to_dict()
+        body = {k: v for k, v in values.items() if defaults.get(k) != v or k == "method"}
+        return f"%%finetune {name or ''}".rstrip() + "\n" + yaml.safe_dump(body, sort_keys=False).strip()
+
+    def refresh(self) -> None:
+        """Re-check the form, update the estimates and the cell text; errors show inline."""
+        from nbtune.widgets.render import memory_html
+
+        try:
+            config = self.config()
+        except NbtuneError as exc:
+            self.message.value = f"<span style='color:#cb181d'>{exc}</span>"
+            self.cell.value, self.train.disabled, self.insert.disabled = "", True, True
+            return
+        self.message.value, self.train.disabled, self.insert.disabled = "", False, False
+        self.cell.value = self.cell_text()
+        try:
+            from nbtune.engine.estimate import estimate
+
+            e = estimate(config)
+        except Exception as exc:  # an estimate is a nicety: never block the form on it
+            self.estimates.value = f"<i>no estimate: {exc}</i>"
+            return
+        self.estimates.value = (
+            f"<b>{e['trainable_params']:,}</b> trainable parameters ({e['trainable_percent']:.3f}%), "
+            f"adapter {e['adapter_mb']} MB, step cost {e['step_cost']}x" + memory_html({
+                "weights_mb": e["weights_mb"], "trainable_mb": e["trainable_and_grads_mb"],
+                "optimizer_mb": e["optimizer_mb"], "activations_mb": e["activations_mb"]}))
+
+    # ------------------------------------------------------------------ actions
+    def insert_cell(self) -> bool:
+        """Write the cell below the picker's cell (JupyterLab, via ipylab); False where that is impossible."""
+        try:
+            from ipylab import JupyterFrontEnd
+        except ImportError:
+            self.message.value = "<i>install ipylab to insert cells; copy the cell text above instead</i>"
+            return False
+        app = JupyterFrontEnd()
+        app.commands.execute("notebook:insert-cell-below")
+        app.commands.execute("notebook:replace-selection", {"text": self.cell_text()})
+        return True
+
+    def start_training(self) -> Any:
+        from nbtune.engine.workbench import WORKBENCH
+        from nbtune.widgets.panel import LivePanel
+
+        panel = LivePanel(interactive_stop=True)
+        with self.output:
+            self.output.clear_output()
+            try:
+                return WORKBENCH.finetune(self.values(), observers=[panel], background=True,
+                                          on_ready=lambda run: panel.show())
+            except NbtuneError as exc:
+                self.message.value = f"<span style='color:#cb181d'>{exc}</span>"
+        return None
+
+    # ------------------------------------------------------------------ helpers
+    def _build_options(self, start: dict[str, Any]) -> None:
+        from nbtune.catalog import methods
+
+        spec = methods(self.method.value)
+        self.options = {p.name: field_widget(p, start.get(p.name, p.default), self._linear) for p in spec.params}
+        self._kinds = {p.name: p.kind for p in spec.params}
+        for widget in self.options.values():
+            widget.observe(lambda change: self.refresh(), names="value")
+        self.options_box.children = tuple(self.options.values())
+        self.refresh()
+
+    @staticmethod
+    def _value(widget: Any) -> Any:
+        value = widget.value
+        if isinstance(value, (tuple, list)):
+            names = list(value)
+            return "all-linear" if names == ["all-linear"] else (names or None)  # peft's keyword, not a name
+        return value
+
+
+def _linear_names(model: str) -> list[str]:
+    """The model's linear module names, from a weightless model (for the target-module pickers)."""
+    try:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from nbtune.engine.models import resolve_model
+        from nbtune.methods.lora import linear_module_names
+
+        with init_empty_weights():
+            meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model(model)))
+        return linear_module_names(meta)
+    except Exception:  # the picker still works with free-text module names
+        return []

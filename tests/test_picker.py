@@ -1,0 +1,65 @@
+"""The method picker by its widget state: fields follow the method, errors show inline, and the cell
+it writes reproduces its config."""
+
+from __future__ import annotations
+
+import pytest
+
+import nbtune
+from nbtune.magics.parse import parse_cell
+
+pytest.importorskip("ipywidgets")
+
+
+@pytest.fixture
+def picker(tiny_model_dir):
+    return nbtune.picker(model=str(tiny_model_dir))
+
+
+def test_choosing_a_method_shows_its_own_options(picker):
+    assert list(picker.options) == list(nbtune.methods("lora").option_names())
+    picker.method.value = "prefix"
+    assert list(picker.options) == list(nbtune.methods("prefix").option_names())
+    assert [w.description for w in picker.options_box.children] == list(nbtune.methods("prefix").option_names())
+
+
+def test_module_pickers_list_the_models_linear_modules(picker):
+    allowed = picker.options["target_modules"].allowed_tags
+    assert {"q_proj", "v_proj", "down_proj", "all-linear"} <= set(allowed)
+
+
+def test_an_invalid_value_is_explained_inline_and_blocks_training(picker):
+    picker.options["r"].value = 0
+    assert "`r`" in picker.message.value and picker.train.disabled and picker.cell.value == ""
+    picker.options["r"].value = 16
+    assert picker.message.value == "" and not picker.train.disabled
+
+
+def test_the_estimates_follow_the_form(picker):
+    picker.options["r"].value = 8
+    small = picker.estimates.value
+    picker.options["r"].value = 16
+    assert "trainable parameters" in picker.estimates.value and picker.estimates.value != small
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "prefix", "houlsby", "freeze"])
+def test_the_inserted_cell_reproduces_the_config(picker, method):
+    picker.method.value = method
+    picker.common["steps"].value = 7
+    text = picker.cell.value
+    first, _, body = text.partition("\n")
+    assert first.startswith("%%finetune ")
+    from_cell = nbtune.RunConfig.parse({**parse_cell(body, {}), "name": first.split()[1]})
+    assert from_cell.to_dict() == picker.config().to_dict()
+
+
+def test_a_picker_reopened_from_a_run_is_prefilled(tiny_model_dir, demo_rows, monkeypatch):
+    from nbtune.engine.workbench import Workbench
+
+    bench = Workbench()
+    monkeypatch.setattr("nbtune.engine.workbench.WORKBENCH", bench)
+    bench.finetune({"name": "seen", "model": str(tiny_model_dir), "data": "demo", "method": "ia3", "steps": 2,
+                    "batch_size": 4, "metric": "none", "save": False})
+    reopened = nbtune.picker("seen")
+    assert reopened.method.value == "ia3" and reopened.common["steps"].value == 2
+    assert reopened.config().to_dict() == {**bench.runs["seen"].config.to_dict()}
