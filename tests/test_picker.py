@@ -20,7 +20,18 @@ def test_choosing_a_method_shows_its_own_options(picker):
     assert list(picker.options) == list(nbtune.methods("lora").option_names())
     picker.method.value = "prefix"
     assert list(picker.options) == list(nbtune.methods("prefix").option_names())
-    assert [w.description for w in picker.options_box.children] == list(nbtune.methods("prefix").option_names())
+    labels = [getattr(w, "description", "") or w.children[0].value for w in picker.options_box.children]
+    assert labels == list(nbtune.methods("prefix").option_names())
+    picker.method.value = "ia3"
+    assert [w.children[0].value for w in picker.options_box.children] == ["target_modules", "feedforward_modules"]
+
+
+def test_the_learning_rate_follows_the_method_until_it_is_edited(picker):
+    picker.method.value = "ia3"
+    assert picker.common["lr"].value == nbtune.methods("ia3").default_lr
+    picker.common["lr"].value = 0.01
+    picker.method.value = "lora"
+    assert picker.common["lr"].value == 0.01
 
 
 def test_module_pickers_list_the_models_linear_modules(picker):
@@ -46,10 +57,11 @@ def test_the_estimates_follow_the_form(picker):
 def test_the_inserted_cell_reproduces_the_config(picker, method):
     picker.method.value = method
     picker.common["steps"].value = 7
-    text = picker.cell.value
-    first, _, body = text.partition("\n")
-    assert first.startswith("%%finetune ")
-    from_cell = nbtune.RunConfig.parse({**parse_cell(body, {}), "name": first.split()[1]})
+    assert picker.cell.value.partition("\n")[0] == "%%finetune"  # no name yet: the run names itself
+    picker.common["name"].value = "mine"
+    first, _, body = picker.cell.value.partition("\n")
+    assert first == "%%finetune mine"
+    from_cell = nbtune.RunConfig.parse({**parse_cell(body, {}), "name": "mine"})
     assert from_cell.to_dict() == picker.config().to_dict()
 
 

@@ -48,7 +48,7 @@ class Picker:
 
         from nbtune.catalog import methods
 
-        start = run.config.to_dict() if run is not None else RunConfig.parse({"steps": 40}).to_dict()
+        start = run.config.to_dict() if run is not None else {**RunConfig.parse({"steps": 40}).to_dict(), "name": ""}
         if model:
             start["model"] = model
         # A run's settings the form has no field for (metric, save, eval_data, ...) carry over as they were.
@@ -63,6 +63,7 @@ class Picker:
         self.common = {k: field_widget(params[k], start.get(k)) for k in COMMON}
         self.options: dict[str, Any] = {}
         self._kinds: dict[str, str] = {}
+        self._previous_lr: float | None = None
         self.options_box = w.VBox()
         self.estimates, self.message = w.HTML(), w.HTML()
         self.cell = w.Textarea(layout=w.Layout(width="720px", height="170px"), disabled=True)
@@ -72,6 +73,7 @@ class Picker:
         self.widget = w.VBox([self.method, self.options_box, w.HTML("<b>run settings</b>"),
                               w.VBox(list(self.common.values())), self.estimates, self.message, self.cell,
                               w.HBox([self.insert, self.train]), self.output])
+        self._previous_lr = start.get("lr")
         self._build_options(start)
         self.method.observe(lambda change: self._build_options({}), names="value")
         for widget in self.common.values():
@@ -130,7 +132,8 @@ class Picker:
             return
         self.estimates.value = (
             f"<b>{e['trainable_params']:,}</b> trainable parameters ({e['trainable_percent']:.3f}%), "
-            f"adapter {e['adapter_mb']} MB, step cost {e['step_cost']}x" + memory_html({
+            f"adapter {e['adapter_mb']} MB, step cost {e['step_cost']}x "
+            "<small>(activations assume every sequence at max_length)</small>" + memory_html({
                 "weights_mb": e["weights_mb"], "trainable_mb": e["trainable_and_grads_mb"],
                 "optimizer_mb": e["optimizer_mb"], "activations_mb": e["activations_mb"]}))
 
@@ -170,7 +173,10 @@ class Picker:
         self._kinds = {p.name: p.kind for p in spec.params}
         for widget in self.options.values():
             widget.observe(lambda change: self.refresh(), names="value")
-        self.options_box.children = tuple(self.options.values())
+        self.options_box.children = tuple(_labelled(name, widget) for name, widget in self.options.items())
+        if self._previous_lr is not None and self.common["lr"].value == self._previous_lr:
+            self.common["lr"].value = spec.default_lr  # the lr was the old method's default: follow the method
+        self._previous_lr = spec.default_lr
         self.refresh()
 
     @staticmethod
@@ -180,6 +186,15 @@ class Picker:
             names = list(value)
             return "all-linear" if names == ["all-linear"] else (names or None)  # peft's keyword, not a name
         return value
+
+
+def _labelled(name: str, widget: Any) -> Any:
+    """Widgets without a description (the module picker) get a label in front."""
+    import ipywidgets as w
+
+    if getattr(widget, "description", None):
+        return widget
+    return w.HBox([w.Label(name, layout=w.Layout(width="134px")), widget])
 
 
 def _linear_names(model: str) -> list[str]:
