@@ -165,3 +165,15 @@ def test_merge_and_export_writes_a_plain_model(two_loras, tmp_path):
     run.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(plain(**ids).logits, run.model(**ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_the_live_view_asks_every_run_and_keeps_a_static_fallback(three_runs):
+    view = nbtune.compare("lora8", "ia3")
+    bundle = view._repr_mimebundle_()
+    assert "<svg" in bundle["text/html"]
+    widget = view.widget()
+    prompts, ask = widget.children[1].children
+    prompts.value = "hello\nConvert this date to ISO format (YYYY-MM-DD): 1 May 2000"
+    ask.click()
+    answers = widget.children[2].value
+    assert answers.count("<tr>") == 3 and "lora8" in answers and "base" in answers

@@ -13,12 +13,38 @@ COLOURS = ("#08519c", "#e6550d", "#31a354", "#756bb1", "#636363", "#d6616b", "#3
 
 
 class ComparisonView(Comparison):
-    """A `Comparison` that shows itself in a notebook."""
+    """A `Comparison` that shows itself in a notebook: a live widget (with a prompt box that asks every
+    run at once) where a frontend can show widgets, and the same content as static HTML for saved
+    notebooks, nbconvert and GitHub."""
 
     def _repr_html_(self) -> str:
         return (f"<div class='nbtune-compare'>{table_html(self.table())}{diff_html(self.config_diff())}"
                 f"<div style='display:flex;gap:16px'>{curves_svg(self.curves(), 'step')}"
                 f"{curves_svg(self.curves(), 'elapsed_seconds')}</div></div>")
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        bundle = {"text/html": self._repr_html_(), "text/plain": f"<comparison of {len(self.runs)} runs>"}
+        try:
+            bundle.update(self.widget()._repr_mimebundle_(**kwargs) or {})
+        except ImportError:  # no ipywidgets: the static HTML is the whole view
+            pass
+        bundle["text/html"] = self._repr_html_()  # what a saved notebook shows without a kernel
+        return bundle
+
+    def widget(self) -> Any:
+        """The interactive view: the static comparison, plus prompts answered by the base and every run."""
+        import ipywidgets as w
+
+        prompts = w.Textarea(placeholder="one prompt per line", layout=w.Layout(width="600px", height="80px"))
+        ask = w.Button(description="Ask every run", icon="comments")
+        answers = w.HTML()
+
+        def on_ask(_button: Any) -> None:
+            lines = [line for line in prompts.value.splitlines() if line.strip()]
+            answers.value = table_html(self.generations(lines)) if lines else ""
+
+        ask.on_click(on_ask)
+        return w.VBox([w.HTML(self._repr_html_()), w.HBox([prompts, ask]), answers])
 
     def generations_html(self, prompts: Any, **kwargs: Any) -> Any:
         """The side-by-side answers as an HTML table (display it, or return it from a cell)."""
