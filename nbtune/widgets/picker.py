@@ -21,7 +21,7 @@ def field_widget(param: Param, value: Any, choices: list[str] | None = None) -> 
     """The widget for one setting, from its kind, range and choices."""
     import ipywidgets as w
 
-    label = {"description": param.name, "description_tooltip": param.help, "style": {"description_width": "130px"}}
+    label = {"description": param.name, "tooltip": param.help, "style": {"description_width": "130px"}}
     if param.choices:
         return w.Dropdown(options=list(param.choices), value=value if value in param.choices else param.choices[0],
                           **label)
