@@ -24,20 +24,15 @@ OPTIONS: dict[str, dict[str, Any]] = {  # what a method needs beyond its default
     "adalora": {"init_r": 12, "target_r": 8},
 }
 SKIP = {"bitfit": "SmolLM2 has no bias terms", "moe": "needs a mixture-of-experts model"}
-OWN_FILES = ("run.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-             "special_tokens_map.json", "generation_config.json")
 
 
 def _step_seconds(run: Any) -> float:
     return statistics.median(r["step_seconds"] for r in run.history[1:])
 
 
-def _saved_mb(path: Path) -> float:
-    return sum(f.stat().st_size for f in path.iterdir() if f.name not in OWN_FILES) / 2**20
-
-
 def measure(method: str, rows: list[dict[str, Any]], steps: int, repeats: int, out: Path) -> dict[str, Any]:
     import nbtune
+    from nbtune.engine.compare import adapter_mb
 
     ratios, run = [], None
     for i in range(repeats):
@@ -49,7 +44,7 @@ def measure(method: str, rows: list[dict[str, Any]], steps: int, repeats: int, o
         "method": method,
         "trainable_params": run.metrics["trainable_params"],
         "trainable_percent": run.metrics["trainable_percent"],
-        "saved_mb": round(_saved_mb(run.saved_to), 2),
+        "saved_mb": adapter_mb(run),
         "step_vs_lora_median": round(statistics.median(ratios), 2),
         "step_vs_lora_min": round(min(ratios), 2),
         "step_seconds": round(_step_seconds(run), 2),
