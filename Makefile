@@ -7,8 +7,11 @@ STAMP  := $(VENV)/.installed
 # machines this pin resolves to the CPU build kept on local disk; elsewhere pass your own, e.g.
 # make demo TORCH="torch --index-url <PyTorch's CPU wheel index>" on a CPU box, TORCH=torch on a GPU one.
 TORCH  ?= torch==2.13.0
+# The real-browser test drives Debian's Chromium (never a browser downloaded by Playwright).
+CHROMIUM := /usr/bin/chromium
+SUDO     := $(shell [ "$$(id -u)" -ne 0 ] && command -v sudo)
 
-.PHONY: demo test lint fetch clean
+.PHONY: demo notebooks test lint fetch clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,14 +20,25 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
 
-## demo: fetch SmolLM2-135M-Instruct, LoRA-tune it on the shipped date task, print before/after
+## demo: fetch SmolLM2-135M-Instruct, then execute notebooks/01-quickstart.ipynb headless: a real LoRA
+## fine-tune on the shipped date task; prints what it learned and writes notebooks/01-quickstart.html
 demo: $(STAMP)
-	$(PY) -m nbtune demo
+	$(PY) -m nbtune fetch
+	$(PY) notebooks/execute.py --summary notebooks/01-quickstart.ipynb
 
-## test: lint, then the whole test suite (tiny models, then the real SmolLM2)
-test: $(STAMP)
+## notebooks: execute every notebook headless; HTML next to each, wall time and kernel peak RSS per notebook
+notebooks: $(STAMP)
+	$(PY) -m nbtune fetch
+	$(PY) notebooks/execute.py
+
+## test: lint, then the whole test suite (tiny models, the real SmolLM2, JupyterLab in a real browser)
+test: $(STAMP) $(CHROMIUM)
 	$(PY) -m ruff check .
 	$(PY) -m pytest
+
+$(CHROMIUM):
+	$(SUDO) apt-get update
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
@@ -34,4 +48,4 @@ fetch: $(STAMP)
 	$(PY) -m nbtune fetch
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) runs notebooks/runs notebooks/*.html build *.egg-info
