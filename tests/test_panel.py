@@ -110,6 +110,7 @@ def test_stop_clicked_while_training_ends_the_run_after_that_step(llama_base, de
                           batch_size=4, metric="none", save=False)
     assert run.status == "stopped" and len(run.history) == 2
     assert "stopped" in panel.status.value
+    assert "stopped" in panel.snapshot() and "step 2/50" in panel.snapshot()  # how far it got, after the widget
 
 
 def test_a_blocking_run_shows_how_to_stop_instead_of_a_dead_button(comms):

@@ -119,7 +119,8 @@ def snapshot_html(run: Any, memory: dict[str, Any], log_scale: bool = False) -> 
     evals = [e for e in run.eval_history if "eval_loss" in e]
     chart = loss_chart(steps, losses, [e["step"] for e in evals], [e["eval_loss"] for e in evals],
                        log_scale=log_scale, total=run.total_steps)
-    detail = run.error or ""
+    reached = run.history[-1]["step"] if run.history else 0
+    detail = run.error or f"step {reached}/{run.total_steps}"  # a stopped run shows how far it got
     return (f"<div class='nbtune-snapshot'>{status_html(run.name, run.method.name, run.status, detail)}"
             f"<div style='display:flex;gap:16px;align-items:flex-start'>{chart}"
             f"{metrics_table(run.metrics)}{memory_html(memory)}</div></div>")
