@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Iterator
 
 
@@ -33,6 +34,9 @@ class _DropBitsandbytesNoise(logging.Filter):
 
 
 def install_log_filters() -> None:
+    # peft (mixed batches, merges, k-bit copies) reads transformers' renamed `is_gradient_checkpointing`
+    # property, which warns on every read: their notice, about their code, in the user's cell.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     for name in ("bitsandbytes.backends.cpu.ops", "bitsandbytes.autograd._functions"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropBitsandbytesNoise) for f in logger.filters):
