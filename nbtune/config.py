@@ -69,6 +69,8 @@ class RunConfig:
     quantization: str | None = _p(None, "str", "Base weights in 4-bit NF4 or 8-bit (bitsandbytes); default: "
                                   "the method's (none, 4bit for qlora).", choices=("none", "4bit", "8bit"))
     gradient_checkpointing: bool = _p(False, "bool", "Recompute activations in backward: less memory, slower steps.")
+    logits_on_labels_only: bool = _p(True, "bool", "Run the LM head and loss only where labels are (same loss, "
+                                     "less time and memory); false: the model's own full-logits loss.")
     neftune_alpha: float | None = _p(None, "float", "NEFTune: uniform noise of this scale on the input "
                                      "embeddings while training (5 is the paper's default); works with every "
                                      "method.", min=0.0, min_exclusive=True)

@@ -205,10 +205,11 @@ def resume_run(run: Run) -> Run:
 def _make_trainer(run: Run, model: Any, tokenizer: Any, train_set: Any, eval_set: Any,
                   memory: PeakSampler) -> Any:
     import torch
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from nbtune.engine.callbacks import NEFTuneCallback, RunCallback
+    from nbtune.engine.loss import AnswerOnlyLossTrainer
 
     config = run.config
     periodic_eval = bool(config.eval_steps and eval_set is not None)
@@ -229,6 +230,7 @@ def _make_trainer(run: Run, model: Any, tokenizer: Any, train_set: Any, eval_set
         logging_steps=1,  # one history record per optimizer step
         eval_strategy="steps" if periodic_eval else "no",
         eval_steps=config.eval_steps or None,
+        prediction_loss_only=True,  # evaluation reports the loss; logits would only be gathered and dropped
         save_strategy="no",  # the run saves its own standard artefact at the end
         report_to="none",
         disable_tqdm=True,  # our observers draw progress
@@ -244,9 +246,10 @@ def _make_trainer(run: Run, model: Any, tokenizer: Any, train_set: Any, eval_set
     if config.neftune_alpha:
         extra.append(NEFTuneCallback(config.neftune_alpha))
     optimizer = run.method.make_optimizer(model, args, run._ctx) if run.method.make_optimizer else None
-    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                      processing_class=tokenizer, data_collator=collator,
-                      callbacks=[RunCallback(run, memory), *extra], optimizers=(optimizer, None))
+    trainer = AnswerOnlyLossTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                                    processing_class=tokenizer, data_collator=collator,
+                                    callbacks=[RunCallback(run, memory), *extra], optimizers=(optimizer, None),
+                                    labels_only=config.logits_on_labels_only)
     for noisy in (PrinterCallback, ProgressCallback):  # they print every log dict to stdout
         trainer.remove_callback(noisy)
     return trainer
