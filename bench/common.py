@@ -31,3 +31,111 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     return out
+
+
+# ---------------------------------------------------------------- helpers for the subprocess benchmarks
+RESULT_MARK = "BENCH-RESULT "  # the child's result line; everything else a child prints is ignored
+
+
+def vmhwm_mb() -> float:
+    """This process's peak resident memory so far (VmHWM), in MiB: exact, unlike a sampling thread."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def vmrss_mb() -> float:
+    """This process's resident memory now, in MiB."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def report(result: dict[str, Any]) -> None:
+    """Child side: hand one JSON result to the parent (see `run_child`)."""
+    print(RESULT_MARK + json.dumps(result), flush=True)
+
+
+def run_child(script: str, args: list[str]) -> dict[str, Any]:
+    """Run `python <script> <args>` in a fresh process (its own peak RSS, its own oneDNN kernel cache) and
+    return the dict it `report`ed; its stderr is shown if it fails."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARK)]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"child {args} failed (rc {done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(lines[-1][len(RESULT_MARK):])
+
+
+def median_min(values: list[float], digits: int = 3) -> dict[str, float]:
+    import statistics
+
+    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits)}
+
+
+class StepMeter:
+    """Tokens and wall time per optimizer step, measured the same way whoever runs the training loop.
+
+    A forward pre-hook on the model counts, for each training forward, the real tokens (attention_mask
+    sum) and the padded ones (input_ids numel); `step_end` is called once per optimizer step (from a
+    Trainer `on_log` or an nbtune `on_step`, the same point of the loop) and closes a step record.
+    Assumes one forward per step (grad_accum 1).
+    """
+
+    def __init__(self) -> None:
+        import time
+
+        self._clock = time.perf_counter
+        self.steps: list[dict[str, float]] = []
+        self._mark = self._clock()
+        self._real = self._padded = 0
+        self._hook: Any = None
+
+    def attach(self, model: Any) -> None:
+        self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
+        self.restart_clock()
+
+    def detach(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def restart_clock(self) -> None:
+        """Start the next step's time now (after work between steps that must not count, e.g. a matmul)."""
+        self._mark = self._clock()
+
+    def _count(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not module.training:
+            return  # generation and evaluation forwards are not training throughput
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        self._padded += int(ids.numel())
+        self._real += int(mask.sum()) if mask is not None else int(ids.numel())
+
+    def step_end(self, loss: float | None) -> None:
+        now = self._clock()
+        self.steps.append({"seconds": now - self._mark, "tokens": self._real, "padded_tokens": self._padded,
+                           "loss": float("nan") if loss is None else float(loss)})
+        self._mark, self._real, self._padded = now, 0, 0
+
+    def steady(self, skip: int) -> dict[str, float]:
+        """Throughput over the steps after the first `skip` (those pay for oneDNN kernel creation)."""
+        import statistics
+
+        kept = self.steps[skip:]
+        if not kept:
+            raise RuntimeError(f"only {len(self.steps)} steps were measured; need more than {skip}")
+        seconds = sum(s["seconds"] for s in kept)
+        return {"steps_measured": len(kept), "seconds": seconds,
+                "tokens_per_second": sum(s["tokens"] for s in kept) / seconds,
+                "padded_tokens_per_second": sum(s["padded_tokens"] for s in kept) / seconds,
+                "padding_share": 1 - sum(s["tokens"] for s in kept) / sum(s["padded_tokens"] for s in kept),
+                "median_step_seconds": statistics.median(s["seconds"] for s in kept)}
