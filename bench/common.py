@@ -50,13 +50,6 @@ def vmhwm_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def vmrss_mb() -> float:
-    """This process's resident memory now, in MiB."""
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
-
-
 def report(result: dict[str, Any]) -> None:
     """Child side: hand one JSON result to the parent (see `run_child`)."""
     print(RESULT_MARK + json.dumps(result), flush=True)

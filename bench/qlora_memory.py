@@ -22,7 +22,7 @@ import sys
 import warnings
 from typing import Any
 
-from common import median_min, report, run_child, versions, vmhwm_mb, vmrss_mb, write_result
+from common import median_min, report, run_child, versions, vmhwm_mb, write_result
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 WARMUP_STEPS = 2
@@ -65,6 +65,7 @@ def stored_mb(model: Any) -> dict[str, float]:
 def child(variant: str, steps: int, batch_size: int) -> None:
     import nbtune
     from nbtune.data.demo import demo_splits
+    from nbtune.engine.memory import rss_mb
 
     warnings.simplefilter("ignore")
 
@@ -73,7 +74,7 @@ def child(variant: str, steps: int, batch_size: int) -> None:
             self.measured: dict[str, float] = {}
 
         def on_run_start(self, run: Any) -> None:  # model loaded and wrapped, no step taken yet
-            self.measured = {**stored_mb(run.model), "start_rss_mb": vmrss_mb()}
+            self.measured = {**stored_mb(run.model), "start_rss_mb": rss_mb()}
 
     start = AtStart()
     # data as a list (not "demo"): no held-out eval loss or generation after training.

@@ -104,24 +104,14 @@ def nbtune_job(rows: list[dict[str, str]], steps: int, batch_size: int, meter: S
     return run.model, run.tokenizer
 
 
-def exact_match(model: Any, tokenizer: Any, rows: list[dict[str, str]], batch_size: int = 16) -> float:
-    """Share of held-out rows whose greedy answer (16 new tokens, left-padded batches) equals the reference."""
-    import torch
+def exact_match(model: Any, tokenizer: Any, rows: list[dict[str, str]]) -> float:
+    """Share of held-out rows whose greedy answer (16 new tokens) equals the reference: nbtune's own
+    generation helper (chat template, left-padded batches), applied the same way to both jobs' models."""
+    from nbtune.engine.generation import exact_match as share_equal
+    from nbtune.engine.generation import generate_texts
 
-    model.eval()
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # decoder-only batches pad on the left
-    hits = 0
-    with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            texts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
-                                                   add_generation_prompt=True) for r in chunk]
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            out = model.generate(**batch, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-            hits += sum(a.strip() == r["completion"].strip() for a, r in zip(answers, chunk, strict=True))
-    tokenizer.padding_side = side
-    return hits / len(rows)
+    answers = generate_texts(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=16)
+    return share_equal(answers, [r["completion"] for r in rows])
 
 
 def child(variant: str, steps: int, batch_size: int, metric: bool) -> None:
