@@ -64,8 +64,12 @@ class RunConfig:
                          min=8, max=1_048_576)
     train_on_prompt: bool = _p(False, "bool", "Also compute the loss on prompt tokens (default: answers only).")
     seed: int = _p(42, "int", "Random seed for initialisation, shuffling and dropout.", min=0)
-    dtype: str = _p("float32", "str", "Weight dtype of the base model.",
-                    choices=("float32", "bfloat16", "float16"))
+    precision: str | None = _p(None, "str", "Compute precision: bf16 autocast with fp32 trainable weights, or "
+                               "fp32. Default: bf16 where the hardware runs it natively (AVX512-BF16/AMX CPUs, "
+                               "bf16 GPUs) and the base is not quantized, else fp32.", choices=("bf16", "fp32"))
+    dtype: str | None = _p(None, "str", "Weight dtype of the base model. Default: bfloat16 when `precision` is "
+                           "bf16 and the method keeps the base frozen, else float32.",
+                           choices=("float32", "bfloat16", "float16"))
     quantization: str | None = _p(None, "str", "Base weights in 4-bit NF4 or 8-bit (bitsandbytes); default: "
                                   "the method's (none, 4bit for qlora).", choices=("none", "4bit", "8bit"))
     gradient_checkpointing: bool = _p(False, "bool", "Recompute activations in backward: less memory, slower steps.")
@@ -212,6 +216,7 @@ def _build(raw: dict[str, Any]) -> RunConfig:
     config = RunConfig(**values)
     _check_cross_fields(config, method)
     config.options = method.check_options(option_raw, config)
+    _derive_precision(config, method)
     return config
 
 
@@ -227,6 +232,16 @@ def _fresh_name(method: str) -> str:
         name = f"{stem}-{n}"
     _NAMES_GIVEN.add(name)
     return name
+
+
+def _derive_precision(config: RunConfig, method: Any) -> None:
+    from nbtune.engine.precision import default_dtype, default_precision
+
+    if config.precision is None:
+        config.precision = config.derived["precision"] = default_precision(str(config.quantization))
+    if config.dtype is None:
+        frozen = method.shares_base(config.options)  # an adapter that leaves the base weights as they are
+        config.dtype = config.derived["dtype"] = default_dtype(config.precision, frozen, str(config.quantization))
 
 
 def _check_cross_fields(config: RunConfig, method: Any) -> None:

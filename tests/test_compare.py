@@ -62,7 +62,7 @@ def test_generations_match_each_adapter_alone_and_the_base(three_runs, tiny_mode
     for name, run in three_runs.runs.items():
         alone = generate_texts(run.model, run.tokenizer, PROMPTS, max_new_tokens=4)
         assert [row[name] for row in rows] == alone
-    base = load_base(str(tiny_model_dir))
+    base = load_base(str(tiny_model_dir), dtype=run.config.dtype)  # the base the runs trained on
     assert [row["base"] for row in rows] == generate_texts(base.model, base.tokenizer, PROMPTS, max_new_tokens=4)
 
 
@@ -120,7 +120,7 @@ def test_lora_runs_answer_in_one_mixed_batch_equal_to_each_alone(two_loras, tiny
     assert calls == [["r4", "r8"]]  # both LoRA runs in one batch; ia3 by switching
     for name, run in two_loras.runs.items():
         assert [row[name] for row in rows] == generate_texts(run.model, run.tokenizer, PROMPTS, max_new_tokens=4)
-    base = load_base(str(tiny_model_dir))
+    base = load_base(str(tiny_model_dir), dtype=run.config.dtype)  # the base the runs trained on
     assert [row["base"] for row in rows] == generate_texts(base.model, base.tokenizer, PROMPTS, max_new_tokens=4)
 
 
@@ -158,13 +158,17 @@ def test_yaml_and_script_export_rerun_the_same_experiment(two_loras, tmp_path):
 def test_merge_and_export_writes_a_plain_model(two_loras, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from nbtune.engine.models import load_base
+
     run = two_loras.runs["r4"]
     path = run.merge_and_export(tmp_path / "merged")
     plain = AutoModelForCausalLM.from_pretrained(path)
+    assert plain.dtype == torch.float32  # merged into the fp32 base even when the run trained on a bf16 copy
+    on_fp32 = nbtune.load(run.save(tmp_path / "adapter"), base=load_base(run.config.model, dtype="float32"))
     ids = run.tokenizer("hello there", return_tensors="pt")
-    run.model.eval()
+    on_fp32.model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(plain(**ids).logits, run.model(**ids).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(plain(**ids).logits, on_fp32.model(**ids).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_the_live_view_asks_every_run_and_keeps_a_static_fallback(three_runs):

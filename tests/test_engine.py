@@ -219,10 +219,12 @@ def test_edits_to_a_parsed_config_are_honoured(llama_base, demo_rows):
     assert run.name == config.name
 
 
-def test_a_stopped_run_resumes_exactly_where_it_stopped(chat_tokenizer, demo_rows):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_stopped_run_resumes_exactly_where_it_stopped(chat_tokenizer, demo_rows, precision):
     from conftest import tiny_llama
 
-    settings = {"data": demo_rows, "steps": 8, "batch_size": 4, "lr": 1e-2, "metric": "none", "save": False}
+    settings = {"data": demo_rows, "steps": 8, "batch_size": 4, "lr": 1e-2, "metric": "none", "save": False,
+                "precision": precision}
     whole = nbtune.finetune(base=(tiny_llama(chat_tokenizer), chat_tokenizer), **settings)
     part = nbtune.finetune(base=(tiny_llama(chat_tokenizer), chat_tokenizer), observers=[Recorder(stop_at=3)],
                            **settings)

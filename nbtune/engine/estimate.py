@@ -48,7 +48,8 @@ def estimate(config: RunConfig) -> dict[str, Any]:
     per_weight = _BYTES[str(config.quantization)] or _DTYPE_BYTES[config.dtype]
     embedding = model.get_input_embeddings().weight.numel()  # never quantized by bitsandbytes
     # Activations kept for backward: ~34 values per token per hidden unit per layer (Korthikanti et al.)
-    activations = config.batch_size * config.max_length * hidden * layers * 34 * _DTYPE_BYTES[config.dtype]
+    activation_bytes = 2 if config.precision == "bf16" else _DTYPE_BYTES[config.dtype]  # autocast keeps bf16 ones
+    activations = config.batch_size * config.max_length * hidden * layers * 34 * activation_bytes
     mb = 2**20
     flops = 6 * total if trainable == total else 4 * total + 2 * trainable
     return {

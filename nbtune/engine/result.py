@@ -137,14 +137,14 @@ class Run:
     def merge_and_export(self, path: str | Path) -> Path:
         """Save a plain model with the adapter merged in (weights, tokenizer) to `path`, loadable anywhere.
 
-        A 4-bit or 8-bit run is merged into its base loaded afresh in full precision (dequantise, then
-        merge), since merging into the quantized weights would round the update away.
+        A run on a 4-bit, 8-bit or bf16 base is merged into its base loaded afresh in fp32 (dequantise,
+        then merge), since merging into the low-precision weights would round much of the update away.
         """
         self._need_model()
         if not self.method.adapter:
             model = self.model  # full/freeze/bitfit: the weights are already the merged model
-        elif self._ctx.quantized:
-            model = self._dequantised_copy().merge_and_unload()
+        elif self._ctx.quantized or self.config.dtype != "float32":
+            model = self._full_precision_copy().merge_and_unload()
         else:
             model = self.merge()
         with atomic_directory(Path(path), replaceable="config.json") as tmp, no_hf_progress_bars():
@@ -152,7 +152,7 @@ class Run:
             self.tokenizer.save_pretrained(str(tmp))
         return Path(path)
 
-    def _dequantised_copy(self) -> Any:
+    def _full_precision_copy(self) -> Any:
         import tempfile
 
         from nbtune.engine.models import load_base

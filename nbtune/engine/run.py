@@ -28,6 +28,7 @@ from nbtune.engine.callbacks import remove_neftune
 from nbtune.engine.events import Broadcast, NullObserver, ProgressObserver
 from nbtune.engine.memory import PeakSampler
 from nbtune.engine.models import Base, load_base
+from nbtune.engine.precision import training_speedups
 from nbtune.engine.result import Run
 from nbtune.errors import ConfigError, DataError, NbtuneError
 from nbtune.methods import MethodContext, get_method
@@ -149,10 +150,27 @@ def _fit(run: Run, memory: PeakSampler, resume_from: str | None = None) -> None:
     """Run the Trainer (from a checkpoint when resuming); a stopped run keeps a checkpoint to resume from."""
     train_set, eval_set = run._datasets
     trainer = _make_trainer(run, run.model, run.tokenizer, train_set, eval_set, memory)
+    try:
+        _train_and_evaluate(run, trainer, eval_set, resume_from)
+    finally:
+        _release_from_trainer(trainer)
+
+
+def _release_from_trainer(trainer: Any) -> None:
+    """Mixed precision wraps the model's forward in an autocast; afterwards the run's model must compute in
+    its own dtypes (generation, comparison, saving) as a freshly loaded copy would, and a later Trainer
+    (resume) must wrap it again: accelerate refuses to re-prepare a model it marked as prepared."""
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    for module in {id(m): m for m in (model, trainer.model)}.values():
+        module.__dict__.pop("_is_accelerate_prepared", None)
+
+
+def _train_and_evaluate(run: Run, trainer: Any, eval_set: Any, resume_from: str | None) -> None:
     run.emit("on_run_start")
     started = time.perf_counter()
     try:
-        output = trainer.train(resume_from_checkpoint=resume_from)
+        with training_speedups(run.model):
+            output = trainer.train(resume_from_checkpoint=resume_from)
         run.metrics["train_loss_mean"] = output.training_loss
     except KeyboardInterrupt:  # the kernel's interrupt: stop here, keeping everything learned so far
         run.stop()
@@ -238,10 +256,10 @@ def _make_trainer(run: Run, model: Any, tokenizer: Any, train_set: Any, eval_set
         train_sampling_strategy="group_by_length",  # batches of similar length waste little padding
         remove_unused_columns=False,  # keep `length` for the sampler; the collator drops it
         activation_checkpointing=config.gradient_checkpointing and run.method.gradient_checkpointing,
+        bf16=config.precision == "bf16",  # autocast around the forward; trainable weights stay fp32
         use_cpu=not torch.cuda.is_available(),
     )
-    # pad_to_multiple_of=8: fewer distinct shapes, so oneDNN/cuBLAS reuse their kernels across steps.
-    collator = _WithoutLength(DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8))
+    collator = _WithoutLength(DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=PAD_TO_MULTIPLE_OF))
     extra = run.method.make_callbacks(run._ctx, run.total_steps) if run.method.make_callbacks else []
     if config.neftune_alpha:
         extra.append(NEFTuneCallback(config.neftune_alpha))
@@ -253,6 +271,10 @@ def _make_trainer(run: Run, model: Any, tokenizer: Any, train_set: Any, eval_set
     for noisy in (PrinterCallback, ProgressCallback):  # they print every log dict to stdout
         trainer.remove_callback(noisy)
     return trainer
+
+
+# Fewer distinct shapes, so oneDNN/cuBLAS reuse their kernels across steps (bench/speedups.py weighs it).
+PAD_TO_MULTIPLE_OF = 8
 
 
 class _WithoutLength:

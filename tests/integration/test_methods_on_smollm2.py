@@ -13,7 +13,8 @@ pytestmark = pytest.mark.integration
 FAMILIES = [  # (method, options, lr): the lr each family needs to move in a handful of steps
     ("dora", {}, 1e-3),
     ("loraplus", {}, 5e-4),
-    ("adalora", {"init_r": 8, "target_r": 4}, 1e-3),
+    # AdaLoRA starts from E = 0 and moves slowly: at 1e-3 four steps change the loss by 0.006, below bf16 noise
+    ("adalora", {"init_r": 8, "target_r": 4}, 5e-3),
     ("houlsby", {}, 1e-3),
     ("pfeiffer", {}, 1e-3),
     ("prefix", {"num_virtual_tokens": 8}, 1e-3),
@@ -65,7 +66,7 @@ def test_bitfit_on_smollm2_says_it_has_no_biases(smollm2, rows):
 def test_a_saved_bottleneck_adapter_reloads_on_smollm2(smollm2, rows, tmp_path):
     run = nbtune.finetune(data=rows, method="houlsby", steps=2, batch_size=4, lr=1e-3, metric="none",
                           output_dir=str(tmp_path / "houlsby"))
-    loaded = nbtune.load(run.saved_to, base=load_base(str(smollm2)))
+    loaded = nbtune.load(run.saved_to, base=load_base(str(smollm2), dtype=run.config.dtype))
     ids = run.tokenizer("Convert this date to ISO format (YYYY-MM-DD): 1 May 2000", return_tensors="pt")
     run.model.eval()
     loaded.model.eval()

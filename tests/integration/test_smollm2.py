@@ -27,7 +27,9 @@ def test_lora_on_smollm2_learns_and_round_trips_through_plain_peft(smollm2_dir, 
     assert losses[-1] < losses[0] and all(torch.isfinite(torch.tensor(losses)))
     assert 0.5 < run.metrics["trainable_percent"] < 3  # r=8 on all linear layers of a 135M model
 
-    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2_dir), run.saved_to)
+    # the base in the dtype the run trained on (bfloat16 on CPUs with native bf16)
+    base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=getattr(torch, run.config.dtype))
+    plain = PeftModel.from_pretrained(base, run.saved_to)
     plain.eval()
     run.model.eval()
     ids = run.tokenizer(PROMPT, return_tensors="pt")
