@@ -1,11 +1,13 @@
-"""Benchmark: weight memory, peak RSS and step time of LoRA on a 4-bit NF4 and an 8-bit base vs fp32.
+"""Benchmark: weight memory, peak RSS and step time of LoRA on a 4-bit NF4, an 8-bit and a bf16 base vs fp32.
 
     python bench/qlora_memory.py [--repeats 2] [--steps 6] [--batch-size 8]
 
-Three nbtune configs on SmolLM2-135M-Instruct with the demo train rows, the same LoRA (r 8, all linear
-layers), seed and batch: `method: lora` (fp32 base), `method: qlora, quantization: 4bit` (NF4, double
-quantisation, bitsandbytes) and `method: qlora, quantization: 8bit` (LLM.int8). Each job runs in its own
-fresh process, in the order fp32, 4bit, 8bit, fp32, 4bit, 8bit ...; ratios are taken within a round.
+Four nbtune configs on SmolLM2-135M-Instruct with the demo train rows, the same LoRA (r 8, all linear
+layers), seed and batch: `method: lora, precision: fp32` (fp32 base), `method: lora, precision: bf16`
+(bf16 base and autocast: nbtune's default on CPUs with AVX512-BF16/AMX), `method: qlora, quantization:
+4bit` (NF4, double quantisation, bitsandbytes; fp32 compute) and `method: qlora, quantization: 8bit`
+(LLM.int8). Each job runs in its own fresh process, in the order fp32, bf16, 4bit, 8bit, fp32, ...;
+ratios are taken within a round.
 
 Per job: weight MB = bytes of every parameter and buffer of the model as training starts, counted as
 stored (a 4-bit weight is its packed uint8 data plus its quantisation state: absmax, nested absmax,
@@ -27,7 +29,8 @@ from common import median_min, report, run_child, versions, vmhwm_mb, write_resu
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 WARMUP_STEPS = 2
 VARIANTS: dict[str, dict[str, Any]] = {
-    "fp32": {"method": "lora", "quantization": "none"},
+    "fp32": {"method": "lora", "quantization": "none", "precision": "fp32", "dtype": "float32"},
+    "bf16": {"method": "lora", "quantization": "none", "precision": "bf16", "dtype": "bfloat16"},
     "4bit": {"method": "qlora", "quantization": "4bit"},
     "8bit": {"method": "qlora", "quantization": "8bit"},
 }

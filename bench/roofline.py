@@ -117,13 +117,17 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=512, help="GEMM rows (batch x sequence) of the roofline")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--method", default="lora")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), help="default: nbtune's default on this machine")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     gemms = step_gemms(AutoConfig.from_pretrained(resolve_model(MODEL)))
     probe = Interleaver(gemms, args.tokens, args.reps, args.chunk_steps)
     steps = WARMUP_STEPS + args.chunks * args.chunk_steps
-    nbtune.finetune({"model": MODEL, "method": args.method, "data": demo_splits()[0], "steps": steps,
-                     "batch_size": args.batch_size, "metric": "none", "save": False}, observers=[probe])
+    precision = {"precision": args.precision} if args.precision else {}
+    run = nbtune.finetune({"model": MODEL, "method": args.method, "data": demo_splits()[0], "steps": steps,
+                           "batch_size": args.batch_size, "metric": "none", "save": False, **precision},
+                          observers=[probe])
+    used = run.config.precision  # the roofline is that of the precision the GEMMs ran in
     if len(probe.rounds) != args.chunks + 1 or len(probe.meter.steps) != steps:
         raise RuntimeError(f"{len(probe.rounds)} roofline rounds and {len(probe.meter.steps)} steps measured; "
                            f"expected {args.chunks + 1} and {steps} (an observer error is only a warning)")
@@ -135,25 +139,28 @@ def main() -> None:
         padded = sum(s["padded_tokens"] for s in steps_in)
         achieved = flops_per_token * padded / seconds / 1e9
         around = probe.rounds[c:c + 2]  # the rounds just before and just after this chunk
-        model_peak = statistics.fmean(r["fp32"]["model_gflops"] for r in around)
-        square_peak = statistics.fmean(r["fp32"]["square_gflops"] for r in around)
+        model_peak = statistics.fmean(r[used]["model_gflops"] for r in around)
+        square_peak = statistics.fmean(r[used]["square_gflops"] for r in around)
+        fp32_peak = statistics.fmean(r["fp32"]["model_gflops"] for r in around)
         chunks.append({"chunk": c + 1, "steps": len(steps_in), "padded_tokens_per_second": padded / seconds,
                        "tokens_per_second": sum(s["tokens"] for s in steps_in) / seconds,
                        "achieved_gflops": achieved, "model_peak_gflops": model_peak,
                        "square_peak_gflops": square_peak, "of_model_peak": achieved / model_peak,
-                       "of_square_peak": achieved / square_peak})
+                       "of_square_peak": achieved / square_peak, "of_fp32_model_peak": achieved / fp32_peak})
 
     measured = probe.meter.steps[WARMUP_STEPS:]
     mean_padded = statistics.fmean(s["padded_tokens"] for s in measured)
     print(f"\n{probe.params['all']:,} params ({probe.params['trainable']:,} trainable), "
           f"{flops_per_token / 1e6:.1f} MFLOP per padded token; {torch.get_num_threads()} threads; "
           f"{mean_padded:.0f} padded tokens per step (roofline GEMMs: {args.tokens} rows)")
-    print("\n| chunk | padded tok/s | achieved GFLOP/s | fp32 model-shaped peak | of it | fp32 square peak | of it |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"\nprecision of the run: {used} (base weights {run.config.dtype})")
+    print(f"\n| chunk | padded tok/s | achieved GFLOP/s | {used} model-shaped peak | of it | {used} square peak "
+          "| of it | of the fp32 model-shaped peak |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for c in chunks:
         print(f"| {c['chunk']} | {c['padded_tokens_per_second']:.0f} | {c['achieved_gflops']:.1f} | "
               f"{c['model_peak_gflops']:.1f} | {100 * c['of_model_peak']:.1f}% | {c['square_peak_gflops']:.1f} | "
-              f"{100 * c['of_square_peak']:.1f}% |")
+              f"{100 * c['of_square_peak']:.1f}% | {100 * c['of_fp32_model_peak']:.1f}% |")
     print(f"\nGEMM speeds, median of {len(probe.rounds)} rounds (last two rows: median of each round's figure):\n")
     print("| GEMM (rows x in x out) | per step | fp32 GFLOP/s | bf16 GFLOP/s |")
     print("|---|---:|---:|---:|")
@@ -167,14 +174,17 @@ def main() -> None:
         print(f"| {label} | - | {fp32:.1f} | {bf16:.1f} |")
     of_model = median_min([c["of_model_peak"] for c in chunks])
     of_square = median_min([c["of_square_peak"] for c in chunks])
-    print(f"\nachieved / fp32 model-shaped peak: median {of_model['median']:.3f}, min {of_model['min']:.3f}; "
-          f"achieved / fp32 square peak: median {of_square['median']:.3f}, min {of_square['min']:.3f}")
+    of_fp32 = median_min([c["of_fp32_model_peak"] for c in chunks])
+    print(f"\nachieved / {used} model-shaped peak: median {of_model['median']:.3f}, min {of_model['min']:.3f}; "
+          f"achieved / {used} square peak: median {of_square['median']:.3f}, min {of_square['min']:.3f}; "
+          f"achieved / fp32 model-shaped peak: median {of_fp32['median']:.3f}")
     settings = {**vars(args), "warmup_steps": WARMUP_STEPS, "threads": torch.get_num_threads(),
                 "flops_per_padded_token": flops_per_token, "params": probe.params,
-                "mean_padded_tokens_per_step": mean_padded}
+                "mean_padded_tokens_per_step": mean_padded, "precision": used, "dtype": run.config.dtype}
     write_result("roofline", {"settings": settings,
                               "chunks": chunks, "rounds": probe.rounds, "shapes_median": shape_rows,
-                              "of_model_peak": of_model, "of_square_peak": of_square, "versions": versions()})
+                              "of_model_peak": of_model, "of_square_peak": of_square, "of_fp32_model_peak": of_fp32,
+                              "versions": versions()})
 
 
 if __name__ == "__main__":

@@ -2,17 +2,22 @@
 
     python bench/throughput.py [--pairs 2] [--steps 30] [--batch-size 8] [--no-metric]
 
-Both jobs: SmolLM2-135M-Instruct in fp32, LoRA r=8 alpha=16 dropout=0.05 on all linear layers, the demo
-train rows rendered with the chat template and the loss on the answer tokens only, lr 1e-3 with the
-Trainer's default linear decay (nbtune is told `lr_scheduler: linear` to match), seed 42, same batch size
-and steps. The hand job is a user's plain script: random sampler, `DataCollatorForSeq2Seq(padding=True)`,
-Trainer defaults otherwise. nbtune adds its own choices (length-grouped batches, padding to a multiple
-of 8). Each job runs in its own fresh process, in the order hand, nbtune, hand, nbtune ...
+Both jobs: SmolLM2-135M-Instruct (hand: fp32, as from_pretrained and the Trainer default to; nbtune: its
+defaults, bf16 autocast and a bf16 base on CPUs with AVX512-BF16/AMX), LoRA r=8 alpha=16 dropout=0.05 on
+all linear layers, the demo train rows rendered with the chat template and the loss on the answer tokens
+only, lr 1e-3 with the Trainer's default linear decay (nbtune is told `lr_scheduler: linear` to match),
+seed 42, same batch size and steps. The hand job is a user's plain script: random sampler,
+`DataCollatorForSeq2Seq(padding=True)`, Trainer defaults otherwise. nbtune adds its own choices (length-
+grouped batches, padding to a multiple of 8, its default precision, fast LoRA dropout; see
+`bench/speedups.py` for what each is worth). Each job runs in its own fresh process, in the order hand,
+nbtune, hand, nbtune ...
 
 Measured in each job, identically (bench/common.py `StepMeter`): tokens/s = attention_mask tokens of steps
 3..N over their wall time (steps 1-2 pay for oneDNN kernel creation); peak RSS = the process's VmHWM when
 training ends (model load included, generation not); final loss = mean logged loss of the last 5 steps;
-exact match on the 64 held-out demo rows, greedy, 16 new tokens, by one helper applied to both models.
+held-out loss = cross-entropy per answer token on the 64 held-out demo rows; exact match on the same rows,
+greedy, 16 new tokens. Both by one helper applied to both models, as trained (nbtune's in its default
+precision: bf16 autocast and a bf16 base on CPUs with AVX512-BF16/AMX).
 """
 
 from __future__ import annotations
@@ -31,6 +36,16 @@ LR, SEED = 1e-3, 42
 WARMUP_STEPS = 2  # left out of tokens/s
 LAST_LOSSES = 5  # final train loss = mean of the logged losses of the last 5 steps
 LORA = {"r": 8, "alpha": 16.0, "dropout": 0.05, "target_modules": "all-linear"}
+
+
+def encode(tokenizer: Any, row: dict[str, str]) -> dict[str, list[int]]:
+    """A row as the user's script tokenises it: chat template, loss only on the answer's tokens."""
+    prompt = [{"role": "user", "content": row["prompt"]}]
+    full = [*prompt, {"role": "assistant", "content": row["completion"]}]
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(tokenizer.apply_chat_template(full, tokenize=False), add_special_tokens=False)["input_ids"]
+    masked = len(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * masked + ids[masked:]}
 
 
 def hand_job(rows: list[dict[str, str]], steps: int, batch_size: int, meter: StepMeter) -> tuple[Any, Any]:
@@ -54,16 +69,8 @@ def hand_job(rows: list[dict[str, str]], steps: int, batch_size: int, meter: Ste
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-
-    def encode(row: dict[str, str]) -> dict[str, list[int]]:
-        prompt = [{"role": "user", "content": row["prompt"]}]
-        full = [*prompt, {"role": "assistant", "content": row["completion"]}]
-        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(tokenizer.apply_chat_template(full, tokenize=False), add_special_tokens=False)["input_ids"]
-        masked = len(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
-        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * masked + ids[masked:]}
-
-    train = datasets.Dataset.from_list(rows).map(encode, remove_columns=["prompt", "completion"])
+    train = datasets.Dataset.from_list(rows).map(lambda row: encode(tokenizer, row),
+                                                 remove_columns=["prompt", "completion"])
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     set_seed(SEED)  # as nbtune does right before adding the adapter: same LoRA initialisation
     model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
@@ -100,7 +107,7 @@ def nbtune_job(rows: list[dict[str, str]], steps: int, batch_size: int, meter: S
     # data as a list (not "demo"): no held-out eval loss after training, which the hand job has not either.
     run = nbtune.finetune({"model": MODEL, "method": "lora", **LORA, "data": rows, "steps": steps,
                            "batch_size": batch_size, "lr": LR, "lr_scheduler": "linear", "seed": SEED,
-                           "dtype": "float32", "metric": "none", "save": False}, observers=[Observer()])
+                           "metric": "none", "save": False}, observers=[Observer()])
     return run.model, run.tokenizer
 
 
@@ -112,6 +119,25 @@ def exact_match(model: Any, tokenizer: Any, rows: list[dict[str, str]]) -> float
 
     answers = generate_texts(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=16)
     return share_equal(answers, [r["completion"] for r in rows])
+
+
+def heldout_loss(model: Any, tokenizer: Any, rows: list[dict[str, str]]) -> float:
+    """Mean cross-entropy per answer token on held-out rows, one row at a time (no padding), the model
+    as trained and in eval mode: one definition for both jobs, unlike their differently batched train losses."""
+    import torch
+
+    model.eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for row in rows:
+            enc = encode(tokenizer, row)
+            labels = torch.tensor([enc["labels"]])
+            logits = model(input_ids=torch.tensor([enc["input_ids"]])).logits[:, :-1].float()
+            target = labels[:, 1:]
+            total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(),
+                                                             ignore_index=-100, reduction="sum"))
+            count += int((target != -100).sum())
+    return total / count
 
 
 def child(variant: str, steps: int, batch_size: int, metric: bool) -> None:
@@ -128,6 +154,7 @@ def child(variant: str, steps: int, batch_size: int, metric: bool) -> None:
     losses = [s["loss"] for s in meter.steps[-LAST_LOSSES:]]
     report({"variant": variant, **meter.steady(WARMUP_STEPS), "peak_rss_mb": peak,
             "final_loss": statistics.fmean(losses), "first_loss": meter.steps[0]["loss"],
+            "heldout_loss": heldout_loss(model, tokenizer, test), "dtype": str(next(model.parameters()).dtype),
             "exact_match": exact_match(model, tokenizer, test) if metric else None})
 
 
@@ -157,13 +184,15 @@ def main() -> None:
     def em(r: dict[str, Any]) -> str:
         return "-" if r["exact_match"] is None else f"{r['exact_match']:.3f}"
 
-    print("\n| pair | job | tokens/s | padding % | s/step (median) | peak RSS MB | final loss | exact match |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| pair | job | tokens/s | padding % | s/step (median) | peak RSS MB | final train loss | "
+          "held-out loss | exact match |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for p in pairs:
         for name in ("hand", "nbtune"):
             r = p[name]
             print(f"| {p['pair']} | {name} | {r['tokens_per_second']:.0f} | {100 * r['padding_share']:.1f} | "
-                  f"{r['median_step_seconds']:.2f} | {r['peak_rss_mb']:.0f} | {r['final_loss']:.4f} | {em(r)} |")
+                  f"{r['median_step_seconds']:.2f} | {r['peak_rss_mb']:.0f} | {r['final_loss']:.4f} | "
+                  f"{r['heldout_loss']:.4f} | {em(r)} |")
     speed = median_min([p["tokens_per_second_ratio"] for p in pairs])
     memory = median_min([p["peak_rss_ratio"] for p in pairs])
     print(f"\nnbtune / hand, per pair: tokens/s {[round(p['tokens_per_second_ratio'], 3) for p in pairs]} "
