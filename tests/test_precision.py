@@ -186,3 +186,20 @@ def test_a_small_adapter_contribution_survives_bf16_autocast(chat_tokenizer):
     kept, rounded = adapter_effect(True), adapter_effect(False)
     assert (kept - exact).norm() < 0.05 * exact.norm()  # only the bf16 matmuls' own rounding
     assert (rounded - exact).norm() > 0.5 * exact.norm()  # most of it lost in the bf16 sum
+
+
+def test_inference_on_a_bf16_model_sums_in_fp32_and_leaves_fp32_models_alone(chat_tokenizer):
+    from nbtune.engine.precision import inference_precision
+
+    exact = tiny_llama(chat_tokenizer).eval()
+    halved = copy.deepcopy(exact).to(torch.bfloat16)
+    ids = chat_tokenizer(["a short line of text"], return_tensors="pt")
+    with torch.no_grad():
+        reference = exact(**ids).logits
+        with inference_precision(exact):
+            assert torch.equal(exact(**ids).logits, reference)  # fp32: untouched
+        plain = halved(**ids, output_hidden_states=True)
+        with inference_precision(halved):
+            careful = halved(**ids, output_hidden_states=True)
+    assert plain.hidden_states[-1].dtype == torch.bfloat16 and careful.hidden_states[-1].dtype == torch.float32
+    assert (careful.logits.float() - reference).norm() < (plain.logits.float() - reference).norm()

@@ -70,7 +70,9 @@ def mixed_generate(stack: Any, tokenizer: Any, prompts: Sequence[Prompt], runs: 
     texts = [tokenizer.apply_chat_template(as_messages(p), tokenize=False, add_generation_prompt=True)
              for p in prompts]
     rows = [(name, text) for name in names for text in texts]
-    with _eval_mode(stack), _left_padding(tokenizer), torch.no_grad():
+    from nbtune.engine.precision import inference_precision
+
+    with _eval_mode(stack), _left_padding(tokenizer), torch.no_grad(), inference_precision(stack):
         batch = tokenizer([t for _, t in rows], return_tensors="pt", padding=True, add_special_tokens=False)
         batch = batch.to(_device(stack))
         out = stack.generate(**batch, adapter_names=[n for n, _ in rows], max_new_tokens=max_new_tokens,

@@ -28,7 +28,9 @@ def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[Prompt], *, max
              for p in prompts]
     generate_kwargs.setdefault("do_sample", False)
     answers: list[str] = []
-    with _eval_mode(model), _left_padding(tokenizer), torch.no_grad():
+    from nbtune.engine.precision import inference_precision
+
+    with _eval_mode(model), _left_padding(tokenizer), torch.no_grad(), inference_precision(model):
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
                               add_special_tokens=False).to(_device(model))
