@@ -1,4 +1,5 @@
-"""The command line: `nbtune run config.yaml [--set key=value ...] [--json]`, `nbtune methods`, `nbtune demo`.
+"""The command line: `nbtune run config.yaml [--set key=value ...] [--json] [--resume]`, `nbtune methods`,
+`nbtune demo`, `nbtune fetch`.
 
 User mistakes print one line (`nbtune: error: ...`) and exit with status 2; no traceback.
 """
@@ -42,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a key (value parsed as YAML: --set r=16 --set lr=1e-4); repeatable")
     run.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    run.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
+                     help="continue from the newest verified checkpoint in <output_dir>-checkpoints "
+                          "(or from CHECKPOINT), e.g. after the process was killed")
     run.set_defaults(handler=_cmd_run)
 
     methods = sub.add_parser("methods", help="list the methods with their options, defaults and help")
@@ -78,7 +82,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from nbtune.engine.run import finetune
 
     config = RunConfig.parse(args.config, **parse_overrides(args.overrides))  # fail fast, before imports
-    run = finetune(config, progress=not args.json)
+    run = finetune(config, progress=not args.json, resume_from=args.resume)
     if args.json:
         print(json.dumps({"name": run.name, "status": run.status, **run.metrics}, indent=2, default=str))
     else:

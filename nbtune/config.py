@@ -23,6 +23,7 @@ import yaml
 
 from nbtune.errors import ConfigError, did_you_mean
 from nbtune.params import Param
+from nbtune.safety import check_output_dir
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -72,6 +73,10 @@ class RunConfig:
                            choices=("float32", "bfloat16", "float16"))
     quantization: str | None = _p(None, "str", "Base weights in 4-bit NF4 or 8-bit (bitsandbytes); default: "
                                   "the method's (none, 4bit for qlora).", choices=("none", "4bit", "8bit"))
+    memory_check: bool = _p(True, "bool", "Refuse a run whose estimated memory need exceeds what is available "
+                            "(with what to change); false: try anyway.")
+    trust_remote_code: bool = _p(False, "bool", "Run Python code that ships with the model (its own modelling "
+                                 "files). Only for models you trust; never needed for the default model.")
     gradient_checkpointing: bool = _p(False, "bool", "Recompute activations in backward: less memory, slower steps.")
     logits_on_labels_only: bool = _p(True, "bool", "Run the LM head and loss only where labels are (same loss, "
                                      "less time and memory); false: the model's own full-logits loss.")
@@ -79,6 +84,12 @@ class RunConfig:
                                      "embeddings while training (5 is the paper's default); works with every "
                                      "method.", min=0.0, min_exclusive=True)
     eval_steps: int = _p(0, "int", "Evaluate the loss every N steps (0: only at the end).", min=0)
+    on_nonfinite: str = _p("stop", "str", "When a loss or gradient turns NaN/inf: `stop` keeps the last good "
+                           "weights and ends the run; `skip` drops that batch and goes on.",
+                           choices=("stop", "skip"))
+    checkpoint_steps: int = _p(0, "int", "Save a verified, resumable checkpoint every N steps into "
+                               "<output_dir>-checkpoints (0: only when a run is stopped).", min=0)
+    keep_checkpoints: int = _p(2, "int", "How many of the newest periodic checkpoints to keep.", min=1, max=1000)
     metric: str = _p("auto", "str", "Task metric at the end: exact match of generated answers; 'auto' uses it "
                      "for the demo task only.", choices=("auto", "exact_match", "none"))
     metric_samples: int = _p(64, "int", "Eval examples the task metric generates answers for.", min=1)
@@ -267,5 +278,6 @@ def _check_cross_fields(config: RunConfig, method: Any) -> None:
             f"`name` {config.name!r} must be 1-100 letters, digits, '_', '.' or '-' (it names a folder).",
             field="name",
         )
+    check_output_dir(config.resolved_output_dir)
     if isinstance(config.data, str) and not config.data.strip():
         raise ConfigError("`data` is empty; give 'demo', a file path or a dataset.", field="data")

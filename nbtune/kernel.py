@@ -113,11 +113,18 @@ def reclaim(target: Any = "all") -> dict[str, float]:
 
 def _forget_notebook_references() -> None:
     # Only if IPython is already running: importing it here would defeat `import nbtune` being light.
+    # A failed cell's traceback keeps every frame alive, and with them the model a frame held.
     sys.last_type = sys.last_value = sys.last_traceback = None
+    if hasattr(sys, "last_exc"):
+        sys.last_exc = None
     ipython_module = sys.modules.get("IPython")
     shell = ipython_module.get_ipython() if ipython_module is not None else None
     if shell is not None:
         shell.displayhook.flush()  # empties Out, _, __, ___ which may pin a Run and its model
+        shell.last_execution_result = None  # its error_in_exec holds the traceback too
+        for formatter in (getattr(shell, "InteractiveTB", None), getattr(shell, "SyntaxTB", None)):
+            if getattr(formatter, "tb", None) is not None:
+                formatter.tb = None  # IPython's traceback printer keeps the last traceback it printed
 
 
 def _give_back_to_os() -> None:

@@ -127,6 +127,8 @@ def demo_rows():
 
 
 @pytest.fixture(autouse=True)
-def _in_tmp_cwd(tmp_path, monkeypatch):
-    # Runs save to runs/<name> by default: keep every test's files inside its own tmp dir.
+def _in_tmp_cwd(tmp_path, tmp_path_factory, monkeypatch):
+    # Runs save to runs/<name> by default: keep every test's files inside its own tmp dir. Module-level
+    # fixtures save under other pytest tmp dirs: those are part of the workspace too.
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NBTUNE_WORKSPACE", str(tmp_path_factory.getbasetemp()))

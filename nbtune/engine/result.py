@@ -60,6 +60,7 @@ class Run:
         self._thread: threading.Thread | None = None  # set when training in the background
         self._datasets: Any = None  # tokenised (train, eval), kept while the run may resume
         self._checkpoint: str | None = None  # the Trainer checkpoint a stopped run resumes from
+        self._guard: Any = None  # the divergence guard of the current Trainer (engine/guards.py)
 
     # ------------------------------------------------------------ control
     def stop(self) -> None:

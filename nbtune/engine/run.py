@@ -29,20 +29,26 @@ from nbtune.engine.events import Broadcast, NullObserver, ProgressObserver
 from nbtune.engine.memory import PeakSampler
 from nbtune.engine.models import Base, load_base
 from nbtune.engine.precision import training_speedups
+from nbtune.engine.preflight import check_fits, is_allocator_failure, out_of_memory
 from nbtune.engine.result import Run
+from nbtune.engine.trainer import checkpoint_root, make_trainer
 from nbtune.errors import ConfigError, DataError, NbtuneError
 from nbtune.methods import MethodContext, get_method
 
 
 def finetune(config: RunConfig | dict[str, Any] | str | None = None, *, base: Base | tuple[Any, Any] | None = None,
-             observers: Iterable[Any] = (), progress: bool = False, **overrides: Any) -> Run:
+             observers: Iterable[Any] = (), progress: bool = False, resume_from: str | Path | None = None,
+             **overrides: Any) -> Run:
     """Fine-tune a model as `config` says (a RunConfig, dict, YAML text or file; keyword overrides win).
 
     `base` is an already loaded (model, tokenizer) to train instead of loading `config.model`; PEFT
     methods add their adapter to it in place. `observers` receive the run's events; `progress=True`
-    adds a tqdm bar. Returns the `Run`, finished or stopped; a failed run raises.
+    adds a tqdm bar. `resume_from="latest"` (or a checkpoint folder) continues a run whose process
+    died, from the newest verified checkpoint `checkpoint_steps` left in `<output_dir>-checkpoints`.
+    Returns the `Run`, finished or stopped; a failed run raises.
     """
-    return train_run(start_run(config, observers=observers, progress=progress, **overrides), base=base)
+    run = start_run(config, observers=observers, progress=progress, **overrides)
+    return train_run(run, base=base, resume_from=resume_from)
 
 
 def start_run(config: RunConfig | dict[str, Any] | str | None = None, *, observers: Iterable[Any] = (),
@@ -61,13 +67,15 @@ def start_run(config: RunConfig | dict[str, Any] | str | None = None, *, observe
     return run
 
 
-def train_run(run: Run, *, base: Base | tuple[Any, Any] | None = None) -> Run:
+def train_run(run: Run, *, base: Base | tuple[Any, Any] | None = None,
+              resume_from: str | Path | None = None) -> Run:
     """Load (or take) the base, prepare the method, train with the Trainer, evaluate and save `run`."""
     train_records, eval_records, fmt = run._data
+    checkpoint = resume_checkpoint(run, resume_from) if resume_from is not None else None  # before any load
     run.status = "running"
     try:
         with PeakSampler() as memory:
-            _train(run, base, train_records, eval_records, fmt, memory)
+            _train(run, base, train_records, eval_records, fmt, memory, checkpoint)
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt) and run.model is not None:
             run.status = "stopped"  # Ctrl-C / kernel interrupt: keep what was learned
@@ -110,7 +118,8 @@ def read_data(config: RunConfig) -> tuple[Any, Any, str]:
     return train, evaluation, fmt
 
 
-def _train(run: Run, base: Any, train_records: Any, eval_records: Any, fmt: str, memory: PeakSampler) -> None:
+def _train(run: Run, base: Any, train_records: Any, eval_records: Any, fmt: str, memory: PeakSampler,
+           checkpoint: str | None = None) -> None:
     import transformers
 
     config = run.config
@@ -120,7 +129,8 @@ def _train(run: Run, base: Any, train_records: Any, eval_records: Any, fmt: str,
     if base is not None:
         _check_callers_base(base.model, run)
     else:
-        base = load_base(config.model, quantization=config.quantization, dtype=config.dtype)
+        base = load_base(config.model, quantization=config.quantization, dtype=config.dtype,
+                         trust_remote_code=config.trust_remote_code)
     tokenizer = prepare_tokenizer(base.tokenizer)
     run._ctx.tokenizer = tokenizer
     run.metrics["load_seconds"] = round(time.perf_counter() - started, 2)
@@ -141,15 +151,19 @@ def _train(run: Run, base: Any, train_records: Any, eval_records: Any, fmt: str,
     run.model, run.tokenizer = model, tokenizer
     run.metrics.update(count_parameters(model))
 
-    # 5. The loop is transformers' Trainer; RunCallback records history and relays events.
+    # 5. Will it fit? Refused here with numbers and advice, not killed by the OS half-way.
+    estimate = check_fits(model, config, longest=max(train_set["length"], default=1))
+    run.metrics["memory_need_mb"] = round(estimate["total_mb"])
+
+    # 6. The loop is transformers' Trainer; RunCallback records history and relays events.
     run._datasets = (train_set, eval_set)
-    _fit(run, memory)
+    _fit(run, memory, resume_from=checkpoint)
 
 
 def _fit(run: Run, memory: PeakSampler, resume_from: str | None = None) -> None:
     """Run the Trainer (from a checkpoint when resuming); a stopped run keeps a checkpoint to resume from."""
     train_set, eval_set = run._datasets
-    trainer = _make_trainer(run, run.model, run.tokenizer, train_set, eval_set, memory)
+    trainer = make_trainer(run, run.model, run.tokenizer, train_set, eval_set, memory)
     try:
         _train_and_evaluate(run, trainer, eval_set, resume_from)
     finally:
@@ -168,15 +182,30 @@ def _release_from_trainer(trainer: Any) -> None:
 def _train_and_evaluate(run: Run, trainer: Any, eval_set: Any, resume_from: str | None) -> None:
     run.emit("on_run_start")
     started = time.perf_counter()
+    ran_out = False
     try:
         with training_speedups(run.model):
             output = trainer.train(resume_from_checkpoint=resume_from)
         run.metrics["train_loss_mean"] = output.training_loss
     except KeyboardInterrupt:  # the kernel's interrupt: stop here, keeping everything learned so far
         run.stop()
+    except Exception as exc:
+        if not is_allocator_failure(exc):
+            raise
+        ran_out = True  # raised below, outside this block: the failed step's tensors must not stay referenced
     finally:
         remove_neftune(run.model)  # an interrupt skips the Trainer's own clean-up
+        run._guard.release()
     run.metrics["train_seconds"] = round(time.perf_counter() - started + run.metrics.get("train_seconds", 0), 2)
+    if ran_out:
+        raise out_of_memory(run.config, trainer.state.global_step)
+    if run._guard.skipped:
+        run.metrics["skipped_steps"] = list(run._guard.skipped)
+    if run._guard.message:  # diverged: the weights are the last good step's; no evaluation of NaN weights
+        run.status, run.error = "failed", run._guard.message
+        run._checkpoint = run._datasets = None
+        warnings.warn(f"run {run.name!r}: {run.error}", stacklevel=4)
+        return
     if run.stop_requested and trainer.state.global_step < trainer.state.max_steps:
         run._checkpoint = _resumable_checkpoint(trainer, run)
         run.status = "stopped"
@@ -184,8 +213,33 @@ def _train_and_evaluate(run: Run, trainer: Any, eval_set: Any, resume_from: str 
     run._stop.clear()  # a Stop that came with the last step changes nothing: the run is complete
     run._checkpoint, run._datasets = None, None
     if eval_set is not None:
-        run.metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+        with training_speedups(run.model, dropout=False, attention=False):  # the training numerics
+            run.metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
     run.status = "finished"
+
+
+def resume_checkpoint(run: Run, where: str | Path) -> str:
+    """The verified checkpoint to resume from: the newest good one under the run's checkpoint folder
+    ("latest"), or `where` itself, or, when `where` is damaged, the newest good one before it."""
+    from nbtune.engine.checkpoints import latest_good, verify
+
+    if str(where) == "latest":
+        root = checkpoint_root(run)
+        found = latest_good(root) if root.is_dir() else None
+        if found is None:
+            hint = "" if run.config.checkpoint_steps else " (set `checkpoint_steps` so that runs leave some)"
+            raise NbtuneError(f"no complete checkpoint in {root} to resume run {run.name!r} from{hint}.",
+                              field="checkpoint_steps")
+        return str(found)
+    folder = Path(where)
+    problem = verify(folder) if folder.is_dir() else "it does not exist"
+    if problem is None:
+        return str(folder)
+    older = latest_good(folder.parent, before=folder) if folder.parent.is_dir() else None
+    if older is None:
+        raise NbtuneError(f"cannot resume from {folder}: {problem}, and no earlier complete checkpoint is there.")
+    warnings.warn(f"{folder.name}: {problem}; resuming from {older.name} instead.", stacklevel=3)
+    return str(older)
 
 
 def _resumable_checkpoint(trainer: Any, run: Run) -> str | None:
@@ -210,7 +264,7 @@ def resume_run(run: Run) -> Run:
     run.status = "running"
     try:
         with PeakSampler() as memory:
-            _fit(run, memory, resume_from=run._checkpoint)
+            _fit(run, memory, resume_from=resume_checkpoint(run, run._checkpoint))
     except BaseException as exc:
         run.status, run.error = "failed", f"{type(exc).__name__}: {exc}"
         run.emit("on_error", exc)
@@ -218,73 +272,6 @@ def resume_run(run: Run) -> Run:
     run.metrics["peak_rss_mb"] = max(run.metrics.get("peak_rss_mb", 0.0), round(memory.peak_mb, 1))
     _finish(run)
     return run
-
-
-def _make_trainer(run: Run, model: Any, tokenizer: Any, train_set: Any, eval_set: Any,
-                  memory: PeakSampler) -> Any:
-    import torch
-    from transformers import DataCollatorForSeq2Seq, TrainingArguments
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    from nbtune.engine.callbacks import NEFTuneCallback, RunCallback
-    from nbtune.engine.loss import AnswerOnlyLossTrainer
-
-    config = run.config
-    periodic_eval = bool(config.eval_steps and eval_set is not None)
-    args = TrainingArguments(
-        output_dir=str(run._ctx.workdir / "trainer"),
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
-        learning_rate=config.lr,
-        lr_scheduler_type=config.lr_scheduler,
-        warmup_steps=config.warmup_steps,
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
-        max_steps=config.steps or -1,
-        num_train_epochs=config.epochs or 1.0,
-        seed=config.seed,
-        data_seed=config.seed,
-        logging_steps=1,  # one history record per optimizer step
-        eval_strategy="steps" if periodic_eval else "no",
-        eval_steps=config.eval_steps or None,
-        prediction_loss_only=True,  # evaluation reports the loss; logits would only be gathered and dropped
-        save_strategy="no",  # the run saves its own standard artefact at the end
-        report_to="none",
-        disable_tqdm=True,  # our observers draw progress
-        include_num_input_tokens_seen="non_padding",  # for honest tokens/s
-        train_sampling_strategy="group_by_length",  # batches of similar length waste little padding
-        remove_unused_columns=False,  # keep `length` for the sampler; the collator drops it
-        activation_checkpointing=config.gradient_checkpointing and run.method.gradient_checkpointing,
-        bf16=config.precision == "bf16",  # autocast around the forward; trainable weights stay fp32
-        use_cpu=not torch.cuda.is_available(),
-    )
-    collator = _WithoutLength(DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=PAD_TO_MULTIPLE_OF))
-    extra = run.method.make_callbacks(run._ctx, run.total_steps) if run.method.make_callbacks else []
-    if config.neftune_alpha:
-        extra.append(NEFTuneCallback(config.neftune_alpha))
-    optimizer = run.method.make_optimizer(model, args, run._ctx) if run.method.make_optimizer else None
-    trainer = AnswerOnlyLossTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                                    processing_class=tokenizer, data_collator=collator,
-                                    callbacks=[RunCallback(run, memory), *extra], optimizers=(optimizer, None),
-                                    labels_only=config.logits_on_labels_only)
-    for noisy in (PrinterCallback, ProgressCallback):  # they print every log dict to stdout
-        trainer.remove_callback(noisy)
-    return trainer
-
-
-# Fewer distinct shapes, so oneDNN/cuBLAS reuse their kernels across steps (bench/speedups.py weighs it).
-PAD_TO_MULTIPLE_OF = 8
-
-
-class _WithoutLength:
-    """The Seq2Seq collator (pads labels with -100) minus the `length` column only the sampler needs."""
-
-    def __init__(self, collator: Any) -> None:
-        self.collator = collator
-
-    def __call__(self, features: list[dict[str, Any]]) -> Any:
-        return self.collator([{k: v for k, v in f.items() if k != "length"} for f in features])
 
 
 def _finish(run: Run) -> None:

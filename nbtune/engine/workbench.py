@@ -71,15 +71,16 @@ class Workbench:
     """Bases by (model, quantization, dtype) and runs by name, for one kernel."""
 
     def __init__(self) -> None:
-        self.bases: dict[tuple[str, str, str], Base] = {}
+        self.bases: dict[tuple[str, str, str, bool], Base] = {}
         self.runs = Runs()
         self._threads: dict[str, threading.Thread] = {}
 
     def base(self, config: RunConfig) -> Base:
         """The cached pristine base for this config, loaded on first use."""
-        key = (config.model, str(config.quantization), config.dtype)
+        key = (config.model, str(config.quantization), config.dtype, config.trust_remote_code)
         if key not in self.bases:
-            self.bases[key] = load_base(config.model, quantization=str(config.quantization), dtype=config.dtype)
+            self.bases[key] = load_base(config.model, quantization=str(config.quantization), dtype=config.dtype,
+                                        trust_remote_code=config.trust_remote_code)
         return self.bases[key]
 
     def view_for(self, config: RunConfig) -> Base:
@@ -95,7 +96,7 @@ class Workbench:
 
     def finetune(self, config: RunConfig | dict[str, Any] | str, *, observers: list[Any] | None = None,
                  background: bool = False, on_ready: Callable[[Run], None] | None = None,
-                 **overrides: Any) -> Run:
+                 resume_from: str | None = None, **overrides: Any) -> Run:
         """Train a run on a view of the cached base; a run of the same name is replaced, never stacked.
 
         `on_ready(run)` is called once the config and data passed their checks, before any weight moves
@@ -110,14 +111,15 @@ class Workbench:
         if on_ready is not None:
             on_ready(run)
         if not background:
-            return self._train(run, old)
-        thread = threading.Thread(target=self._quietly, args=(lambda: self._train(run, old),), daemon=True,
+            return self._train(run, old, resume_from)
+        thread = threading.Thread(target=self._quietly, args=(lambda: self._train(run, old, resume_from),),
+                                  daemon=True,
                                   name=f"nbtune-{run.name}")
         self._threads[run.name] = run._thread = thread
         thread.start()
         return run
 
-    def _train(self, run: Run, old: Run | None) -> Run:
+    def _train(self, run: Run, old: Run | None, resume_from: str | None = None) -> Run:
         """Train `run`; the earlier run of its name is dropped only once the new one has trained a step."""
         from nbtune.engine.run import train_run
 
@@ -129,7 +131,7 @@ class Workbench:
             self._keep(run, old)
             raise
         try:
-            train_run(run, base=view)
+            train_run(run, base=view, resume_from=resume_from)
         except BaseException:
             self._keep(run, old)
             raise

@@ -37,7 +37,9 @@ class Finetune(Magics):
     @argument("--steps", type=int, help="Optimizer steps.")
     @argument("--data", help="Training data: 'demo' or a file path.")
     @argument("--dry-run", action="store_true", help="Check the config and data, train nothing.")
-    @argument("--resume", action="store_true", help="Continue the stopped run of this name where it stopped.")
+    @argument("--resume", action="store_true", help="Continue the stopped run of this name where it stopped; "
+              "with a cell body, continue it from its newest verified checkpoint (checkpoint_steps), e.g. "
+              "after a kernel restart.")
     @argument("--background", action="store_true", help="Train on a worker thread (Stop button works).")
     @argument("--no-panel", action="store_true", help="Text progress instead of the live panel.")
     @line_cell_magic
@@ -60,10 +62,9 @@ class Finetune(Magics):
             if args.dry_run:
                 return self._dry_run(config)
             background, panel = args.background or self.background, self.panel and not args.no_panel
+            if args.resume and (cell or "").strip():  # e.g. after a kernel restart: from its checkpoints
+                return self._train(config, background=background, panel=panel, resume_from="latest")
             if args.resume:
-                if (cell or "").strip():
-                    raise NbtuneError("--resume continues a stopped run as it was configured; remove the cell "
-                                      "body, or drop --resume to start a new run with it.")
                 return self._resume(args.name, background=background, panel=panel)
             return self._train(config, background=background, panel=panel)
         except NbtuneError as exc:
@@ -109,11 +110,12 @@ class Finetune(Magics):
               f"{f', {len(evaluation)} for evaluation' if evaluation is not None else ''}; config OK.")
         return run.config
 
-    def _train(self, config: dict[str, Any], *, background: bool, panel: bool) -> Any:
+    def _train(self, config: dict[str, Any], *, background: bool, panel: bool, resume_from: str | None = None) -> Any:
         from nbtune.engine.workbench import WORKBENCH
 
         observers, show = self._watchers(background, panel)
-        return WORKBENCH.finetune(config, observers=observers, background=background, on_ready=show)
+        return WORKBENCH.finetune(config, observers=observers, background=background, on_ready=show,
+                                  resume_from=resume_from)
 
     def _resume(self, name: str | None, *, background: bool, panel: bool) -> Any:
         from nbtune.engine.workbench import WORKBENCH

@@ -1,0 +1,148 @@
+"""Checkpoints that are either complete and verified, or ignored.
+
+The Trainer writes the checkpoint itself (adapter or weights, optimizer, scheduler, RNG states, trainer
+state): that is the format its `resume_from_checkpoint` restores exactly, data position included. What
+it does not do is survive a crash inside a save: it writes straight into `checkpoint-N`, so a killed
+process leaves a folder that looks like a checkpoint and is not one. Here the Trainer writes into a
+staging folder; nbtune then adds a manifest (size and SHA-256 of every file, plus the run's config) and
+renames the folder into place, so `checkpoint-N` exists only when complete. Resume verifies the manifest
+and falls back to the newest checkpoint that passes, saying which ones it skipped and why.
+
+Hand-written because neither transformers nor accelerate verifies a checkpoint before resuming from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "nbtune-checkpoint.json"
+PREFIX = "checkpoint-"
+STAGING = ".staging"
+
+
+class AtomicCheckpoints:
+    """Trainer mixin: `_save_checkpoint` stages, verifies and renames; older ones beyond `keep` go."""
+
+    keep_checkpoints: int = 2
+    checkpoint_extra: dict[str, Any] = {}
+    _staging_root: Path | None = None
+
+    def _get_output_dir(self, trial: Any) -> str:
+        if self._staging_root is not None:
+            return str(self._staging_root)
+        return super()._get_output_dir(trial)  # type: ignore[misc]
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        root = Path(super()._get_output_dir(trial))  # type: ignore[misc]
+        staging = root / STAGING
+        shutil.rmtree(staging, ignore_errors=True)  # what a crash inside an earlier save left
+        self._staging_root = staging
+        try:
+            super()._save_checkpoint(model, trial)  # type: ignore[misc]
+        finally:
+            self._staging_root = None
+        step = self.state.global_step  # type: ignore[attr-defined]
+        if self.args.should_save:  # type: ignore[attr-defined]  # rank 0 only
+            publish(staging / f"{PREFIX}{step}", root, extra={"step": step, **self.checkpoint_extra})
+            shutil.rmtree(staging, ignore_errors=True)
+            prune(root, keep=self.keep_checkpoints)
+
+
+def publish(folder: Path, root: Path, *, extra: dict[str, Any]) -> Path:
+    """Write `folder`'s manifest, flush it all to disk, and rename it into `root` (atomic on one disk)."""
+    files = {p.relative_to(folder).as_posix(): _digest(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    (folder / MANIFEST).write_text(json.dumps({"files": files, **extra}, indent=1, default=str))
+    for path in [*folder.rglob("*"), folder]:
+        _fsync(path)
+    target = root / folder.name
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(folder, target)
+    _fsync(root)
+    return target
+
+
+def verify(folder: Path) -> str | None:
+    """None when `folder` is a complete checkpoint whose files match its manifest, else what is wrong."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return "no manifest (incomplete: the save did not finish)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return "its manifest is unreadable"
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{name} has {path.stat().st_size} bytes, expected {expected['size']}"
+        if _digest(path)["sha256"] != expected["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def latest_good(root: Path, *, before: Path | None = None) -> Path | None:
+    """The newest verified checkpoint under `root` (older than `before`, if given); each newer one that
+    fails verification is reported in a warning."""
+    limit = _step(before) if before is not None else None
+    candidates = sorted((p for p in root.glob(f"{PREFIX}*") if p.is_dir() and _step(p) is not None
+                         and (limit is None or _step(p) < limit)), key=_step, reverse=True)
+    for folder in candidates:
+        problem = verify(folder)
+        if problem is None:
+            return folder
+        warnings.warn(f"skipping {folder.name}: {problem}; trying an earlier checkpoint.", stacklevel=2)
+    return None
+
+
+def prune(root: Path, *, keep: int) -> None:
+    """Delete all but the `keep` newest verified checkpoints (a damaged one is never the only one kept)."""
+    good = [p for p in sorted(root.glob(f"{PREFIX}*"), key=lambda p: _step(p) or -1, reverse=True)
+            if _step(p) is not None and (p / MANIFEST).is_file()]
+    for folder in good[keep:]:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _digest(path: Path) -> dict[str, Any]:
+    sha = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(block)
+    return {"size": path.stat().st_size, "sha256": sha.hexdigest()}
+
+
+def _step(folder: Path) -> int | None:
+    suffix = folder.name.removeprefix(PREFIX)
+    return int(suffix) if suffix.isdigit() else None
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+@cache
+def run_trainer_class() -> type:
+    """The Trainer nbtune runs: answer-only loss (engine/loss.py) plus atomic, verified checkpoints."""
+    from nbtune.engine.loss import AnswerOnlyLossTrainer
+
+    return type("RunTrainer", (AtomicCheckpoints, AnswerOnlyLossTrainer), {})
+
+
+__all__ = ["AtomicCheckpoints", "latest_good", "prune", "publish", "run_trainer_class", "verify"]

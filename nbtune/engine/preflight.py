@@ -1,0 +1,117 @@
+"""Out of memory, before and during a run: refuse what cannot fit, end cleanly what runs out.
+
+Before the first step (the base is loaded, the data tokenised): the memory training still needs -
+trainable weights and their gradients, AdamW's two moments, and activations for the longest batch in
+the data - against what the machine (or its container: Binder's limit is a cgroup) has left. A run
+that cannot fit is refused with the numbers and what to change; `memory_check: false` tries anyway.
+During the run, an allocator failure becomes the same advice instead of a traceback, and the memory
+the step held is collected.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from nbtune.errors import NbtuneError
+
+MB = 2**20
+# Activations kept for backward: ~34 values per token, hidden unit and layer (Korthikanti et al. 2022).
+ACTIVATION_VALUES = 34
+
+
+class OutOfMemory(NbtuneError):
+    """The run does not fit in memory (pre-flight) or ran out of it (allocator failure)."""
+
+
+def available_mb() -> float:
+    """Memory this process can still get: the machine's available memory, or the container's limit minus
+    its usage when a cgroup limit is lower (psutil sees the host, not the container)."""
+    free = psutil.virtual_memory().available / MB
+    limit, used = _cgroup_limit_and_usage()
+    if limit is not None and used is not None:
+        free = min(free, (limit - used) / MB)
+    return free
+
+
+def _cgroup_limit_and_usage(root: Path = Path("/sys/fs/cgroup")) -> tuple[int | None, int | None]:
+    """(limit, usage) in bytes of this container's memory cgroup (v2, then v1); (None, None) if unlimited."""
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            limit = (root / limit_file).read_text().strip()
+            used = int((root / usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:  # "max" or a huge number: no limit
+            return int(limit), used
+    return None, None
+
+
+def training_need_mb(model: Any, config: Any, longest: int) -> dict[str, float]:
+    """What training adds on top of the loaded weights, in MB (an upper bound: the longest batch)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    hidden = getattr(model.config, "hidden_size", 0) or getattr(model.config, "n_embd", 0)
+    layers = getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layer", 0)
+    value_bytes = 2 if config.precision == "bf16" else 4
+    tokens = config.batch_size * min(longest, config.max_length)
+    per_layer = tokens * hidden * ACTIVATION_VALUES * value_bytes
+    # Checkpointing keeps each layer's input and recomputes one layer at a time in backward.
+    activations = (tokens * hidden * layers * value_bytes + per_layer if config.gradient_checkpointing
+                   else per_layer * layers)
+    need = {"trainable_and_grads_mb": trainable * 8 / MB, "optimizer_mb": trainable * 8 / MB,
+            "activations_mb": activations / MB}
+    need["total_mb"] = sum(need.values())
+    return need
+
+
+def check_fits(model: Any, config: Any, longest: int) -> dict[str, float]:
+    """Raise `OutOfMemory` when training `model` as `config` says cannot fit in what is left."""
+    need = training_need_mb(model, config, longest)
+    have = available_mb()
+    if config.memory_check and need["total_mb"] > have:
+        raise OutOfMemory(
+            f"this run needs about {need['total_mb']:,.0f} MB more (activations {need['activations_mb']:,.0f}, "
+            f"trainable + grads {need['trainable_and_grads_mb']:,.0f}, optimizer {need['optimizer_mb']:,.0f}) "
+            f"but only {have:,.0f} MB are available. {advice(config)} Or set `memory_check: false` to try "
+            "anyway.", field="batch_size")
+    return {**need, "available_mb": have}
+
+
+def advice(config: Any) -> str:
+    ideas = [f"`batch_size: {max(config.batch_size // 2, 1)}`"
+             + (f" with `grad_accum: {config.grad_accum * 2}`" if config.batch_size > 1 else "")]
+    if not config.gradient_checkpointing:
+        ideas.append("`gradient_checkpointing: true`")
+    if config.max_length > 256:
+        ideas.append(f"`max_length: {config.max_length // 2}`")
+    if config.quantization == "none" and config.method in ("lora", "dora", "qlora"):
+        ideas.append("`method: qlora` (a 4-bit base)")
+    ideas.append("a lighter method (ia3, prompt)")
+    return "Try " + ", ".join(ideas[:-1]) + " or " + ideas[-1] + "."
+
+
+def is_allocator_failure(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
+def out_of_memory(config: Any, step: int) -> OutOfMemory:
+    """The error a run ends with when the allocator failed, after giving the step's memory back."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return OutOfMemory(f"ran out of memory at step {step + 1}. {advice(config)}", field="batch_size")
+
+
+__all__ = ["OutOfMemory", "available_mb", "check_fits", "is_allocator_failure", "out_of_memory",
+           "training_need_mb"]

@@ -1,0 +1,104 @@
+"""The Trainer a run trains with: its TrainingArguments from the run's config, the collator, callbacks.
+
+One place that maps nbtune's settings onto transformers' (`TrainingArguments`, `DataCollatorForSeq2Seq`)
+so that the pipeline in `run.py` reads top to bottom.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nbtune.engine.memory import PeakSampler
+    from nbtune.engine.result import Run
+
+
+def make_trainer(run: Run, model: Any, tokenizer: Any, train_set: Any, eval_set: Any,
+                  memory: PeakSampler) -> Any:
+    import torch
+    from transformers import DataCollatorForSeq2Seq, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from nbtune.engine.callbacks import NEFTuneCallback, RunCallback
+    from nbtune.engine.checkpoints import run_trainer_class
+    from nbtune.engine.guards import NonFiniteGuard
+
+    config = run.config
+    periodic_eval = bool(config.eval_steps and eval_set is not None)
+    args = TrainingArguments(
+        output_dir=str(checkpoint_root(run)),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        max_steps=config.steps or -1,
+        num_train_epochs=config.epochs or 1.0,
+        seed=config.seed,
+        data_seed=config.seed,
+        logging_steps=1,  # one history record per optimizer step
+        logging_nan_inf_filter=False,  # a NaN loss is shown as NaN, not replaced by the running mean
+        eval_strategy="steps" if periodic_eval else "no",
+        eval_steps=config.eval_steps or None,
+        prediction_loss_only=True,  # evaluation reports the loss; logits would only be gathered and dropped
+        save_strategy="steps" if config.checkpoint_steps else "no",  # the final artefact is the run's own
+        save_steps=config.checkpoint_steps or None,
+        report_to="none",
+        disable_tqdm=True,  # our observers draw progress
+        include_num_input_tokens_seen="non_padding",  # for honest tokens/s
+        train_sampling_strategy="group_by_length",  # batches of similar length waste little padding
+        remove_unused_columns=False,  # keep `length` for the sampler; the collator drops it
+        activation_checkpointing=config.gradient_checkpointing and run.method.gradient_checkpointing,
+        bf16=config.precision == "bf16",  # autocast around the forward; trainable weights stay fp32
+        use_cpu=not torch.cuda.is_available(),
+    )
+    multiple = PAD_TO_MULTIPLE_OF if PAD_TO_MULTIPLE_OF or not torch.cuda.is_available() else 8
+    collator = _WithoutLength(DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=multiple))
+    extra = run.method.make_callbacks(run._ctx, run.total_steps) if run.method.make_callbacks else []
+    if config.neftune_alpha:
+        extra.append(NEFTuneCallback(config.neftune_alpha))
+    run._guard = NonFiniteGuard(config.on_nonfinite)
+    extra.append(run._guard)
+    optimizer = run.method.make_optimizer(model, args, run._ctx) if run.method.make_optimizer else None
+    trainer = run_trainer_class()(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                                  processing_class=tokenizer, data_collator=collator,
+                                  callbacks=[RunCallback(run, memory), *extra], optimizers=(optimizer, None),
+                                  labels_only=config.logits_on_labels_only)
+    trainer.keep_checkpoints = config.keep_checkpoints
+    trainer.checkpoint_extra = {"run": run.name, "method": run.method.name}
+    for noisy in (PrinterCallback, ProgressCallback):  # they print every log dict to stdout
+        trainer.remove_callback(noisy)
+    return trainer
+
+
+# Padding to a multiple of 8 was meant to let oneDNN reuse kernels across shapes; bench/speedups.py measured
+# the opposite on CPU (1.565x vs 1.444x fp32's tokens/s without it, and less memory): rows of ~70 tokens
+# then carry 8% padding instead of 4%. On a GPU, multiples of 8 keep bf16 tensor-core shapes aligned
+# (NVIDIA's guidance; not measured here).
+PAD_TO_MULTIPLE_OF: int | None = None
+
+
+def checkpoint_root(run: Run) -> Path:
+    """Where the Trainer's checkpoints go: beside the run's output when they are periodic (they must
+    outlive the process), else the run's scratch folder (a Stop's checkpoint is for `resume()` here)."""
+    if run.config.checkpoint_steps:  # beside the output folder, which the final save replaces whole
+        out = run.config.resolved_output_dir
+        return out.with_name(out.name + "-checkpoints")
+    return run._ctx.workdir / "trainer"
+
+
+class _WithoutLength:
+    """The Seq2Seq collator (pads labels with -100) minus the `length` column only the sampler needs."""
+
+    def __init__(self, collator: Any) -> None:
+        self.collator = collator
+
+    def __call__(self, features: list[dict[str, Any]]) -> Any:
+        return self.collator([{k: v for k, v in f.items() if k != "length"} for f in features])
+
+
+__all__ = ["PAD_TO_MULTIPLE_OF", "checkpoint_root", "make_trainer"]
