@@ -6,15 +6,14 @@ The nbtune LoRA job of `throughput.py` (SmolLM2, r 8 on all linear layers, dropo
 each variant in its own fresh process, the variants in turn, `--rounds` times; tokens/s over steps 3..N
 and the process's peak RSS, each as a ratio to the plain fp32 variant of the same round:
 
-  fp32                 precision fp32, fp32 base, torch's dropout and attention
+  fp32                 precision fp32, fp32 base, torch's dropout and attention, batches padded to x8
   fp32+dropout         ... with FastDropout for peft's LoRA dropout
   bf16-autocast        Trainer bf16 autocast, fp32 base, no CPU fixes
   bf16-base            ... and the frozen base stored in bf16
   bf16-base+dropout    ... and FastDropout
   bf16-base+dropout+attention  ... and fp32 attention backward under autocast
-  default              ... and fp32 sums after frozen layers (a precision fix, see bench/precision.py):
-                       nbtune's default on this CPU
-  default-no-pad8      the default without padding batches to a multiple of 8
+  all+pad8             ... and fp32 sums after frozen layers (a precision fix, see bench/precision.py)
+  default              ... without padding to a multiple of 8: nbtune's default on this CPU
 """
 
 from __future__ import annotations
@@ -29,20 +28,22 @@ from common import StepMeter, median_min, report, run_child, versions, vmhwm_mb,
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 WARMUP_STEPS = 2
 VARIANTS: dict[str, dict[str, Any]] = {
-    "fp32": {"precision": "fp32", "dtype": "float32", "dropout": False, "attention": False, "fp32_sums": False},
+    "fp32": {"precision": "fp32", "dtype": "float32", "dropout": False, "attention": False, "fp32_sums": False,
+             "pad": 8},
     "fp32+dropout": {"precision": "fp32", "dtype": "float32", "dropout": True, "attention": False,
-                     "fp32_sums": False},
+                     "fp32_sums": False, "pad": 8},
     "bf16-autocast": {"precision": "bf16", "dtype": "float32", "dropout": False, "attention": False,
-                      "fp32_sums": False},
+                      "fp32_sums": False, "pad": 8},
     "bf16-base": {"precision": "bf16", "dtype": "bfloat16", "dropout": False, "attention": False,
-                  "fp32_sums": False},
+                  "fp32_sums": False, "pad": 8},
     "bf16-base+dropout": {"precision": "bf16", "dtype": "bfloat16", "dropout": True, "attention": False,
-                          "fp32_sums": False},
+                          "fp32_sums": False, "pad": 8},
     "bf16-base+dropout+attention": {"precision": "bf16", "dtype": "bfloat16", "dropout": True, "attention": True,
-                                    "fp32_sums": False},
-    "default": {"precision": None, "dtype": None, "dropout": True, "attention": True, "fp32_sums": True},
-    "default-no-pad8": {"precision": None, "dtype": None, "dropout": True, "attention": True, "fp32_sums": True,
-                        "pad": 1},
+                                    "fp32_sums": False, "pad": 8},
+    "all+pad8": {"precision": None, "dtype": None, "dropout": True, "attention": True, "fp32_sums": True,
+                 "pad": 8},
+    "default": {"precision": None, "dtype": None, "dropout": True, "attention": True, "fp32_sums": True,
+                "pad": None},
 }
 
 
@@ -51,6 +52,7 @@ def child(variant: str, steps: int, batch_size: int) -> None:
 
     import nbtune
     import nbtune.engine.run as engine_run
+    import nbtune.engine.trainer as engine_trainer
     from nbtune.data.demo import demo_splits
     from nbtune.engine.precision import training_speedups
 
@@ -58,7 +60,7 @@ def child(variant: str, steps: int, batch_size: int) -> None:
     spec = VARIANTS[variant]
     engine_run.training_speedups = functools.partial(training_speedups, dropout=spec["dropout"],
                                                      attention=spec["attention"], fp32_sums=spec["fp32_sums"])
-    engine_run.PAD_TO_MULTIPLE_OF = spec.get("pad", 8)
+    engine_trainer.PAD_TO_MULTIPLE_OF = spec["pad"]
     meter = StepMeter()
 
     class Observer:

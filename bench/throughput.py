@@ -126,9 +126,11 @@ def heldout_loss(model: Any, tokenizer: Any, rows: list[dict[str, str]]) -> floa
     as trained and in eval mode: one definition for both jobs, unlike their differently batched train losses."""
     import torch
 
+    from nbtune.engine.precision import inference_precision
+
     model.eval()
     total = count = 0.0
-    with torch.no_grad():
+    with torch.no_grad(), inference_precision(model):  # what nbtune evaluates with; no-op for fp32 models
         for row in rows:
             enc = encode(tokenizer, row)
             labels = torch.tensor([enc["labels"]])
