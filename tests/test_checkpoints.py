@@ -175,3 +175,39 @@ def test_a_kill_inside_a_save_leaves_the_previous_checkpoint_as_the_resume_point
     _out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-2000:]
     assert [r["step"] for r in history(tmp_path / "cut")] == list(range(1, 7))
+
+
+def test_a_cell_resumes_a_crashed_run_from_its_checkpoints(tiny_model_dir, demo_rows, monkeypatch, capsys):
+    # In a kernel: the run died mid-way (here a crash at step 5); the same cell with --resume continues
+    # from the newest verified checkpoint and ends where an uninterrupted run ends.
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from nbtune.engine.callbacks import RunCallback
+    from nbtune.engine.workbench import Workbench
+
+    body = ("data: {{ rows }}\nsteps: 8\nbatch_size: 4\nlr: 0.01\nmetric: none\nprecision: fp32\n"
+            "checkpoint_steps: 2\nseed: 7\n")
+    monkeypatch.setattr("nbtune.engine.workbench.WORKBENCH", Workbench())
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "nbtune")
+    ip.user_ns["rows"] = demo_rows
+    ip.run_line_magic("config", f"Finetune.defaults = {{'model': {str(tiny_model_dir)!r}}}")
+    try:
+        whole = ip.run_cell_magic("finetune", "whole --no-panel", body)
+        original = RunCallback.on_step_end
+
+        def crash_at_five(self, args, state, control, **kwargs):
+            original(self, args, state, control, **kwargs)
+            if state.global_step == 5:
+                raise RuntimeError("kernel died")
+
+        monkeypatch.setattr(RunCallback, "on_step_end", crash_at_five)
+        assert ip.run_cell_magic("finetune", "crashed --no-panel", body) is None
+        monkeypatch.setattr(RunCallback, "on_step_end", original)
+        resumed = ip.run_cell_magic("finetune", "crashed --resume --no-panel", body)
+        assert resumed.status == "finished", capsys.readouterr().err
+        assert [r["loss"] for r in resumed.history] == [r["loss"] for r in whole.history]
+        assert [r.get("restored", False) for r in resumed.history] == [True] * 4 + [False] * 4
+    finally:
+        ip.run_line_magic("unload_ext", "nbtune")
+        ip.run_line_magic("config", "Finetune.defaults = {}")
