@@ -46,6 +46,9 @@ def test_periodic_checkpoints_are_complete_verified_and_pruned(checkpointed):
         assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
                 "trainer_state.json"} <= set(manifest["files"])
         assert manifest["run"] == run.name and verify(folder) is None
+        saved = json.loads((folder / "run.json").read_text())  # nbtune's own record, checksummed too
+        assert "run.json" in manifest["files"] and saved["name"] == run.name
+        assert saved["history"][-1]["step"] == int(folder.name.split("-")[1])
     assert latest_good(root).name == "checkpoint-6"
 
 

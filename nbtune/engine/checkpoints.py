@@ -18,9 +18,12 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+from nbtune.engine.saving import write_json
 
 MANIFEST = "nbtune-checkpoint.json"
 PREFIX = "checkpoint-"
@@ -32,6 +35,7 @@ class AtomicCheckpoints:
 
     keep_checkpoints: int = 2
     checkpoint_extra: dict[str, Any] = {}
+    checkpoint_json: Callable[[], dict[str, Any]] | None = None  # file name -> data, written into each one
     _staging_root: Path | None = None
 
     def _get_output_dir(self, trial: Any) -> str:
@@ -50,6 +54,8 @@ class AtomicCheckpoints:
             self._staging_root = None
         step = self.state.global_step  # type: ignore[attr-defined]
         if self.args.should_save:  # type: ignore[attr-defined]  # rank 0 only
+            for name, data in (self.checkpoint_json() if self.checkpoint_json else {}).items():
+                write_json(staging / f"{PREFIX}{step}" / name, data)
             publish(staging / f"{PREFIX}{step}", root, extra={"step": step, **self.checkpoint_extra})
             shutil.rmtree(staging, ignore_errors=True)
             prune(root, keep=self.keep_checkpoints)

@@ -70,6 +70,7 @@ def make_trainer(run: Run, model: Any, tokenizer: Any, train_set: Any, eval_set:
                                   labels_only=config.logits_on_labels_only)
     trainer.keep_checkpoints = config.keep_checkpoints
     trainer.checkpoint_extra = {"run": run.name, "method": run.method.name}
+    trainer.checkpoint_json = lambda: {"run.json": run.to_dict()}  # config, metrics, history so far
     for noisy in (PrinterCallback, ProgressCallback):  # they print every log dict to stdout
         trainer.remove_callback(noisy)
     return trainer
