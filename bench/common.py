@@ -132,3 +132,16 @@ class StepMeter:
                 "padded_tokens_per_second": sum(s["padded_tokens"] for s in kept) / seconds,
                 "padding_share": 1 - sum(s["tokens"] for s in kept) / sum(s["padded_tokens"] for s in kept),
                 "median_step_seconds": statistics.median(s["seconds"] for s in kept)}
+
+
+class MeterObserver:
+    """nbtune observer that feeds a `StepMeter`: attached when the run starts, one record per step."""
+
+    def __init__(self, meter: StepMeter) -> None:
+        self.meter = meter
+
+    def on_run_start(self, run: Any) -> None:
+        self.meter.attach(run.model)
+
+    def on_step(self, run: Any, record: dict[str, Any]) -> None:
+        self.meter.step_end(record.get("loss"))

@@ -16,9 +16,8 @@ import argparse
 import statistics
 import sys
 import warnings
-from typing import Any
 
-from common import StepMeter, median_min, report, run_child, versions, vmhwm_mb, write_result
+from common import MeterObserver, StepMeter, median_min, report, run_child, versions, vmhwm_mb, write_result
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 WARMUP_STEPS = 2
@@ -38,20 +37,13 @@ def child(precision: str, seed: int, steps: int, batch_size: int, lr: float) -> 
     train, test = demo_splits()
     meter = StepMeter()
 
-    class Observer:
-        def on_run_start(self, run: Any) -> None:
-            meter.attach(run.model)
-
-        def on_step(self, run: Any, record: dict[str, Any]) -> None:
-            meter.step_end(record.get("loss"))
-
     settings = {"precision": "fp32"} if precision == "fp32" else {}
     if precision == "bf16-plain-sums":  # the default minus the fp32 sums after frozen layers
         engine_run.training_speedups = functools.partial(training_speedups, fp32_sums=False)
     run = nbtune.finetune({"model": MODEL, "method": "lora", "r": 8, "alpha": 16, "dropout": 0.05,
                            "target_modules": "all-linear", "data": train, "steps": steps,
                            "batch_size": batch_size, "lr": lr, "lr_scheduler": "linear", "seed": seed,
-                           "metric": "none", "save": False, **settings}, observers=[Observer()])
+                           "metric": "none", "save": False, **settings}, observers=[MeterObserver(meter)])
     peak = vmhwm_mb()
     meter.detach()
     report({"variant": precision, "precision": run.config.precision, "dtype": run.config.dtype, "seed": seed,

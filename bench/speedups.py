@@ -23,7 +23,7 @@ import sys
 import warnings
 from typing import Any
 
-from common import StepMeter, median_min, report, run_child, versions, vmhwm_mb, write_result
+from common import MeterObserver, StepMeter, median_min, report, run_child, versions, vmhwm_mb, write_result
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 WARMUP_STEPS = 2
@@ -63,18 +63,11 @@ def child(variant: str, steps: int, batch_size: int) -> None:
     engine_trainer.PAD_TO_MULTIPLE_OF = spec["pad"]
     meter = StepMeter()
 
-    class Observer:
-        def on_run_start(self, run: Any) -> None:
-            meter.attach(run.model)
-
-        def on_step(self, run: Any, record: dict[str, Any]) -> None:
-            meter.step_end(record.get("loss"))
-
     settings = {k: spec[k] for k in ("precision", "dtype") if spec[k] is not None}
     run = nbtune.finetune({"model": MODEL, "method": "lora", "r": 8, "alpha": 16, "dropout": 0.05,
                            "target_modules": "all-linear", "data": demo_splits()[0], "steps": steps,
                            "batch_size": batch_size, "lr": 1e-3, "seed": 42, "metric": "none", "save": False,
-                           **settings}, observers=[Observer()])
+                           **settings}, observers=[MeterObserver(meter)])
     report({"variant": variant, "precision": run.config.precision, "dtype": run.config.dtype,
             **meter.steady(WARMUP_STEPS), "peak_rss_mb": vmhwm_mb(), "last_loss": meter.steps[-1]["loss"]})
 

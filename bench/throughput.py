@@ -29,7 +29,7 @@ import tempfile
 import warnings
 from typing import Any
 
-from common import StepMeter, median_min, report, run_child, versions, vmhwm_mb, write_result
+from common import MeterObserver, StepMeter, median_min, report, run_child, versions, vmhwm_mb, write_result
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 LR, SEED = 1e-3, 42
@@ -97,17 +97,10 @@ def nbtune_job(rows: list[dict[str, str]], steps: int, batch_size: int, meter: S
     """The same job through nbtune's public API; an observer feeds the same meter."""
     import nbtune
 
-    class Observer:
-        def on_run_start(self, run: Any) -> None:
-            meter.attach(run.model)
-
-        def on_step(self, run: Any, record: dict[str, Any]) -> None:
-            meter.step_end(record.get("loss"))
-
     # data as a list (not "demo"): no held-out eval loss after training, which the hand job has not either.
     run = nbtune.finetune({"model": MODEL, "method": "lora", **LORA, "data": rows, "steps": steps,
                            "batch_size": batch_size, "lr": LR, "lr_scheduler": "linear", "seed": SEED,
-                           "metric": "none", "save": False}, observers=[Observer()])
+                           "metric": "none", "save": False}, observers=[MeterObserver(meter)])
     return run.model, run.tokenizer
 
 
