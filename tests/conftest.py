@@ -6,9 +6,12 @@ models see the same prompt shapes as SmolLM2 without any file from a hub.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -132,3 +135,24 @@ def _in_tmp_cwd(tmp_path, tmp_path_factory, monkeypatch):
     # fixtures save under other pytest tmp dirs: those are part of the workspace too.
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("NBTUNE_WORKSPACE", str(tmp_path_factory.getbasetemp()))
+
+
+@contextlib.contextmanager
+def nbtune_shell(model: Path | str, **user_ns: Any) -> Iterator[Any]:
+    """A real InteractiveShell with nbtune loaded, a fresh workbench, `model` as the cells' default model
+    and `user_ns` in the namespace; unloaded and reset afterwards."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from nbtune.engine.workbench import Workbench
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("nbtune.engine.workbench.WORKBENCH", Workbench())
+        shell = InteractiveShell.instance()
+        shell.run_line_magic("load_ext", "nbtune")
+        shell.user_ns.update(user_ns)
+        shell.run_line_magic("config", f"Finetune.defaults = {{'model': {str(model)!r}}}")
+        try:
+            yield shell
+        finally:
+            shell.run_line_magic("unload_ext", "nbtune")
+            shell.run_line_magic("config", "Finetune.defaults = {}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from IPython.core.interactiveshell import InteractiveShell
+from conftest import nbtune_shell
 
 BASE = "data: {{ rows }}\nsteps: 2\nbatch_size: 4\nmetric: none\nsave: false\n"
 
@@ -91,20 +91,13 @@ def cell_for(body: str) -> str:
 @pytest.fixture(scope="module")
 def shell(tiny_model_dir, tmp_path_factory):
     from nbtune.data.demo import demo_splits
-    from nbtune.engine.workbench import Workbench
 
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, nbtune_shell(
+            tiny_model_dir, rows=demo_splits()[0][:16], empty=[], wrong_columns=[{"question": "a", "reply": "b"}],
+            not_rows=42) as ip:
         patch.chdir(tmp_path_factory.mktemp("bad-inputs"))
-        patch.setattr("nbtune.engine.workbench.WORKBENCH", Workbench())
-        ip = InteractiveShell.instance()
-        ip.run_line_magic("load_ext", "nbtune")
-        ip.user_ns.update(rows=demo_splits()[0][:16], empty=[], wrong_columns=[{"question": "a", "reply": "b"}],
-                          not_rows=42)
-        ip.run_line_magic("config", f"Finetune.defaults = {{'model': {str(tiny_model_dir)!r}}}")
         kept = ip.run_cell_magic("finetune", "kept --no-panel", BASE)
         yield ip, kept
-        ip.run_line_magic("unload_ext", "nbtune")
-        ip.run_line_magic("config", "Finetune.defaults = {}")
 
 
 def test_the_catalogue_is_big_enough():

@@ -183,19 +183,13 @@ def test_a_kill_inside_a_save_leaves_the_previous_checkpoint_as_the_resume_point
 def test_a_cell_resumes_a_crashed_run_from_its_checkpoints(tiny_model_dir, demo_rows, monkeypatch, capsys):
     # In a kernel: the run died mid-way (here a crash at step 5); the same cell with --resume continues
     # from the newest verified checkpoint and ends where an uninterrupted run ends.
-    from IPython.core.interactiveshell import InteractiveShell
+    from conftest import nbtune_shell
 
     from nbtune.engine.callbacks import RunCallback
-    from nbtune.engine.workbench import Workbench
 
     body = ("data: {{ rows }}\nsteps: 8\nbatch_size: 4\nlr: 0.01\nmetric: none\nprecision: fp32\n"
             "checkpoint_steps: 2\nseed: 7\n")
-    monkeypatch.setattr("nbtune.engine.workbench.WORKBENCH", Workbench())
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "nbtune")
-    ip.user_ns["rows"] = demo_rows
-    ip.run_line_magic("config", f"Finetune.defaults = {{'model': {str(tiny_model_dir)!r}}}")
-    try:
+    with nbtune_shell(tiny_model_dir, rows=demo_rows) as ip:
         whole = ip.run_cell_magic("finetune", "whole --no-panel", body)
         original = RunCallback.on_step_end
 
@@ -211,6 +205,3 @@ def test_a_cell_resumes_a_crashed_run_from_its_checkpoints(tiny_model_dir, demo_
         assert resumed.status == "finished", capsys.readouterr().err
         assert [r["loss"] for r in resumed.history] == [r["loss"] for r in whole.history]
         assert [r.get("restored", False) for r in resumed.history] == [True] * 4 + [False] * 4
-    finally:
-        ip.run_line_magic("unload_ext", "nbtune")
-        ip.run_line_magic("config", "Finetune.defaults = {}")

@@ -8,7 +8,7 @@ import threading
 import psutil
 import pytest
 import torch
-from IPython.core.interactiveshell import InteractiveShell
+from conftest import nbtune_shell
 
 import nbtune
 from nbtune.engine.memory import rss_mb
@@ -32,17 +32,9 @@ def medium_model(tmp_path_factory, _chat_tokenizer):
 
 
 @pytest.fixture
-def shell(monkeypatch, medium_model, demo_rows):
-    from nbtune.engine.workbench import Workbench
-
-    monkeypatch.setattr("nbtune.engine.workbench.WORKBENCH", Workbench())
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "nbtune")
-    ip.user_ns["rows"] = demo_rows[:16]
-    ip.run_line_magic("config", f"Finetune.defaults = {{'model': {str(medium_model)!r}}}")
-    yield ip
-    ip.run_line_magic("unload_ext", "nbtune")
-    ip.run_line_magic("config", "Finetune.defaults = {}")
+def shell(medium_model, demo_rows):
+    with nbtune_shell(medium_model, rows=demo_rows[:16]) as ip:
+        yield ip
 
 
 def settled_rss() -> float:

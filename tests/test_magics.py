@@ -9,25 +9,19 @@ import time
 
 import pytest
 import torch
-from IPython.core.interactiveshell import InteractiveShell
+from conftest import nbtune_shell
 
 import nbtune
-from nbtune.engine.workbench import WORKBENCH, Workbench, shared_view
+from nbtune.engine.workbench import WORKBENCH, shared_view
 
 CELL = "method: lora\nr: 4\ndata: {{ rows }}\nsteps: 3\nbatch_size: 4\nmetric: none\nsave: false\n"
 
 
 @pytest.fixture
-def ip(tiny_model_dir, demo_rows, monkeypatch):
+def ip(tiny_model_dir, demo_rows):
     """A real InteractiveShell with nbtune loaded, a fresh workbench, and `rows` in the namespace."""
-    shell = InteractiveShell.instance()
-    monkeypatch.setattr("nbtune.engine.workbench.WORKBENCH", Workbench())
-    shell.run_line_magic("load_ext", "nbtune")
-    shell.user_ns["rows"] = demo_rows[:16]
-    shell.run_line_magic("config", f"Finetune.defaults = {{'model': {str(tiny_model_dir)!r}}}")
-    yield shell
-    shell.run_line_magic("unload_ext", "nbtune")
-    shell.run_line_magic("config", "Finetune.defaults = {}")
+    with nbtune_shell(tiny_model_dir, rows=demo_rows[:16]) as shell:
+        yield shell
 
 
 def runs():

@@ -26,6 +26,7 @@ def estimate(config: RunConfig) -> dict[str, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from nbtune.engine.models import resolve_model
+    from nbtune.engine.preflight import training_memory_mb
     from nbtune.engine.run import count_parameters
     from nbtune.methods import MethodContext, get_method
 
@@ -47,9 +48,9 @@ def estimate(config: RunConfig) -> dict[str, Any]:
     layers = getattr(model_config, "num_hidden_layers", 0) or getattr(model_config, "n_layer", 0)
     per_weight = _BYTES[str(config.quantization)] or _DTYPE_BYTES[config.dtype]
     embedding = model.get_input_embeddings().weight.numel()  # never quantized by bitsandbytes
-    # Activations kept for backward: ~34 values per token per hidden unit per layer (Korthikanti et al.)
     activation_bytes = 2 if config.precision == "bf16" else _DTYPE_BYTES[config.dtype]  # autocast keeps bf16 ones
-    activations = config.batch_size * config.max_length * hidden * layers * 34 * activation_bytes
+    # an upper bound: every sequence at max_length
+    training = training_memory_mb(trainable, hidden, layers, config.batch_size * config.max_length, activation_bytes)
     mb = 2**20
     flops = 6 * total if trainable == total else 4 * total + 2 * trainable
     return {
@@ -57,8 +58,6 @@ def estimate(config: RunConfig) -> dict[str, Any]:
         "adapter_mb": round(trainable * 4 / mb, 2),
         "weights_mb": round((max(total - trainable - embedding, 0) * per_weight
                              + min(embedding, total - trainable) * _DTYPE_BYTES[config.dtype]) / mb),
-        "trainable_and_grads_mb": round(trainable * 8 / mb),
-        "optimizer_mb": round(trainable * 8 / mb),
-        "activations_mb": round(activations / mb),  # an upper bound: every sequence at max_length
+        **{key: round(value) for key, value in training.items()},
         "step_cost": round(flops / (4 * total), 2),
     }

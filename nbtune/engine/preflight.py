@@ -51,19 +51,25 @@ def _cgroup_limit_and_usage(root: Path = Path("/sys/fs/cgroup")) -> tuple[int | 
     return None, None
 
 
-def training_need_mb(model: Any, config: Any, longest: int) -> dict[str, float]:
-    """What training adds on top of the loaded weights, in MB (an upper bound: the longest batch)."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    hidden = getattr(model.config, "hidden_size", 0) or getattr(model.config, "n_embd", 0)
-    layers = getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layer", 0)
-    value_bytes = 2 if config.precision == "bf16" else 4
-    tokens = config.batch_size * min(longest, config.max_length)
+def training_memory_mb(trainable: int, hidden: int, layers: int, tokens: int, value_bytes: int, *,
+                       checkpointing: bool = False) -> dict[str, float]:
+    """What training adds on top of the weights, in MB: trainable weights + their gradients, AdamW's two
+    moments, and the activations kept for backward of `tokens` tokens (shared with `estimate`)."""
     per_layer = tokens * hidden * ACTIVATION_VALUES * value_bytes
     # Checkpointing keeps each layer's input and recomputes one layer at a time in backward.
-    activations = (tokens * hidden * layers * value_bytes + per_layer if config.gradient_checkpointing
-                   else per_layer * layers)
-    need = {"trainable_and_grads_mb": trainable * 8 / MB, "optimizer_mb": trainable * 8 / MB,
+    activations = tokens * hidden * layers * value_bytes + per_layer if checkpointing else per_layer * layers
+    return {"trainable_and_grads_mb": trainable * 8 / MB, "optimizer_mb": trainable * 8 / MB,
             "activations_mb": activations / MB}
+
+
+def training_need_mb(model: Any, config: Any, longest: int) -> dict[str, float]:
+    """What training adds on top of the loaded weights, in MB (an upper bound: the longest batch)."""
+    hidden = getattr(model.config, "hidden_size", 0) or getattr(model.config, "n_embd", 0)
+    layers = getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layer", 0)
+    need = training_memory_mb(sum(p.numel() for p in model.parameters() if p.requires_grad), hidden, layers,
+                              tokens=config.batch_size * min(longest, config.max_length),
+                              value_bytes=2 if config.precision == "bf16" else 4,
+                              checkpointing=config.gradient_checkpointing)
     need["total_mb"] = sum(need.values())
     return need
 
@@ -114,4 +120,4 @@ def out_of_memory(config: Any, step: int) -> OutOfMemory:
 
 
 __all__ = ["OutOfMemory", "available_mb", "check_fits", "is_allocator_failure", "out_of_memory",
-           "training_need_mb"]
+           "training_memory_mb", "training_need_mb"]
