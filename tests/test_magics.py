@@ -262,3 +262,14 @@ def test_a_rerun_that_fails_before_training_keeps_the_earlier_run(ip, capsys):
     assert "nope_proj" in capsys.readouterr().err
     assert finetune(ip, "keep --model ./no/such/folder") is None
     assert runs()["keep"] is good
+
+
+def test_a_runs_tokenizer_has_its_own_settings_and_shares_the_vocabulary(chat_tokenizer):
+    from nbtune.engine.workbench import tokenizer_view
+
+    view = tokenizer_view(chat_tokenizer)
+    view.pad_token, view.padding_side, view.chat_template = "<|endoftext|>", "left", "{{ messages }}"
+    assert chat_tokenizer.pad_token == "<|im_end|>" and chat_tokenizer.padding_side == "right"
+    assert chat_tokenizer.chat_template != view.chat_template
+    assert view.backend_tokenizer is chat_tokenizer.backend_tokenizer  # not rebuilt for every run
+    assert view("Hello world")["input_ids"] == chat_tokenizer("Hello world")["input_ids"]
