@@ -243,3 +243,30 @@ def test_an_interrupted_run_can_resume_too(llama_base, demo_rows):
                           batch_size=4, lr=1e-2, metric="none", save=False)
     assert run.status == "stopped" and len(run.history) == 2
     assert run.resume().status == "finished" and len(run.history) == 5
+
+
+def test_training_leaves_older_objects_out_of_collections_and_collects_them_after(llama_base, demo_rows):
+    import gc
+    import weakref
+
+    class Cycle:
+        pass
+
+    garbage = Cycle()
+    garbage.me = garbage  # only the cycle collector can free it
+    gone = weakref.ref(garbage)
+    del garbage
+    frozen_during: list[int] = []
+
+    class Watch(NullObserver):
+        def on_step(self, run, record):
+            frozen_during.append(gc.get_freeze_count())
+
+    gc.disable()  # no automatic collection may free the cycle before the run's own
+    try:
+        nbtune.finetune(data=demo_rows, base=llama_base, observers=[Watch()], **{**FAST, "steps": 2})
+    finally:
+        gc.enable()
+    assert min(frozen_during) > 1000  # the heap as it was before training: skipped by accelerate's collect
+    assert gc.get_freeze_count() == 0  # and back to normal afterwards
+    assert gone() is None  # the run's end collected what was garbage before it

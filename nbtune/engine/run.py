@@ -31,7 +31,7 @@ from nbtune.engine.models import Base, load_base
 from nbtune.engine.precision import training_speedups
 from nbtune.engine.preflight import check_fits, is_allocator_failure, out_of_memory
 from nbtune.engine.result import Run
-from nbtune.engine.trainer import checkpoint_root, make_trainer
+from nbtune.engine.trainer import checkpoint_root, collect_run_garbage, make_trainer, older_objects_frozen
 from nbtune.errors import ConfigError, DataError, NbtuneError
 from nbtune.methods import MethodContext, get_method
 
@@ -184,7 +184,7 @@ def _train_and_evaluate(run: Run, trainer: Any, eval_set: Any, resume_from: str 
     started = time.perf_counter()
     ran_out = False
     try:
-        with training_speedups(run.model):
+        with training_speedups(run.model), older_objects_frozen():
             output = trainer.train(resume_from_checkpoint=resume_from)
         run.metrics["train_loss_mean"] = output.training_loss
     except KeyboardInterrupt:  # the kernel's interrupt: stop here, keeping everything learned so far
@@ -295,6 +295,7 @@ def _finish(run: Run) -> None:
             run.error = f"saving to {config.resolved_output_dir} failed: {exc}"
             warnings.warn(f"run {run.name!r}: {run.error}; call run.save(path) to try elsewhere.", stacklevel=3)
     run.emit("on_run_end")
+    collect_run_garbage()  # after the panel shows the end; the next run's start then need not
 
 
 def _wants_metric(config: RunConfig) -> bool:
