@@ -10,6 +10,7 @@ its message says which step and what to change), `skip` drops that batch and goe
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -34,6 +35,9 @@ class NonFiniteGuard(TrainerCallback):
         params = [p for p in model.parameters() if p.requires_grad]
         original = optimizer.step
 
+        # wraps: keeps the mark torch's LR scheduler put on the step it counts, which it checks for (without
+        # it every run warned that optimizer.step() "has been overridden").
+        @functools.wraps(original)
         def guarded_step(*step_args: Any, **step_kwargs: Any) -> Any:
             grads = [p.grad for p in params if p.grad is not None]
             if grads and not _all_finite(grads):
