@@ -1,5 +1,8 @@
-"""The command line: `nbtune run config.yaml [--set key=value ...] [--json] [--resume]`, `nbtune methods`,
-`nbtune demo`, `nbtune fetch`.
+"""The command line: `nbtune run config.yaml [--set key=value ...] [--json] [--resume]`, `nbtune export`,
+`nbtune methods`, `nbtune demo`, `nbtune fetch`.
+
+`nbtune run` works unchanged under `accelerate launch` and `torchrun` (every rank trains; rank 0 prints
+and writes).
 
 User mistakes print one line (`nbtune: error: ...`) and exit with status 2; no traceback.
 """
@@ -48,6 +51,22 @@ def _parser() -> argparse.ArgumentParser:
                           "(or from CHECKPOINT), e.g. after the process was killed")
     run.set_defaults(handler=_cmd_run)
 
+    export = sub.add_parser("export", help="write an accelerate config and launch script for several "
+                                           "GPUs or machines")
+    export.add_argument("config", help="YAML file with run settings and method options")
+    export.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key, as for `nbtune run`")
+    export.add_argument("--processes", type=int, help="processes in all machines together (one per GPU); "
+                                                      "default: the config's num_processes")
+    export.add_argument("--machines", type=int, default=1, help="machines (nodes)")
+    export.add_argument("--main-ip", help="address of machine 0 (several machines)")
+    export.add_argument("--main-port", type=int, default=29500)
+    export.add_argument("--strategy", choices=("ddp", "fsdp", "deepspeed"), default="ddp",
+                        help="ddp: a full copy per GPU; fsdp: weights sharded; deepspeed: ZeRO-2")
+    export.add_argument("--cpu", action="store_true", help="CPU processes (gloo) instead of GPUs")
+    export.add_argument("-o", "--output", default="launch", help="folder to write into")
+    export.set_defaults(handler=_cmd_export)
+
     methods = sub.add_parser("methods", help="list the methods with their options, defaults and help")
     methods.add_argument("name", nargs="?", help="one method")
     methods.set_defaults(handler=_cmd_methods)
@@ -79,15 +98,33 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from nbtune.config import RunConfig
-    from nbtune.engine.run import finetune
 
     config = RunConfig.parse(args.config, **parse_overrides(args.overrides))  # fail fast, before imports
-    run = finetune(config, progress=not args.json, resume_from=args.resume)
+    from nbtune.engine.distributed import is_main_process
+    from nbtune.engine.run import finetune
+
+    run = finetune(config, progress=not args.json and is_main_process(), resume_from=args.resume)
+    if not is_main_process():  # under a launcher: rank 0 reports for all
+        return 0 if run.status in ("finished", "stopped") else 1
     if args.json:
         print(json.dumps({"name": run.name, "status": run.status, **run.metrics}, indent=2, default=str))
     else:
         _print_metrics(run.name, run.status, run.metrics)
     return 0 if run.status in ("finished", "stopped") else 1
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from nbtune.config import RunConfig
+    from nbtune.engine.launch_files import write_launch_files
+
+    config = RunConfig.parse(args.config, **parse_overrides(args.overrides))
+    written = write_launch_files(config, args.output, processes=args.processes or config.num_processes,
+                                 machines=args.machines, main_ip=args.main_ip, main_port=args.main_port,
+                                 strategy=args.strategy, cpu=args.cpu)
+    for path in written.values():
+        print(path)
+    print(f"run it with: bash {written['script']}")
+    return 0
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:

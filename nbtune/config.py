@@ -78,6 +78,9 @@ class RunConfig:
     trust_remote_code: bool = _p(False, "bool", "Run Python code that ships with the model (its own modelling "
                                  "files). Only for models you trust; never needed for the default model.")
     gradient_checkpointing: bool = _p(False, "bool", "Recompute activations in backward: less memory, slower steps.")
+    num_processes: int = _p(1, "int", "Processes to train in (accelerate DDP; the global batch is batch_size x "
+                            "grad_accum x this). From a notebook nbtune launches them; under `accelerate launch` "
+                            "or `torchrun` the launcher's count is used.", min=1, max=4096)
     logits_on_labels_only: bool = _p(True, "bool", "Run the LM head and loss only where labels are (same loss, "
                                      "less time and memory); false: the model's own full-logits loss.")
     neftune_alpha: float | None = _p(None, "float", "NEFTune: uniform noise of this scale on the input "

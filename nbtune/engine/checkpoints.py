@@ -44,14 +44,19 @@ class AtomicCheckpoints:
         return super()._get_output_dir(trial)  # type: ignore[misc]
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        from nbtune.engine.distributed import barrier
+
         root = Path(super()._get_output_dir(trial))  # type: ignore[misc]
         staging = root / STAGING
-        shutil.rmtree(staging, ignore_errors=True)  # what a crash inside an earlier save left
+        if self.args.should_save:  # type: ignore[attr-defined]  # rank 0
+            shutil.rmtree(staging, ignore_errors=True)  # what a crash inside an earlier save left
+        barrier()  # with several processes each writes its own RNG state into the staging folder
         self._staging_root = staging
         try:
             super()._save_checkpoint(model, trial)  # type: ignore[misc]
         finally:
             self._staging_root = None
+        barrier()  # all ranks' files are in before the manifest seals the folder
         step = self.state.global_step  # type: ignore[attr-defined]
         if self.args.should_save:  # type: ignore[attr-defined]  # rank 0 only
             for name, data in (self.checkpoint_json() if self.checkpoint_json else {}).items():
@@ -59,6 +64,7 @@ class AtomicCheckpoints:
             publish(staging / f"{PREFIX}{step}", root, extra={"step": step, **self.checkpoint_extra})
             shutil.rmtree(staging, ignore_errors=True)
             prune(root, keep=self.keep_checkpoints)
+        barrier()  # nobody reads or resumes from a checkpoint rank 0 has not published yet
 
 
 def publish(folder: Path, root: Path, *, extra: dict[str, Any]) -> Path:
@@ -145,10 +151,12 @@ def _fsync(path: Path) -> None:
 
 @cache
 def run_trainer_class() -> type:
-    """The Trainer nbtune runs: answer-only loss (engine/loss.py) plus atomic, verified checkpoints."""
+    """The Trainer nbtune runs: answer-only loss (engine/loss.py), atomic, verified checkpoints, and the
+    data order of one process in several (engine/distributed.py)."""
+    from nbtune.engine.distributed import GlobalBatchOrder
     from nbtune.engine.loss import AnswerOnlyLossTrainer
 
-    return type("RunTrainer", (AtomicCheckpoints, AnswerOnlyLossTrainer), {})
+    return type("RunTrainer", (AtomicCheckpoints, GlobalBatchOrder, AnswerOnlyLossTrainer), {})
 
 
 __all__ = ["AtomicCheckpoints", "latest_good", "prune", "publish", "run_trainer_class", "verify"]

@@ -61,6 +61,11 @@ class Run:
         self._datasets: Any = None  # tokenised (train, eval), kept while the run may resume
         self._checkpoint: str | None = None  # the Trainer checkpoint a stopped run resumes from
         self._guard: Any = None  # the divergence guard of the current Trainer (engine/guards.py)
+        # Several processes (engine/distributed.py): the scratch folder all ranks share, the kernel's Stop
+        # as every rank sees it, and how the kernel gets a pristine base to relaunch on (resume).
+        self._shared_dir: Path | None = None
+        self._cross_process_stop: Any = None
+        self._base_factory: Any = None
 
     # ------------------------------------------------------------ control
     def stop(self) -> None:
@@ -166,17 +171,29 @@ class Run:
 
     def to_yaml(self) -> str:
         """The run's config as YAML: the same experiment for `nbtune run config.yaml`."""
-        import yaml
+        from nbtune.engine.launch_files import config_yaml
 
-        config = {k: v for k, v in self.config.to_json_dict().items()
-                  if k != "derived" and k not in self.config.derived and v is not None}
-        return yaml.safe_dump(config, sort_keys=False)
+        return config_yaml(self.config)
 
     def export_script(self, path: str | Path | None = None) -> str:
-        """A shell script that re-runs this experiment outside the notebook; written to `path` if given."""
+        """A shell script that re-runs this experiment outside the notebook; written to `path` if given.
+        A run of several processes is started with `accelerate launch` and an accelerate config (DDP on
+        this machine's kind of device; `nbtune export` writes multi-machine, FSDP and DeepSpeed ones)."""
+        import torch
+        import yaml
+
+        from nbtune.engine.launch_files import accelerate_config, launch_command
+
         config_file = f"{self.name}.yaml"
         script = (f"#!/usr/bin/env bash\n# Re-run nbtune run {self.name!r} outside the notebook.\nset -euo pipefail\n"
-                  f"cat > {config_file} <<'YAML'\n{self.to_yaml()}YAML\nnbtune run {config_file}\n")
+                  f"cat > {config_file} <<'YAML'\n{self.to_yaml()}YAML\n")
+        if self.config.num_processes > 1:
+            accel = accelerate_config(processes=self.config.num_processes, precision=self.config.precision or "fp32",
+                                      cpu=not torch.cuda.is_available())
+            script += (f"cat > accelerate_config.yaml <<'YAML'\n{yaml.safe_dump(accel, sort_keys=False)}YAML\n"
+                       f"{launch_command(config_file, 'accelerate_config.yaml')}\n")
+        else:
+            script += f"nbtune run {config_file}\n"
         if path is not None:
             Path(path).write_text(script, encoding="utf-8")
         return script

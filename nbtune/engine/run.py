@@ -25,6 +25,7 @@ from nbtune.config import RunConfig
 from nbtune.data import detect_format, load_records, prepare_tokenizer, prompts_and_answers, tokenize_dataset
 from nbtune.data.loading import source_key
 from nbtune.engine.callbacks import remove_neftune
+from nbtune.engine.distributed import is_main_process
 from nbtune.engine.events import Broadcast, NullObserver, ProgressObserver
 from nbtune.engine.memory import PeakSampler
 from nbtune.engine.models import Base, load_base
@@ -70,9 +71,13 @@ def start_run(config: RunConfig | dict[str, Any] | str | None = None, *, observe
 def train_run(run: Run, *, base: Base | tuple[Any, Any] | None = None,
               resume_from: str | Path | None = None) -> Run:
     """Load (or take) the base, prepare the method, train with the Trainer, evaluate and save `run`."""
+    from nbtune.engine import distributed
+
     train_records, eval_records, fmt = run._data
     checkpoint = resume_checkpoint(run, resume_from) if resume_from is not None else None  # before any load
     run.status = "running"
+    if run.config.num_processes > 1 and not distributed.launched():
+        return _launch(run, base, checkpoint)
     try:
         with PeakSampler() as memory:
             _train(run, base, train_records, eval_records, fmt, memory, checkpoint)
@@ -87,6 +92,23 @@ def train_run(run: Run, *, base: Base | tuple[Any, Any] | None = None,
     run.metrics["peak_rss_mb"] = round(memory.peak_mb, 1)
     _finish(run)
     return run
+
+
+def _launch(run: Run, base: Base | tuple[Any, Any] | None, checkpoint: str | None) -> Run:
+    """Train in `num_processes` processes (engine/distributed.py) on `base`, or on the run's own base."""
+    from nbtune.engine import distributed
+
+    base = _as_base(base)
+    if base is None:
+        config = run.config
+        base = load_base(config.model, quantization=config.quantization, dtype=config.dtype,
+                         trust_remote_code=config.trust_remote_code)
+    try:
+        return distributed.launch(run, base, checkpoint)
+    except BaseException as exc:
+        run.status, run.error = "failed", str(exc)
+        run.emit("on_error", exc)
+        raise
 
 
 def read_data(config: RunConfig) -> tuple[Any, Any, str]:
@@ -253,6 +275,8 @@ def _resumable_checkpoint(trainer: Any, run: Run) -> str | None:
 
 def resume_run(run: Run) -> Run:
     """Continue a stopped run from its checkpoint to its planned end (see `Run.resume`)."""
+    from nbtune.engine import distributed
+
     thread = run._thread
     if thread is not None and thread.is_alive() and thread is not threading.current_thread():
         raise NbtuneError(f"run {run.name!r} is still finishing in the background; wait for it (.wait()).")
@@ -261,6 +285,10 @@ def resume_run(run: Run) -> Run:
             f" Method {run.method.name!r} cannot resume: peft checkpoints only its inference form.")
         raise NbtuneError(f"run {run.name!r} is {run.status}; only a stopped run with steps left can resume.{why}")
     run._stop.clear()
+    if run.config.num_processes > 1 and not distributed.launched():  # the processes start afresh: relaunch
+        run.status = "running"
+        base = run._base_factory() if run._base_factory is not None else None
+        return _launch(run, base, resume_checkpoint(run, run._checkpoint))
     run.status = "running"
     try:
         with PeakSampler() as memory:
@@ -286,6 +314,9 @@ def _finish(run: Run) -> None:
         "tokens": tokens,
         "tokens_per_second": round(tokens / train_seconds, 1) if train_seconds else None,
     })
+    if not is_main_process():  # the other ranks of a multi-process run: rank 0 evaluates and writes
+        run.emit("on_run_end")
+        return
     if _wants_metric(config) and run.eval_pairs and run.status == "finished":
         run.metrics.update(run.evaluate())
     if config.save:

@@ -25,6 +25,7 @@ def make_trainer(run: Run, model: Any, tokenizer: Any, train_set: Any, eval_set:
 
     from nbtune.engine.callbacks import NEFTuneCallback, RunCallback
     from nbtune.engine.checkpoints import run_trainer_class
+    from nbtune.engine.distributed import StopTogether
     from nbtune.engine.guards import NonFiniteGuard
 
     config = run.config
@@ -58,6 +59,8 @@ def make_trainer(run: Run, model: Any, tokenizer: Any, train_set: Any, eval_set:
         activation_checkpointing=config.gradient_checkpointing and run.method.gradient_checkpointing,
         bf16=config.precision == "bf16",  # autocast around the forward; trainable weights stay fp32
         use_cpu=not torch.cuda.is_available(),
+        # Several processes: DDP need not search for unused parameters unless experts may go unrouted.
+        ddp_find_unused_parameters=_may_skip_parameters(model),
     )
     multiple = PAD_TO_MULTIPLE_OF if PAD_TO_MULTIPLE_OF or not torch.cuda.is_available() else 8
     collator = _WithoutLength(DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=multiple))
@@ -67,9 +70,10 @@ def make_trainer(run: Run, model: Any, tokenizer: Any, train_set: Any, eval_set:
     run._guard = NonFiniteGuard(config.on_nonfinite)
     extra.append(run._guard)
     optimizer = run.method.make_optimizer(model, args, run._ctx) if run.method.make_optimizer else None
+    first = [StopTogether(run)] if args.world_size > 1 else []  # before RunCallback: same-step stop on all ranks
     trainer = run_trainer_class()(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                                   processing_class=tokenizer, data_collator=collator,
-                                  callbacks=[RunCallback(run, memory), *extra], optimizers=(optimizer, None),
+                                  callbacks=[*first, RunCallback(run, memory), *extra], optimizers=(optimizer, None),
                                   labels_only=config.logits_on_labels_only)
     trainer.keep_checkpoints = config.keep_checkpoints
     trainer.checkpoint_extra = {"run": run.name, "method": run.method.name}
@@ -86,13 +90,18 @@ def make_trainer(run: Run, model: Any, tokenizer: Any, train_set: Any, eval_set:
 PAD_TO_MULTIPLE_OF: int | None = None
 
 
+def _may_skip_parameters(model: Any) -> bool:
+    config = getattr(model, "config", None)
+    return any(getattr(config, key, None) for key in ("num_local_experts", "num_experts", "n_routed_experts"))
+
+
 def checkpoint_root(run: Run) -> Path:
     """Where the Trainer's checkpoints go: beside the run's output when they are periodic (they must
     outlive the process), else the run's scratch folder (a Stop's checkpoint is for `resume()` here)."""
     if run.config.checkpoint_steps:  # beside the output folder, which the final save replaces whole
         out = run.config.resolved_output_dir
         return out.with_name(out.name + "-checkpoints")
-    return run._ctx.workdir / "trainer"
+    return (run._shared_dir or run._ctx.workdir) / "trainer"  # all ranks of a run write into one
 
 
 @contextmanager

@@ -130,6 +130,7 @@ class Workbench:
             run.emit("on_error", exc)
             self._keep(run, old)
             raise
+        run._base_factory = lambda: self.view_for(run.config)  # a multi-process resume starts afresh
         try:
             train_run(run, base=view, resume_from=resume_from)
         except BaseException:

@@ -36,6 +36,7 @@ class Finetune(Magics):
     @argument("--method", help="Fine-tuning method (see nbtune.methods()).")
     @argument("--steps", type=int, help="Optimizer steps.")
     @argument("--data", help="Training data: 'demo' or a file path.")
+    @argument("--processes", type=int, help="Train in N processes (accelerate DDP; sets num_processes).")
     @argument("--dry-run", action="store_true", help="Check the config and data, train nothing.")
     @argument("--resume", action="store_true", help="Continue the stopped run of this name where it stopped; "
               "with a cell body, continue it from its newest verified checkpoint (checkpoint_steps), e.g. "
@@ -95,7 +96,7 @@ class Finetune(Magics):
     def _config(self, args: Any, cell: str) -> dict[str, Any]:
         config = {**project_defaults(), **dict(self.defaults), **parse_cell(cell or "", self.shell.user_ns)}
         flags = {"name": args.name, "model": args.model, "method": args.method, "steps": args.steps,
-                 "data": args.data}
+                 "data": args.data, "num_processes": args.processes}
         config.update({k: v for k, v in flags.items() if v is not None})
         if args.steps is not None:
             config.pop("epochs", None)  # --steps wins over an `epochs:` in the cell

@@ -58,7 +58,9 @@ class LivePanel(NullObserver):
         self._run = run
         self._split = memory_split(run.model) if run.model is not None else {}
         self.progress_bar.max = max(run.total_steps, 1)
-        self.status.value = render.status_html(run.name, run.method.name, "running")
+        processes = getattr(getattr(run, "config", None), "num_processes", 1)
+        detail = f"{processes} processes, rank 0 shown" if processes > 1 else ""
+        self.status.value = render.status_html(run.name, run.method.name, "running", detail)
 
     def on_step(self, run: Any, record: dict[str, Any]) -> None:
         self._peak = max(self._peak, record.get("rss_mb", 0.0))
