@@ -74,3 +74,17 @@ def test_an_allocator_failure_mid_run_ends_it_cleanly_with_the_same_advice(chat_
     assert caught.value.__context__ is None  # the failed step's frames (and tensors) are not kept alive
     again = nbtune.finetune(data=demo_rows, base=(tiny_llama(chat_tokenizer), chat_tokenizer), **SETTINGS)
     assert again.status == "finished" and all(torch.isfinite(p).all() for p in again.model.parameters())
+
+
+def test_processes_sharing_one_machine_each_get_their_share(chat_tokenizer, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(chat_tokenizer), LoraConfig(r=4, task_type="CAUSAL_LM"))
+    config = RunConfig.parse({"precision": "fp32"})
+    need = preflight.training_need_mb(model, config, longest=64)["total_mb"]
+    monkeypatch.setattr(preflight, "available_mb", lambda: need * 1.5)
+    assert preflight.check_fits(model, config, longest=64)["total_mb"] == pytest.approx(need)  # one process
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # CPU processes share RAM (GPUs do not)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two on this machine: 0.75 x the need each
+    with pytest.raises(preflight.OutOfMemory, match="each of the 2 processes sharing this machine"):
+        preflight.check_fits(model, config, longest=64)

@@ -11,6 +11,7 @@ the step held is collected.
 from __future__ import annotations
 
 import gc
+import os
 from pathlib import Path
 from typing import Any
 
@@ -77,14 +78,26 @@ def training_need_mb(model: Any, config: Any, longest: int) -> dict[str, float]:
 def check_fits(model: Any, config: Any, longest: int) -> dict[str, float]:
     """Raise `OutOfMemory` when training `model` as `config` says cannot fit in what is left."""
     need = training_need_mb(model, config, longest)
-    have = available_mb()
+    sharing = processes_sharing_memory()
+    have = available_mb() / sharing
     if config.memory_check and need["total_mb"] > have:
+        each = f" to each of the {sharing} processes sharing this machine's memory" if sharing > 1 else ""
         raise OutOfMemory(
             f"this run needs about {need['total_mb']:,.0f} MB more (activations {need['activations_mb']:,.0f}, "
             f"trainable + grads {need['trainable_and_grads_mb']:,.0f}, optimizer {need['optimizer_mb']:,.0f}) "
-            f"but only {have:,.0f} MB are available. {advice(config)} Or set `memory_check: false` to try "
+            f"but only {have:,.0f} MB are available{each}. {advice(config)} Or set `memory_check: false` to try "
             "anyway.", field="batch_size")
     return {**need, "available_mb": have}
+
+
+def processes_sharing_memory() -> int:
+    """How many processes of this run draw on this machine's RAM at once: the launcher's local world size
+    on CPU (each trains its own activations, optimizer state and adapter copy); on GPUs each has its own."""
+    import torch
+
+    if torch.cuda.is_available():
+        return 1
+    return max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
 
 
 def advice(config: Any) -> str:
@@ -120,4 +133,4 @@ def out_of_memory(config: Any, step: int) -> OutOfMemory:
 
 
 __all__ = ["OutOfMemory", "available_mb", "check_fits", "is_allocator_failure", "out_of_memory",
-           "training_memory_mb", "training_need_mb"]
+           "processes_sharing_memory", "training_memory_mb", "training_need_mb"]
