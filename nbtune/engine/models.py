@@ -126,8 +126,12 @@ def _bnb_config(quantization: str, dtype: Any) -> Any:
     from transformers import BitsAndBytesConfig
 
     if quantization == "4bit":
+        # FSDP flattens a layer's weights into one tensor of one dtype: packed 4-bit weights must then be
+        # stored in the dtype of the rest (bitsandbytes' FSDP-QLoRA recipe). accelerate launch sets the flag.
+        fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+        storage = {"bnb_4bit_quant_storage": dtype} if fsdp else {}
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=dtype)
+                                  bnb_4bit_compute_dtype=dtype, **storage)
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
