@@ -88,3 +88,23 @@ def test_processes_sharing_one_machine_each_get_their_share(chat_tokenizer, monk
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two on this machine: 0.75 x the need each
     with pytest.raises(preflight.OutOfMemory, match="each of the 2 processes sharing this machine"):
         preflight.check_fits(model, config, longest=64)
+
+
+def test_the_estimate_per_gpu_follows_checkpointing_and_the_strategy(tiny_model_dir):
+    from nbtune.engine.estimate import estimate, per_process_mb
+
+    settings = {"model": str(tiny_model_dir), "method": "full", "max_length": 4096, "precision": "fp32"}
+    plain = estimate(RunConfig.parse(settings))
+    checkpointed = estimate(RunConfig.parse({**settings, "gradient_checkpointing": True}))
+    assert checkpointed["activations_mb"] < plain["activations_mb"] / 1.8  # 2 layers: one at a time, not both
+
+    ddp, zero2, fsdp = (per_process_mb(plain, 8, s) for s in ("ddp", "zero2", "fsdp"))
+    assert ddp == per_process_mb(plain, 1, "ddp")  # DDP copies everything: no saving per GPU
+    assert ddp["total_mb"] == pytest.approx(sum(plain[k] for k in ("weights_mb", "trainable_and_grads_mb",
+                                                                  "optimizer_mb", "activations_mb")), abs=2)
+    assert zero2["optimizer_mb"] == pytest.approx(plain["optimizer_mb"] / 8, abs=1)
+    assert fsdp["trainable_and_grads_mb"] == pytest.approx(plain["trainable_and_grads_mb"] / 8, abs=1)
+    assert fsdp["total_mb"] <= zero2["total_mb"] <= ddp["total_mb"]
+    assert fsdp["activations_mb"] == ddp["activations_mb"]  # each GPU still computes its own batch
+    with pytest.raises(ValueError, match="strategy"):
+        per_process_mb(plain, 8, "pipeline")

@@ -50,7 +50,8 @@ def estimate(config: RunConfig) -> dict[str, Any]:
     embedding = model.get_input_embeddings().weight.numel()  # never quantized by bitsandbytes
     activation_bytes = 2 if config.precision == "bf16" else _DTYPE_BYTES[config.dtype]  # autocast keeps bf16 ones
     # an upper bound: every sequence at max_length
-    training = training_memory_mb(trainable, hidden, layers, config.batch_size * config.max_length, activation_bytes)
+    training = training_memory_mb(trainable, hidden, layers, config.batch_size * config.max_length, activation_bytes,
+                                  checkpointing=config.gradient_checkpointing and method.gradient_checkpointing)
     mb = 2**20
     flops = 6 * total if trainable == total else 4 * total + 2 * trainable
     return {
@@ -60,4 +61,33 @@ def estimate(config: RunConfig) -> dict[str, Any]:
                              + min(embedding, total - trainable) * _DTYPE_BYTES[config.dtype]) / mb),
         **{key: round(value) for key, value in training.items()},
         "step_cost": round(flops / (4 * total), 2),
+        "layers": layers,
     }
+
+
+STRATEGIES = ("ddp", "zero2", "fsdp")
+
+
+def per_process_mb(estimated: dict[str, Any], processes: int, strategy: str = "ddp") -> dict[str, float]:
+    """Memory of each of `processes` processes (one per GPU) training as `estimated` says, in MB.
+
+    `activations_mb` is per process already (it follows `batch_size`, which is per process). DDP keeps a
+    full copy of everything in each process; DeepSpeed ZeRO-2 shards gradients and optimizer state; FSDP
+    (full shard) shards weights too, and gathers one layer's weights at a time to compute with it.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
+    weights, trainable_grads = estimated["weights_mb"], estimated["trainable_and_grads_mb"]
+    optimizer, activations = estimated["optimizer_mb"], estimated["activations_mb"]
+    if strategy == "ddp":
+        parts = {"weights_mb": weights, "trainable_and_grads_mb": trainable_grads, "optimizer_mb": optimizer}
+    elif strategy == "zero2":  # trainable weights stay whole; their gradients and AdamW moments are split
+        parts = {"weights_mb": weights, "trainable_and_grads_mb": trainable_grads / 2 * (1 + 1 / processes),
+                 "optimizer_mb": optimizer / processes}
+    else:
+        gathered = (weights + trainable_grads / 2) / max(estimated.get("layers") or 1, 1)
+        parts = {"weights_mb": weights / processes + gathered, "trainable_and_grads_mb": trainable_grads / processes,
+                 "optimizer_mb": optimizer / processes}
+    parts["activations_mb"] = activations
+    parts["total_mb"] = sum(parts.values())
+    return {key: round(value) for key, value in parts.items()}
