@@ -100,6 +100,18 @@ def tiny_gpt2(tokenizer, seed: int = 0):
     return GPT2LMHeadModel(config)
 
 
+def tiny_mixtral(tokenizer):
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                           num_experts_per_tok=2, max_position_embeddings=512, initializer_range=0.2,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return MixtralForCausalLM(config)
+
+
 @pytest.fixture
 def llama_base(chat_tokenizer):
     """(tiny random Llama, ChatML tokenizer), ready for `nbtune.finetune(..., base=...)`."""

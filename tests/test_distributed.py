@@ -8,12 +8,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import nbtune_shell, tiny_llama
+from conftest import nbtune_shell, tiny_llama, tiny_mixtral
 
 import nbtune
 from nbtune.engine.events import NullObserver
@@ -49,6 +50,20 @@ def test_two_processes_give_the_loss_curve_of_one_with_the_same_global_batch(cha
     with torch.no_grad():
         assert torch.allclose(reopened(ids).logits, two.model(ids).logits, atol=1e-6)
         assert torch.allclose(two.model(ids).logits, one.model(ids).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize(("method", "options"), [("full", {}), ("prefix", {"num_virtual_tokens": 4}),
+                                                  ("houlsby", {}), ("moe", {})])
+def test_other_methods_agree_across_process_counts_too(chat_tokenizer, demo_rows, method, options):
+    """Switching method stays a config change with several processes: the base trained in place (full), a
+    prompt method, a hand-written adapter, and a mixture of experts whose unrouted experts get no gradient."""
+    make = tiny_mixtral if method == "moe" else tiny_llama
+    settings = {**EXACT, "steps": 3, "lr": 1e-3, "method": method, "save": False, **options}
+    settings.pop("dropout")
+    one = nbtune.finetune(data=demo_rows, base=(make(chat_tokenizer), chat_tokenizer), batch_size=8, **settings)
+    two = nbtune.finetune(data=demo_rows, base=(make(chat_tokenizer), chat_tokenizer), batch_size=4,
+                          num_processes=2, **settings)
+    assert two.status == "finished" and losses(two) == pytest.approx(losses(one), abs=1e-5)
 
 
 def test_a_stopped_multi_process_run_resumes_on_every_rank_exactly(chat_tokenizer, demo_rows):
@@ -113,6 +128,22 @@ def test_the_magic_launches_processes_and_the_run_lands_in_the_kernel(tiny_model
         assert magic.metrics["processes"] == 2 and len(magic.history) == 3
         assert first is WORKBENCH.runs["first"]  # the earlier run is untouched
         assert isinstance(magic.generate("1 May 2000"), str)  # the adapter is on the kernel's base
+
+
+def test_a_background_multi_process_cell_stops_and_resumes_through_the_magic(tiny_model_dir, demo_rows):
+    cell = ("method: lora\nr: 4\ndata: {{ rows }}\nsteps: 40\nbatch_size: 2\nmetric: none\nsave: false\n"
+            "precision: fp32\n")
+    with nbtune_shell(tiny_model_dir, rows=demo_rows) as shell:
+        run = shell.run_cell_magic("finetune", "bg --processes 2 --background --no-panel", cell)
+        deadline = time.monotonic() + 120
+        while len(run.history) < 2 and time.monotonic() < deadline:  # the kernel's copy fills as rank 0 relays
+            time.sleep(0.05)
+        run.stop()  # the panel's Stop button
+        run.wait(120)
+        assert run.status == "stopped" and 2 <= len(run.history) < 40 and run.model is not None
+        resumed = shell.run_line_magic("finetune", "bg --resume --no-panel")
+        assert resumed is run and run.status == "finished"
+        assert [r["step"] for r in run.history] == list(range(1, 41))
 
 
 def test_the_magic_forks_a_real_jupyter_kernel(tmp_path, tiny_model_dir):

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
+from conftest import tiny_gpt2, tiny_llama, tiny_mixtral
 
 import nbtune
 from nbtune.engine.models import load_base
@@ -77,17 +77,6 @@ CASES = [
     Case("moe", "mixtral", options={"moe_train": "experts"}, lr=1e-3, disables=False, id="moe-experts"),
     Case("moe", "mixtral", options={"moe_train": "router"}, lr=3e-2, id="moe-router"),
 ]
-
-
-def tiny_mixtral(tokenizer):
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                           num_experts_per_tok=2, max_position_embeddings=512, initializer_range=0.2,
-                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return MixtralForCausalLM(config)
 
 
 class Matrix:
