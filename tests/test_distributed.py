@@ -98,6 +98,36 @@ def test_a_kernel_interrupt_stops_every_rank_at_the_same_step(chat_tokenizer, de
     assert run._checkpoint and run.model is not None  # learned weights kept, resumable
 
 
+def test_a_second_interrupt_ends_the_processes(demo_rows):
+    """The relay's own logic, with a real process standing in for a rank stuck outside the loop."""
+    from nbtune.engine.distributed import _relay
+    from nbtune.engine.run import start_run
+
+    stuck = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+    class Channel:  # what the launcher's queue delivers: the rank's pid, two interrupts, then the end
+        script = [("pid", stuck.pid, None), KeyboardInterrupt, KeyboardInterrupt, ("launcher-done", None, None)]
+
+        def get(self, timeout):
+            item = self.script.pop(0)
+            if item is KeyboardInterrupt:
+                raise KeyboardInterrupt
+            return item
+
+    class Event:
+        flag = False
+
+        def set(self):
+            self.flag = True
+
+    run = start_run({"data": demo_rows, "steps": 1})
+    stop = Event()
+    outcome, error = _relay(run, Channel(), stop)
+    assert outcome is None and "interrupted twice" in error
+    assert stop.flag and run.stop_requested  # the first interrupt asked every rank to stop
+    assert stuck.wait(10) == -signal.SIGKILL  # the second ended it
+
+
 def test_a_failing_rank_fails_the_run_with_its_message_and_nothing_hangs(chat_tokenizer, demo_rows):
     with pytest.raises(nbtune.NbtuneError, match=r"2 processes: rank \d: .*target_modules"):
         nbtune.finetune(data=demo_rows, base=(tiny_llama(chat_tokenizer), chat_tokenizer), batch_size=4,

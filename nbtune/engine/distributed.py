@@ -94,8 +94,11 @@ def launch(run: Run, base: Base, resume_from: str | None = None) -> Run:
 
 
 def _relay(run: Run, channel: Any, stop: Any) -> tuple[dict[str, Any] | None, str | None]:
-    """Pass rank 0's events to `run`'s observers until the launcher returns; forward Stop requests."""
-    outcome, error = None, None
+    """Pass rank 0's events to `run`'s observers until the launcher returns; forward Stop requests.
+
+    A kernel interrupt asks every rank to stop after its step; a second one kills the processes (a rank
+    stuck outside the training loop would otherwise never see the first)."""
+    outcome, error, pids, interrupts = None, None, [], 0
     while True:
         try:
             if run.stop_requested:
@@ -110,12 +113,20 @@ def _relay(run: Run, channel: Any, stop: Any) -> tuple[dict[str, Any] | None, st
                 _apply(run, state)
                 name, args = payload
                 run.emit(name, *args)
+            elif kind == "pid":
+                pids.append(payload)
             elif kind == "done":
                 outcome = payload
             elif kind == "failed":
                 error = error or payload
-        except KeyboardInterrupt:  # every rank finishes its step, rank 0 saves, then they end
+        except KeyboardInterrupt:
+            interrupts += 1
             run.stop()
+            if interrupts > 1:
+                error = "interrupted twice: the processes were ended without saving"
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
 
 
 def _apply(run: Run, state: dict[str, Any]) -> None:
@@ -201,12 +212,13 @@ _HIDDEN: dict[str, Any] = {}
 
 @contextlib.contextmanager
 def _quiet_launcher() -> Any:
-    """torch elastic logs a warning that it cannot install signal handlers from a thread: by design here."""
+    """torch elastic logs that it cannot install signal handlers from a thread (by design here) and a
+    failed rank's whole traceback; the rank's one-line message reaches the cell through the channel."""
     import logging
 
     logger = logging.getLogger("torch.distributed.elastic")
     level = logger.level
-    logger.setLevel(logging.ERROR)
+    logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
@@ -226,6 +238,7 @@ def _process_main(run: Run, base: Base, resume_from: str | None, channel: Any, s
 
     sys.modules.update(_HIDDEN)  # forked while bitsandbytes was hidden from the launcher's check
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the kernel turns an interrupt into a Stop (see launch)
+    channel.put(("pid", os.getpid(), None))
     _share_cores()
     shared = run._ctx.workdir
     run._shared_dir = shared  # Trainer checkpoints: one folder all ranks write into
