@@ -66,6 +66,18 @@ def test_other_methods_agree_across_process_counts_too(chat_tokenizer, demo_rows
     assert two.status == "finished" and losses(two) == pytest.approx(losses(one), abs=1e-5)
 
 
+def test_qlora_with_ddp_agrees_across_process_counts_on_cpu(tiny_model_dir, demo_rows):
+    """4-bit NF4 base (bitsandbytes' CPU kernels) in two gloo processes: the 4-bit + DDP recipe, run here."""
+    pytest.importorskip("bitsandbytes")
+    settings = {**EXACT, "model": str(tiny_model_dir), "method": "qlora", "steps": 3, "lr": 1e-3, "save": False}
+    settings.pop("precision")  # quantized bases compute in fp32 by default
+    one = nbtune.finetune(data=demo_rows, batch_size=8, **settings)
+    two = nbtune.finetune(data=demo_rows, batch_size=4, num_processes=2, **settings)
+    assert two.status == "finished" and losses(two) == pytest.approx(losses(one), abs=1e-5)
+    assert two.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.__class__.__name__ == \
+        "Params4bit"  # the kernel's copy is the 4-bit model too
+
+
 def test_a_stopped_multi_process_run_resumes_on_every_rank_exactly(chat_tokenizer, demo_rows):
     # Dropout on: every rank's RNG state must come back from the checkpoint for the curves to agree.
     settings = {**EXACT, "dropout": 0.1, "steps": 8, "batch_size": 4, "num_processes": 2, "save": False}
