@@ -273,3 +273,25 @@ def test_a_runs_tokenizer_has_its_own_settings_and_shares_the_vocabulary(chat_to
     assert chat_tokenizer.chat_template != view.chat_template
     assert view.backend_tokenizer is chat_tokenizer.backend_tokenizer  # not rebuilt for every run
     assert view("Hello world")["input_ids"] == chat_tokenizer("Hello world")["input_ids"]
+
+
+def test_a_background_cells_run_line_updates_when_the_run_ends(ip, monkeypatch):
+    published = []
+    monkeypatch.setattr(ip.display_pub, "publish",
+                        lambda data, metadata=None, transient=None, update=False, **kw:
+                        published.append((data.get("text/plain", ""), (transient or {}).get("display_id"), update)))
+    result = ip.run_cell("%%finetune bg --background --no-panel\n" + CELL.replace("steps: 3", "steps: 4"))
+    runs()["bg"].wait(60)
+    assert result.success and runs()["bg"].status == "finished"
+    first, last = published[0], published[-1]
+    assert "<Run 'bg'" in first[0] and "finished" not in first[0] and not first[2]  # shown as the cell returned
+    assert last[2] and last[1] == first[1] and "finished" in last[0]  # the same line, updated in place
+    assert not any(type(o).__name__ == "_Refresh" for o in runs()["bg"]._observers.observers)  # detached
+
+
+def test_a_finished_run_is_shown_once_and_not_watched(ip, monkeypatch):
+    published = []
+    monkeypatch.setattr(ip.display_pub, "publish", lambda data, **kw: published.append(data.get("text/plain", "")))
+    ip.run_cell("%%finetune fg --no-panel\n" + CELL)
+    assert len([p for p in published if "<Run 'fg'" in p]) == 1 and "finished" in published[-1]
+    assert len(runs()["fg"]._observers.observers) == 1  # just the cell's own progress observer
