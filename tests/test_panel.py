@@ -142,3 +142,11 @@ def test_smoothing_and_the_chart_handle_odd_values():
 def test_the_progress_line_has_eta():
     line = render.progress_line(10, 40, 250.0, 30.0)
     assert line == "step 10/40 · 250 tok/s · 0:30 elapsed · ETA 1:30"
+
+
+def test_the_memory_table_shows_small_amounts_instead_of_zero():
+    table = render.memory_html({"rss_mb": 812.4, "peak_rss_mb": 1534.6, "trainable_mb": 0.06, "optimizer_mb": 0.12,
+                                "weights_mb": 0.0, "activations_mb": None})
+    assert "812 MB" in table and "1,535 MB" in table
+    assert "0.06 MB" in table and "0.12 MB" in table  # a tiny adapter is small, not nothing
+    assert "<td>base weights</td><td style='text-align:right'>0 MB</td>" in table

@@ -139,7 +139,11 @@ def _clock(seconds: float) -> str:
 
 
 def _mb(value: Any) -> str:
-    return "-" if value is None else f"{value:,.0f} MB"
+    if value is None:
+        return "-"
+    if 0 < value < 10:  # a tiny model's adapter or optimizer: "0 MB" would read as nothing at all
+        return f"{value:.2g} MB"
+    return f"{value:,.0f} MB"
 
 
 def _value(value: Any) -> str:
