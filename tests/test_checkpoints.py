@@ -81,7 +81,8 @@ def test_every_damaged_file_makes_resume_fall_back_to_the_previous_checkpoint(ch
 
 
 def test_a_damaged_checkpoint_given_by_path_falls_back_and_says_so(checkpointed, tmp_path, tiny_model_dir):
-    from nbtune.engine.run import resume_checkpoint, start_run
+    from nbtune.engine.checkpoints import resume_checkpoint
+    from nbtune.engine.run import start_run
 
     _, root = checkpointed
     copy = tmp_path / "checkpoints"
@@ -96,6 +97,36 @@ def test_latest_without_checkpoints_is_one_clear_error(tiny_model_dir, tmp_path)
     with pytest.raises(nbtune.NbtuneError, match="no complete checkpoint"):
         nbtune.finetune(model=str(tiny_model_dir), data="demo", output_dir=str(tmp_path / "none"),
                         resume_from="latest", **SETTINGS)
+
+
+@pytest.mark.parametrize(("change", "field"), [({"r": 4}, "r"), ({"method": "dora"}, "method"),
+                                               ({"batch_size": 8}, "batch_size"),
+                                               ({"model": "HuggingFaceTB/SmolLM2-135M-Instruct"}, "model")])
+def test_a_run_whose_settings_cannot_continue_a_checkpoint_is_refused_by_name(checkpointed, tiny_model_dir,
+                                                                               change, field):
+    from nbtune.engine.checkpoints import resume_checkpoint
+    from nbtune.engine.run import start_run
+
+    _, root = checkpointed
+    run = start_run({"model": str(tiny_model_dir), "data": "demo", **SETTINGS, **change})
+    with pytest.raises(nbtune.NbtuneError) as caught:
+        resume_checkpoint(run, root / "checkpoint-4")
+    assert caught.value.field == field and "cannot resume from checkpoint-4" in str(caught.value)
+
+
+def test_settings_the_checkpoint_restores_are_named_and_the_same_global_batch_resumes(checkpointed, tiny_model_dir):
+    from nbtune.engine.checkpoints import resume_checkpoint
+    from nbtune.engine.run import start_run
+
+    _, root = checkpointed
+    same_rows = start_run({"model": str(tiny_model_dir), "data": "demo", **SETTINGS, "batch_size": 2,
+                           "grad_accum": 2, "steps": 10})  # 2 x 2 = 4 rows per step, and more steps: fine
+    assert resume_checkpoint(same_rows, root / "checkpoint-4") == str(root / "checkpoint-4")
+    other_lr = start_run({"model": str(tiny_model_dir), "data": "demo", **SETTINGS, "lr": 1e-4, "seed": 8})
+    with pytest.warns(UserWarning) as caught:
+        resume_checkpoint(other_lr, root / "checkpoint-4")
+    said = " ".join(str(w.message) for w in caught)
+    assert "`lr` comes back from the checkpoint (0.01)" in said and "`seed` changed (7 -> 8)" in said
 
 
 # ------------------------------------------------------------------ real processes, really killed

@@ -21,9 +21,13 @@ import warnings
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nbtune.engine.saving import write_json
+from nbtune.errors import NbtuneError
+
+if TYPE_CHECKING:
+    from nbtune.engine.result import Run
 
 MANIFEST = "nbtune-checkpoint.json"
 PREFIX = "checkpoint-"
@@ -149,6 +153,78 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def resume_checkpoint(run: Run, where: str | Path) -> str:
+    """The verified checkpoint to resume `run` from: the newest good one under its checkpoint folder
+    ("latest"), or `where` itself, or, when `where` is damaged, the newest good one before it; refused
+    when the run's settings cannot continue it (see `check_compatible`)."""
+    folder = _find_checkpoint(run, where)
+    for warning in check_compatible(folder, run.config):
+        warnings.warn(warning, stacklevel=3)
+    return str(folder)
+
+
+def _find_checkpoint(run: Run, where: str | Path) -> Path:
+    from nbtune.engine.trainer import checkpoint_root
+
+    if str(where) == "latest":
+        root = checkpoint_root(run)
+        found = latest_good(root) if root.is_dir() else None
+        if found is None:
+            hint = "" if run.config.checkpoint_steps else " (set `checkpoint_steps` so that runs leave some)"
+            raise NbtuneError(f"no complete checkpoint in {root} to resume run {run.name!r} from{hint}.",
+                              field="checkpoint_steps")
+        return found
+    folder = Path(where)
+    problem = verify(folder) if folder.is_dir() else "it does not exist"
+    if problem is None:
+        return folder
+    older = latest_good(folder.parent, before=folder) if folder.parent.is_dir() else None
+    if older is None:
+        raise NbtuneError(f"cannot resume from {folder}: {problem}, and no earlier complete checkpoint is there.")
+    warnings.warn(f"{folder.name}: {problem}; resuming from {older.name} instead.", stacklevel=4)
+    return older
+
+
+# A checkpoint's adapter and optimizer state only fit the model, method, options and quantization they were
+# made with; its data position only means the same rows under the same global batch.
+_MUST_MATCH = ("model", "method", "quantization")
+# Restored from the checkpoint along with the optimizer and scheduler, whatever the config now says.
+_CHECKPOINT_WINS = ("lr", "lr_scheduler", "warmup_steps", "weight_decay")
+
+
+def check_compatible(folder: Path, config: Any) -> list[str]:
+    """Raise `NbtuneError` (naming the setting) when `config` cannot continue the checkpoint in `folder`;
+    return warnings for settings the checkpoint overrides or that change the data order. Checkpoints
+    without nbtune's run.json (made elsewhere) are not checked."""
+    from nbtune.engine.distributed import launched, world_size
+
+    try:
+        saved = json.loads((folder / "run.json").read_text(encoding="utf-8"))["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    now = config.to_json_dict()
+    keys = [*_MUST_MATCH, *sorted(config.options)]
+    for key in keys:
+        if key in saved and saved[key] != now.get(key):
+            raise NbtuneError(f"cannot resume from {folder.name}: it was made with `{key}: {saved[key]}`, this run "
+                              f"has `{key}: {now.get(key)}`. Resume with the checkpoint's value, or start afresh "
+                              "(without --resume / resume_from).", field=key)
+    processes = world_size() if launched() else config.num_processes
+    saved_processes = max(len(list(folder.glob("rng_state_*.pth"))), 1)
+    batch = config.batch_size * config.grad_accum * processes
+    saved_batch = saved.get("batch_size", 0) * saved.get("grad_accum", 1) * saved_processes
+    if saved_batch and batch != saved_batch:
+        raise NbtuneError(f"cannot resume from {folder.name}: its global batch (batch_size x grad_accum x processes) "
+                          f"was {saved_batch}, this run's is {batch}; the data position would point at other "
+                          "rows. Keep the product the same.", field="batch_size")
+    warnings_ = [f"resuming {folder.name}: `{key}` comes back from the checkpoint ({saved[key]}), not this "
+                 f"run's {now.get(key)}." for key in _CHECKPOINT_WINS if key in saved and saved[key] != now.get(key)]
+    if "seed" in saved and saved["seed"] != config.seed:
+        warnings_.append(f"resuming {folder.name}: `seed` changed ({saved['seed']} -> {config.seed}), so the rest "
+                         "of the data comes in another order than the interrupted run's.")
+    return warnings_
+
+
 @cache
 def run_trainer_class() -> type:
     """The Trainer nbtune runs: answer-only loss (engine/loss.py), atomic, verified checkpoints, and the
@@ -159,4 +235,5 @@ def run_trainer_class() -> type:
     return type("RunTrainer", (AtomicCheckpoints, GlobalBatchOrder, AnswerOnlyLossTrainer), {})
 
 
-__all__ = ["AtomicCheckpoints", "latest_good", "prune", "publish", "run_trainer_class", "verify"]
+__all__ = ["AtomicCheckpoints", "check_compatible", "latest_good", "prune", "publish", "resume_checkpoint",
+           "run_trainer_class", "verify"]

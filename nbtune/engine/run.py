@@ -25,6 +25,7 @@ from nbtune.config import RunConfig
 from nbtune.data import detect_format, load_records, prepare_tokenizer, prompts_and_answers, tokenize_dataset
 from nbtune.data.loading import source_key
 from nbtune.engine.callbacks import remove_neftune
+from nbtune.engine.checkpoints import resume_checkpoint
 from nbtune.engine.distributed import is_main_process
 from nbtune.engine.events import Broadcast, NullObserver, ProgressObserver
 from nbtune.engine.memory import PeakSampler
@@ -32,7 +33,7 @@ from nbtune.engine.models import Base, load_base
 from nbtune.engine.precision import training_speedups
 from nbtune.engine.preflight import check_fits, is_allocator_failure, out_of_memory
 from nbtune.engine.result import Run
-from nbtune.engine.trainer import checkpoint_root, collect_run_garbage, make_trainer, older_objects_frozen
+from nbtune.engine.trainer import collect_run_garbage, make_trainer, older_objects_frozen
 from nbtune.errors import ConfigError, DataError, NbtuneError
 from nbtune.methods import MethodContext, get_method
 
@@ -238,30 +239,6 @@ def _train_and_evaluate(run: Run, trainer: Any, eval_set: Any, resume_from: str 
         with training_speedups(run.model, dropout=False, attention=False):  # the training numerics
             run.metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
     run.status = "finished"
-
-
-def resume_checkpoint(run: Run, where: str | Path) -> str:
-    """The verified checkpoint to resume from: the newest good one under the run's checkpoint folder
-    ("latest"), or `where` itself, or, when `where` is damaged, the newest good one before it."""
-    from nbtune.engine.checkpoints import latest_good, verify
-
-    if str(where) == "latest":
-        root = checkpoint_root(run)
-        found = latest_good(root) if root.is_dir() else None
-        if found is None:
-            hint = "" if run.config.checkpoint_steps else " (set `checkpoint_steps` so that runs leave some)"
-            raise NbtuneError(f"no complete checkpoint in {root} to resume run {run.name!r} from{hint}.",
-                              field="checkpoint_steps")
-        return str(found)
-    folder = Path(where)
-    problem = verify(folder) if folder.is_dir() else "it does not exist"
-    if problem is None:
-        return str(folder)
-    older = latest_good(folder.parent, before=folder) if folder.parent.is_dir() else None
-    if older is None:
-        raise NbtuneError(f"cannot resume from {folder}: {problem}, and no earlier complete checkpoint is there.")
-    warnings.warn(f"{folder.name}: {problem}; resuming from {older.name} instead.", stacklevel=3)
-    return str(older)
 
 
 def _resumable_checkpoint(trainer: Any, run: Run) -> str | None:
