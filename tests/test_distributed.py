@@ -30,9 +30,16 @@ def losses(run) -> list[float]:
 
 def test_two_processes_give_the_loss_curve_of_one_with_the_same_global_batch(chat_tokenizer, demo_rows):
     one = nbtune.finetune(data=demo_rows, base=(tiny_llama(chat_tokenizer), chat_tokenizer), batch_size=8,
-                          eval_split=0.25, output_dir="one", **EXACT)
+                          eval_split=0.25, eval_steps=3, output_dir="one", **EXACT)
+    evals = []
+
+    class SeeEvals(NullObserver):  # relayed from rank 0 as they happen
+        def on_eval(self, run, metrics):
+            evals.append(metrics["eval_loss"])
+
     two = nbtune.finetune(data=demo_rows, base=(tiny_llama(chat_tokenizer), chat_tokenizer), batch_size=4,
-                          eval_split=0.25, num_processes=2, output_dir="two", **EXACT)
+                          eval_split=0.25, eval_steps=3, num_processes=2, output_dir="two", observers=[SeeEvals()],
+                          **EXACT)
     assert two.status == "finished" and two.metrics["processes"] == 2
     assert len(losses(two)) == 6 and losses(two)[-1] < losses(two)[0]
     # Equal losses mean each step saw the same 8 rows: rank 0 four, rank 1 the other four (a rank that saw
@@ -41,6 +48,7 @@ def test_two_processes_give_the_loss_curve_of_one_with_the_same_global_batch(cha
     assert two.metrics["tokens"] == one.metrics["tokens"]  # tokens counted over both ranks
     # The Trainer averages the ranks' evaluation losses per row, one process per token: close, not equal.
     assert two.metrics["eval_loss"] == pytest.approx(one.metrics["eval_loss"], rel=1e-2)
+    assert [e["step"] for e in two.eval_history] == [3, 6, 6] and len(evals) == 3  # periodic ones and the final
 
     # The saved adapter is a plain peft folder, and it is what the kernel's copy of the run now holds.
     from peft import PeftModel

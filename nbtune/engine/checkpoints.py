@@ -227,12 +227,12 @@ def check_compatible(folder: Path, config: Any) -> list[str]:
 
 @cache
 def run_trainer_class() -> type:
-    """The Trainer nbtune runs: answer-only loss (engine/loss.py), atomic, verified checkpoints, and the
-    data order of one process in several (engine/distributed.py)."""
-    from nbtune.engine.distributed import GlobalBatchOrder
+    """The Trainer nbtune runs: answer-only loss (engine/loss.py), atomic, verified checkpoints, and a data
+    order fixed by seed and epoch, the same in any number of processes (engine/sampling.py)."""
     from nbtune.engine.loss import AnswerOnlyLossTrainer
+    from nbtune.engine.sampling import DataOrder
 
-    return type("RunTrainer", (AtomicCheckpoints, GlobalBatchOrder, AnswerOnlyLossTrainer), {})
+    return type("RunTrainer", (AtomicCheckpoints, DataOrder, AnswerOnlyLossTrainer), {})
 
 
 __all__ = ["AtomicCheckpoints", "check_compatible", "latest_good", "prune", "publish", "resume_checkpoint",

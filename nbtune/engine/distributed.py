@@ -323,20 +323,6 @@ class StopTogether(TrainerCallback):
             control.should_training_stop = True
 
 
-class GlobalBatchOrder:
-    """Trainer mixin: batches of similar length are grouped over the global batch, so that N processes
-    train on the same rows per step as one process with the N-times batch (same loss curve). The Trainer
-    groups over the per-process batch, which orders the data differently for each process count."""
-
-    def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
-        from transformers.trainer_pt_utils import LengthGroupedSampler
-
-        sampler = super()._get_train_sampler(*args, **kwargs)  # type: ignore[misc]
-        if isinstance(sampler, LengthGroupedSampler):
-            sampler.batch_size *= self.args.world_size  # type: ignore[attr-defined]
-        return sampler
-
-
 def barrier() -> None:
     """Wait for every rank (no-op in one process)."""
     import torch.distributed as dist
@@ -345,4 +331,4 @@ def barrier() -> None:
         dist.barrier()
 
 
-__all__ = ["GlobalBatchOrder", "StopTogether", "barrier", "is_main_process", "launch", "launched", "rank", "world_size"]
+__all__ = ["StopTogether", "barrier", "is_main_process", "launch", "launched", "rank", "world_size"]
