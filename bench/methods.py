@@ -10,6 +10,7 @@ out, it pays for kernel set-up). Prints a markdown table and writes bench/result
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import warnings
@@ -68,6 +69,8 @@ def main() -> None:
         names = [m for m in names if m in args.only.split(",")]
     table = []
     with tempfile.TemporaryDirectory(prefix="nbtune-bench-methods-") as tmp:
+        # Saves go to a scratch folder, which nbtune only writes into when it is named a workspace.
+        os.environ["NBTUNE_WORKSPACE"] = os.pathsep.join(filter(None, [os.environ.get("NBTUNE_WORKSPACE"), tmp]))
         for method in names:
             table.append(measure(method, rows, args.steps, args.repeats, Path(tmp)))
             row = table[-1]
