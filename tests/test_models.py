@@ -62,3 +62,34 @@ def test_a_model_folder_without_a_tokenizer_is_a_model_error(tmp_path, chat_toke
     tiny_llama(chat_tokenizer).save_pretrained(tmp_path / "no-tokenizer")
     with pytest.raises(nbtune.ModelError, match="no usable tokenizer"):
         models.load_base(str(tmp_path / "no-tokenizer"))
+
+
+def test_a_cached_fp32_model_is_loaded_in_bf16_from_a_bf16_copy_made_once(tmp_path, monkeypatch, tiny_model_dir):
+    import shutil
+
+    import torch
+
+    monkeypatch.setenv("NBTUNE_CACHE", str(tmp_path))
+    cached = tmp_path / "models" / "HuggingFaceTB--SmolLM2-135M-Instruct"
+    shutil.copytree(tiny_model_dir, cached)
+    assert models._stored_dtype(cached) == "F32"
+    monkeypatch.setattr(models, "_from_hf_cache", lambda name: None)
+    reference = models.load_base("default", dtype="float32").model.state_dict()
+
+    base = models.load_base("default", dtype="bfloat16")
+    copy = tmp_path / "models" / "HuggingFaceTB--SmolLM2-135M-Instruct@bfloat16"
+    assert models._stored_dtype(copy) == "BF16" and models._stored_dtype(cached) == "F32"
+    assert base.model.dtype == torch.bfloat16 and base.model.name_or_path == str(cached)
+    for key, value in base.model.state_dict().items():  # the same rounding as casting the fp32 weights
+        assert torch.equal(value, reference[key].to(torch.bfloat16)), key
+    written = (copy / "model.safetensors").stat().st_mtime_ns
+    models.load_base("default", dtype="bfloat16")
+    assert (copy / "model.safetensors").stat().st_mtime_ns == written  # made once
+
+
+def test_a_users_own_fp32_folder_is_read_as_it_is(tmp_path, tiny_model_dir):
+    import torch
+
+    base = models.load_base(str(tiny_model_dir), dtype="bfloat16")
+    assert base.model.dtype == torch.bfloat16
+    assert [p.name for p in tiny_model_dir.parent.iterdir() if "@" in p.name] == []

@@ -88,6 +88,7 @@ def load_base(name: str, *, quantization: str = "none", dtype: str = "float32",
     if quantization != "none":
         kwargs["quantization_config"] = _bnb_config(quantization, torch_dtype)
         kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else "cpu"
+    weights = _stored_as(path, torch_dtype) if quantization == "none" else path
     with no_hf_progress_bars():
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -97,14 +98,53 @@ def load_base(name: str, *, quantization: str = "none", dtype: str = "float32",
                              "save the tokenizer into the model folder (tokenizer.save_pretrained).",
                              field="model") from None
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(weights, **kwargs)
         except (OSError, ValueError) as exc:
             _refuse_remote_code(name, exc)
             raise ModelError(f"`model` {name!r} could not be loaded as a causal language model: "
                              f"{str(exc).splitlines()[0][:200]}", field="model") from None
+    model.name_or_path = model.config._name_or_path = str(path)  # adapters name this folder, not a dtype copy
     if quantization == "none" and torch.cuda.is_available():
         model = model.to("cuda")
     return Base(model=model, tokenizer=tokenizer, name=ALIASES.get(name, name), quantization=quantization)
+
+
+def _stored_as(path: Path, dtype: Any) -> Path:
+    """`path`, or a copy of its weights already stored in `dtype` when `path` is an fp32 model in nbtune's cache.
+
+    transformers loads an fp32 file into bf16 by reading every fp32 tensor and casting it: on SmolLM2
+    that held 1.1 GB at its peak and left ~620 MB resident, against 380 MB and ~390 MB when the file is
+    already bf16 (it is then memory-mapped as is). The GGUF conversion writes fp32 (exact de-quantised
+    values, for `precision: fp32`), so the first bf16 load writes a bf16 copy beside it, once. Only
+    folders nbtune made are copied; a user's own folders and the Hugging Face cache are read as they are.
+    """
+    import torch
+
+    models = (cache_dir() / "models").resolve()
+    if dtype == torch.float32 or path.resolve().parent != models or _stored_dtype(path) != "F32":
+        return path
+    copy = models / f"{path.name}@{str(dtype).removeprefix('torch.')}"
+    if not (copy / "model.safetensors").is_file():
+        from transformers import AutoModelForCausalLM
+
+        with no_hf_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+            with atomic_directory(copy) as tmp:
+                model.save_pretrained(tmp)
+        del model
+    return copy
+
+
+def _stored_dtype(path: Path) -> str | None:
+    """The dtype of the first tensor of a single-file safetensors model (None for sharded or other)."""
+    from safetensors import safe_open
+
+    file = path / "model.safetensors"
+    if not file.is_file():
+        return None
+    with safe_open(file, "pt") as weights:
+        first = next(iter(weights.keys()), None)
+        return None if first is None else weights.get_slice(first).get_dtype()
 
 
 def _refuse_remote_code(name: str, exc: Exception) -> None:
