@@ -154,6 +154,19 @@ def test_a_failing_rank_fails_the_run_with_its_message_and_nothing_hangs(chat_to
                         num_processes=2, target_modules=["no_such_layer"], **EXACT)
 
 
+def test_a_users_observer_prints_while_the_launchers_banner_does_not(chat_tokenizer, demo_rows, capsys):
+    class PrintSteps(NullObserver):  # runs in the kernel's relay loop, as the panel does
+        def on_step(self, run, record):
+            print(f"my step {record['step']}")
+
+    nbtune.finetune(data=demo_rows, base=(tiny_llama(chat_tokenizer), chat_tokenizer), batch_size=2,
+                    num_processes=2, observers=[PrintSteps()], save=False, **{**EXACT, "steps": 3})
+    printed = capsys.readouterr().out
+    assert [line for line in printed.splitlines() if line.startswith("my step")] == [
+        "my step 1", "my step 2", "my step 3"]
+    assert "Launching training" not in printed  # accelerate's "on 2 CUDAs", printed from the launcher thread
+
+
 def test_the_magic_launches_processes_and_the_run_lands_in_the_kernel(tiny_model_dir, demo_rows):
     cell = "method: lora\nr: 4\ndata: {{ rows }}\nsteps: 3\nbatch_size: 2\nmetric: none\nsave: false\n"
     with nbtune_shell(tiny_model_dir, rows=demo_rows[:16]) as shell:

@@ -15,7 +15,6 @@ kernel, a Stop that all ranks obey at the same step, and bringing the result bac
 from __future__ import annotations
 
 import contextlib
-import io
 import multiprocessing
 import os
 import queue
@@ -178,8 +177,31 @@ def _notebook_launch(processes: int, args: tuple[Any, ...]) -> None:
     # made one, and nothing of it is in use between runs (each Trainer makes its own).
     AcceleratorState._reset_state(reset_partial_state=True)
     # It prints "Launching training on N CUDAs" even on CPU; the panel and the run say what ran where.
-    with _quiet_launcher(), _bitsandbytes_hidden(), contextlib.redirect_stdout(io.StringIO()):
+    with _quiet_launcher(), _bitsandbytes_hidden(), contextlib.redirect_stdout(_LauncherSilenced(sys.stdout)):
         notebook_launcher(_process_main, args=args, num_processes=processes, use_port=str(_free_port()))
+
+
+class _LauncherSilenced:
+    """sys.stdout while the launcher runs: drops what this (launcher) thread and the forked ranks print, and
+    passes on what other threads print, such as a user's observer in the kernel's relay loop (redirecting
+    sys.stdout is process-wide). The ranks must not write into the kernel's output stream: it is the
+    kernel's socket, forked."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream, self._thread, self._pid = stream, threading.get_ident(), os.getpid()
+
+    def _dropped(self) -> bool:
+        return os.getpid() != self._pid or threading.get_ident() == self._thread
+
+    def write(self, text: str) -> int:
+        return len(text) if self._dropped() else self._stream.write(text)
+
+    def flush(self) -> None:
+        if not self._dropped():
+            self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def _refuse_unforkable() -> None:
