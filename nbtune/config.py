@@ -26,6 +26,7 @@ from nbtune.params import Param
 from nbtune.safety import check_output_dir
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+RUN_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}"  # also a folder name under runs/
 
 
 def _p(default: Any, kind: str, help: str, **limits: Any) -> Any:
@@ -276,7 +277,7 @@ def _check_cross_fields(config: RunConfig, method: Any) -> None:
         config.lr = config.derived["lr"] = method.default_lr
     if config.name is None:
         config.name = _fresh_name(method.name)
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", config.name):
+    if not re.fullmatch(RUN_NAME, config.name):
         raise ConfigError(
             f"`name` {config.name!r} must be 1-100 letters, digits, '_', '.' or '-' (it names a folder).",
             field="name",

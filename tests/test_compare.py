@@ -3,6 +3,9 @@ ledger, and reclaim really giving memory back."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -136,6 +139,26 @@ def test_combined_adapters_are_a_comparable_run(two_loras):
         assert not torch.equal(combined.model(**ids).logits, r8.model(**ids).logits)
     with pytest.raises(nbtune.NbtuneError, match="one weight per run"):
         nbtune.combine(["r4", "r8"], [1.0])
+
+
+def test_a_combined_run_saves_into_its_own_folder_and_loads_back(two_loras, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r4 = two_loras.runs["r4"]
+    r4_saved = r4.save()
+    combined = nbtune.combine(["r4", "r8"], [0.5, 0.5])
+    assert combined.name == "r4-r8-combined" and r4.name == "r4" and r4.config.name == "r4"
+    assert not combined.model.training and not r4.model.training  # dropout off: the same answer twice
+    path = combined.save()
+    assert path == Path("runs") / "r4-r8-combined" and (path / "adapter_config.json").is_file()
+    assert (r4_saved / "adapter_model.safetensors").is_file()  # the source run's adapter is untouched
+    assert json.loads((r4_saved / "run.json").read_text())["name"] == "r4"
+    ids = r4.tokenizer("hello there", return_tensors="pt")
+    with torch.no_grad():
+        expected = combined.model(**ids).logits
+        got = nbtune.load_run(path).model(**ids).logits
+        assert torch.allclose(got, expected, atol=1e-6)
+    with pytest.raises(nbtune.NbtuneError, match="not a run name"):
+        nbtune.combine(["r4", "r8"], [0.5, 0.5], name="a/b")
 
 
 def test_save_then_load_run_gives_identical_generations(two_loras, tmp_path):

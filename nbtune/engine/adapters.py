@@ -9,9 +9,12 @@ that one model on a fresh weight-sharing view, so the runs themselves are never 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import re
 from collections.abc import Sequence
 from typing import Any
 
+from nbtune.config import RUN_NAME
 from nbtune.engine.generation import Prompt, _device, _eval_mode, _left_padding, as_messages
 from nbtune.engine.result import Run
 from nbtune.errors import NbtuneError
@@ -60,6 +63,16 @@ def _unwrapped_base(run: Run) -> Any:
     return view.unload()  # peft: replace each LoRA layer by its base layer (weights shared, not merged)
 
 
+def _adapter_in_fp32(model: Any) -> None:
+    """peft makes a combined adapter in the base's dtype (bf16 here); trained adapters, and any adapter
+    loaded from a folder, are fp32: keep the combined one fp32 too, so it answers as it will once saved."""
+    import torch
+
+    for name, param in model.named_parameters():
+        if "lora_" in name and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
+
+
 def mixed_generate(stack: Any, tokenizer: Any, prompts: Sequence[Prompt], runs: Sequence[str], *,
                    max_new_tokens: int = 32) -> dict[str, list[str]]:
     """Every prompt answered by the base and by every run of `lora_stack(runs)` in one batch: name -> answers."""
@@ -91,22 +104,29 @@ def combine(runs: Sequence[Run], weights: Sequence[float], *, how: str = "linear
     kinds = {"linear": "linear", "ties": "ties", "svd": "svd"}
     if how not in kinds:
         raise NbtuneError(f"combine `how` is {how!r}; use linear, ties or svd.")
+    name = name or "-".join(r.name for r in runs)[:92] + "-combined"  # a valid run (and folder) name
+    if not re.fullmatch(RUN_NAME, name):
+        raise NbtuneError(f"combine `name` {name!r} is not a run name: letters, digits, '_', '.' or '-', "
+                          "starting with a letter or digit.", field="name")
     stack = lora_stack(runs)
-    name = name or "+".join(r.name for r in runs)
     extra = {"density": density} if how == "ties" else {}
     if how == "linear" and len({r.model.peft_config["default"].r for r in runs}) > 1:
         how = "cat"  # peft's linear needs equal ranks; concatenation is the exact linear sum otherwise
     sources = [adapter_name(i) for i in range(len(runs))]
-    stack.add_weighted_adapter(sources, list(weights), "nbtune_combined", combination_type=kinds.get(how, how),
-                               **extra)
-    stack.set_adapter("nbtune_combined")
+    # Named "default", as a trained run's adapter is: saving writes it where peft and nbtune load it from.
+    stack.add_weighted_adapter(sources, list(weights), "default", combination_type=kinds.get(how, how), **extra)
+    stack.set_adapter("default")
     for adapter in sources:
         stack.delete_adapter(adapter)
+    _adapter_in_fp32(stack)
+    stack.eval()  # peft adds the combined adapter's dropout in training mode
     from nbtune.engine.events import Broadcast, NullObserver
 
     first = runs[0]
-    combined = Run(first.config, first.method, first._ctx, Broadcast([NullObserver()]))
-    combined.name, combined.status = name, "combined"
+    # Its own name and folder: with the first run's config it would save over that run's adapter.
+    config = dataclasses.replace(first.config, name=name, output_dir=None)
+    combined = Run(config, first.method, first._ctx, Broadcast([NullObserver()]))
+    combined.status = "combined"
     combined.model, combined.tokenizer = stack, first.tokenizer
     combined.metrics = {"combined_from": [r.name for r in runs], "weights": list(weights), "how": how,
                         "trainable_params": first.metrics.get("trainable_params")}

@@ -219,6 +219,7 @@ def _train_and_evaluate(run: Run, trainer: Any, eval_set: Any, resume_from: str 
     finally:
         remove_neftune(run.model)  # an interrupt skips the Trainer's own clean-up
         run._guard.release()
+        run.model.eval()  # the Trainer leaves dropout on; `run.model(...)` should answer the same twice
     run.metrics["train_seconds"] = round(time.perf_counter() - started + run.metrics.get("train_seconds", 0), 2)
     if ran_out:
         raise out_of_memory(run.config, trainer.state.global_step)
