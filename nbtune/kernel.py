@@ -20,7 +20,7 @@ def compare(*runs: Any) -> Any:
     from nbtune.widgets.compare_view import ComparisonView
 
     chosen = resolve_runs(runs, WORKBENCH.runs) if runs else list(WORKBENCH.runs.values())
-    return ComparisonView(chosen)
+    return ComparisonView(chosen, every_run=not runs)
 
 
 def combine(runs: list[Any], weights: list[float], *, how: str = "linear", name: str | None = None) -> Any:
@@ -94,15 +94,17 @@ def reclaim(target: Any = "all") -> dict[str, float]:
     before = rss_mb()
     if target == "all":
         chosen = list(WORKBENCH.runs.values())
-        WORKBENCH.bases.clear()
-        tokenize._CACHE.clear()
     else:
         from nbtune.engine.compare import resolve_runs
 
         chosen = resolve_runs([target], WORKBENCH.runs)
-    for run in chosen:
+    for run in chosen:  # all checked before anything is freed: a refusal leaves every run as it was
         if run._thread is not None and run._thread.is_alive():
             raise NbtuneError(f"run {run.name!r} is still training; stop it before reclaiming its memory.")
+    if target == "all":
+        WORKBENCH.bases.clear()
+        tokenize._CACHE.clear()
+    for run in chosen:
         run.model, run._datasets, run._checkpoint = None, None, None
     _forget_notebook_references()
     gc.collect()

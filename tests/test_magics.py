@@ -295,3 +295,26 @@ def test_a_finished_run_is_shown_once_and_not_watched(ip, monkeypatch):
     ip.run_cell("%%finetune fg --no-panel\n" + CELL)
     assert len([p for p in published if "<Run 'fg'" in p]) == 1 and "finished" in published[-1]
     assert len(runs()["fg"]._observers.observers) == 1  # just the cell's own progress observer
+
+
+def test_reclaim_all_refused_for_a_training_run_frees_nothing(ip):
+    first = finetune(ip, "first")
+    run = ip.run_cell_magic("finetune", "long --no-panel --background", CELL.replace("steps: 3", "steps: 500"))
+    try:
+        with pytest.raises(nbtune.NbtuneError, match="'long' is still training"):
+            nbtune.reclaim("all")
+        assert first.model is not None and isinstance(first.generate("hi", max_new_tokens=2), str)
+    finally:
+        run.stop()
+        run.wait(60)
+
+
+def test_compare_of_every_run_answers_with_the_runs_that_hold_a_model(ip):
+    good = finetune(ip, "good")
+    ip.run_cell_magic("finetune", "broken --no-panel", CELL + "target_modules: [no_such_layer]\n")
+    assert nbtune.runs["broken"].status == "failed"
+    rows = nbtune.compare().generations(["hi"], max_new_tokens=2)
+    assert set(rows[0]) == {"prompt", "base", good.name}
+    assert [r["run"] for r in nbtune.compare().table()] == ["good", "broken"]
+    with pytest.raises(nbtune.NbtuneError, match="has no model"):  # named explicitly: say why it cannot answer
+        nbtune.compare("good", "broken").generations(["hi"])

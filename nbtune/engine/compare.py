@@ -27,10 +27,13 @@ _NOT_CONFIG = {"name", "output_dir", "derived"}
 class Comparison:
     """Several runs side by side; renders as static HTML (survives saving the notebook)."""
 
-    def __init__(self, runs: Sequence[Run]) -> None:
+    def __init__(self, runs: Sequence[Run], *, every_run: bool = False) -> None:
         if not runs:
             raise NbtuneError("compare needs at least one run (a Run or a name in nbtune.runs).")
         self.runs = list(runs)
+        # `nbtune.compare()` with no names takes every run in the kernel, failed and reclaimed ones too:
+        # they stay in the table, and answers come from the runs that still hold a model.
+        self.every_run = every_run
 
     # ------------------------------------------------------------------ data
     def table(self) -> list[dict[str, Any]]:
@@ -69,9 +72,13 @@ class Comparison:
         from nbtune.engine.adapters import is_plain_lora, lora_stack, mixed_generate
 
         prompts = list(prompts)
-        for run in self.runs:
+        answering = [r for r in self.runs if r.model is not None] if self.every_run else self.runs
+        if not answering:
+            raise NbtuneError("no run in this comparison holds a model (failed or reclaimed runs); "
+                              "train or load one (nbtune.load_run) first.")
+        for run in answering:
             run._need_model()
-        loras = [r for r in self.runs if is_plain_lora(r)]
+        loras = [r for r in answering if is_plain_lora(r)]
         columns: dict[str, list[str]] = {}
         if len(loras) > 1:
             stack = lora_stack(loras)
@@ -79,13 +86,13 @@ class Comparison:
                                           max_new_tokens=max_new_tokens))
         else:
             loras = []
-            first = self.runs[0]
+            first = answering[0]
             with first.base_disabled():
                 columns["base"] = generate_texts(first.model, first.tokenizer, prompts, max_new_tokens=max_new_tokens)
-        for r in self.runs:
+        for r in answering:
             if r not in loras:
                 columns[r.name] = generate_texts(r.model, r.tokenizer, prompts, max_new_tokens=max_new_tokens)
-        order = ["base", *(r.name for r in self.runs)]
+        order = ["base", *(r.name for r in answering)]
         return [{"prompt": p if isinstance(p, str) else p[-1]["content"], **{n: columns[n][i] for n in order}}
                 for i, p in enumerate(prompts)]
 
@@ -115,5 +122,5 @@ def resolve_runs(items: Sequence[Any], runs: dict[str, Run]) -> list[Run]:
         elif item in runs:
             out.append(runs[item])
         else:
-            raise NbtuneError(f"no run {item!r} to compare; runs in this kernel: {', '.join(runs) or 'none'}.")
+            raise NbtuneError(f"no run {item!r} in nbtune.runs; runs in this kernel: {', '.join(runs) or 'none'}.")
     return out
