@@ -318,3 +318,28 @@ def test_compare_of_every_run_answers_with_the_runs_that_hold_a_model(ip):
     assert [r["run"] for r in nbtune.compare().table()] == ["good", "broken"]
     with pytest.raises(nbtune.NbtuneError, match="has no model"):  # named explicitly: say why it cannot answer
         nbtune.compare("good", "broken").generations(["hi"])
+
+
+def test_nbtune_errors_from_python_calls_show_one_line(ip, capsys):
+    result = ip.run_cell("import nbtune\nnbtune.compare('nosuch')")
+    assert isinstance(result.error_in_exec, nbtune.NbtuneError)  # still an error: "Run all" stops here
+    shown = capsys.readouterr()
+    assert "nbtune: no run 'nosuch' in nbtune.runs" in shown.err
+    assert "Traceback" not in shown.out + shown.err
+    result = ip.run_cell("1 / 0")  # other errors keep IPython's traceback
+    assert "ZeroDivisionError" in capsys.readouterr().out
+
+
+def test_resume_through_the_magic_says_why_a_method_cannot(ip, capsys):
+    cell = "method: prefix\nnum_virtual_tokens: 4\ndata: {{ rows }}\nsteps: 500\nbatch_size: 4\nmetric: none\n" \
+           "save: false\n"
+    run = ip.run_cell_magic("finetune", "pre --no-panel --background", cell)
+    deadline = time.monotonic() + 60
+    while not run.history and time.monotonic() < deadline:
+        time.sleep(0.05)
+    run.stop()
+    run.wait(60)
+    assert run.status == "stopped"
+    capsys.readouterr()
+    ip.run_line_magic("finetune", "pre --resume --no-panel")
+    assert "method 'prefix' cannot resume" in capsys.readouterr().err

@@ -251,6 +251,16 @@ def _resumable_checkpoint(trainer: Any, run: Run) -> str | None:
     return str(folder) if folder.is_dir() else None
 
 
+def not_resumable(run: Run) -> str | None:
+    """Why `run` cannot resume (None if it can): it is not stopped, or its method keeps no checkpoint."""
+    if run.status == "stopped" and run._checkpoint:
+        return None
+    if run.status == "stopped" and not run.method.resumable(run.config.options):
+        return (f"run {run.name!r} is stopped, but method {run.method.name!r} cannot resume: peft checkpoints "
+                "only its inference form. Start it again with more `steps` instead.")
+    return f"run {run.name!r} is {run.status}; only a stopped run with steps left can resume."
+
+
 def resume_run(run: Run) -> Run:
     """Continue a stopped run from its checkpoint to its planned end (see `Run.resume`)."""
     from nbtune.engine import distributed
@@ -258,10 +268,9 @@ def resume_run(run: Run) -> Run:
     thread = run._thread
     if thread is not None and thread.is_alive() and thread is not threading.current_thread():
         raise NbtuneError(f"run {run.name!r} is still finishing in the background; wait for it (.wait()).")
-    if run.status != "stopped" or not run._checkpoint:
-        why = "" if run.method.resumable(run.config.options) else (
-            f" Method {run.method.name!r} cannot resume: peft checkpoints only its inference form.")
-        raise NbtuneError(f"run {run.name!r} is {run.status}; only a stopped run with steps left can resume.{why}")
+    refusal = not_resumable(run)
+    if refusal:
+        raise NbtuneError(refusal)
     run._stop.clear()
     if run.config.num_processes > 1 and not distributed.launched():  # the processes start afresh: relaunch
         run.status = "running"

@@ -152,8 +152,11 @@ class Workbench:
         if name not in self.runs:
             raise NbtuneError(f"there is no run {name!r} to resume; runs: {', '.join(self.runs) or 'none'}.")
         run = self.runs[name]
-        if run.status != "stopped" or not run._checkpoint:
-            raise NbtuneError(f"run {name!r} is {run.status}; only a stopped run with steps left can resume.")
+        from nbtune.engine.run import not_resumable
+
+        refusal = not_resumable(run)
+        if refusal:
+            raise NbtuneError(refusal)
         if observers is not None:
             run._observers.observers = list(observers)
         if on_ready is not None:
