@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from nbtune.errors import ConfigError, did_you_mean
+from nbtune.errors import ConfigError, NbtuneError, did_you_mean
 from nbtune.params import Param
 from nbtune.safety import check_output_dir
 
@@ -122,8 +122,7 @@ class RunConfig:
             raw = _read_yaml(source)
         else:
             raise ConfigError(f"config must be a RunConfig, dict or YAML text, got {type(source).__name__}.")
-        raw.update(overrides)
-        return _build(raw)
+        return _build(overlay(raw, overrides))
 
     def to_dict(self) -> dict[str, Any]:
         """Flat dict (method options at top level), the same shape `parse` accepts."""
@@ -142,6 +141,35 @@ class RunConfig:
     @property
     def resolved_output_dir(self) -> Path:
         return Path(self.output_dir).expanduser() if self.output_dir else Path("runs") / str(self.name)
+
+
+_EXCLUSIVE = {"steps": "epochs", "epochs": "steps"}
+
+
+def overlay(lower: Mapping[str, Any], higher: Mapping[str, Any]) -> dict[str, Any]:
+    """`higher`'s keys over `lower`'s. A length set in `higher` replaces the other kind of length from
+    `lower`: a cell's `epochs: 2` over a project default `steps: 100` means 2 epochs, not a conflict."""
+    out = dict(lower)
+    for key in higher:
+        partner = _EXCLUSIVE.get(key)
+        if partner is not None and partner not in higher and higher[key] is not None:
+            out.pop(partner, None)
+    out.update(higher)
+    return out
+
+
+def without_other_methods_options(config: dict[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """`config` less the keys that only `defaults` set and that are options of some other method than the
+    chosen one: a project default `r: 16` is for LoRA runs, not an error in an IA3 cell."""
+    from nbtune.methods import get_method
+    from nbtune.methods.registry import all_methods
+
+    try:
+        method = get_method(config.get("method", RunConfig.method))
+    except NbtuneError:
+        return config  # an unknown method: the config check names it
+    foreign = {name for m in all_methods() for name in m.option_names()} - set(method.option_names())
+    return {k: v for k, v in config.items() if not (k in foreign and k in defaults and defaults[k] == v)}
 
 
 def common_params() -> dict[str, Param]:

@@ -157,6 +157,27 @@ def test_config_defaults_come_from_pyproject_then_config_then_cell_then_flags(ip
     assert len(finetune(ip, "layers --steps 3", "data: {{ rows }}\nmetric: none\nsave: false\n").history) == 3
 
 
+def test_a_higher_layer_may_change_the_kind_of_length_and_other_methods_options_stay_out(ip, tmp_path, monkeypatch,
+                                                                                       capsys):
+    (tmp_path / "pyproject.toml").write_text("[tool.nbtune]\nsteps = 2\nbatch_size = 2\nr = 2\n")
+    monkeypatch.chdir(tmp_path)
+    run = finetune(ip, "by-epochs", "data: {{ rows }}\nmetric: none\nsave: false\nepochs: 0.25\n")
+    assert run.config.steps is None and run.config.epochs == 0.25 and len(run.history) == 2  # 16 rows / 2 / 4
+    ia3 = finetune(ip, "ia3", "method: ia3\ndata: {{ rows }}\nmetric: none\nsave: false\n")  # `r` is LoRA's
+    assert ia3.status == "finished" and "r" not in ia3.config.options
+    ip.run_line_magic("config", f"Finetune.defaults = {{'model': {run.config.model!r}, 'batch_sise': 2}}")
+    assert finetune(ip, "typo", "data: {{ rows }}\nmetric: none\nsave: false\n") is None
+    assert "(`batch_sise` is set in %config Finetune.defaults)" in capsys.readouterr().err
+
+
+def test_nbtune_run_set_may_replace_the_files_steps_with_epochs(tmp_path):
+    from nbtune.cli import parse_overrides
+
+    (tmp_path / "c.yaml").write_text("steps: 100\nr: 4\n")
+    config = nbtune.RunConfig.parse(tmp_path / "c.yaml", **parse_overrides(["epochs=1"]))
+    assert config.steps is None and config.epochs == 1
+
+
 def test_dry_run_checks_everything_and_trains_nothing(ip, capsys):
     config = finetune(ip, "dry --dry-run")
     assert isinstance(config, nbtune.RunConfig) and "dry" not in runs()

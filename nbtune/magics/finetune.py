@@ -14,7 +14,8 @@ from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Bool, Dict
 
-from nbtune.errors import NbtuneError
+from nbtune.config import RunConfig, overlay, without_other_methods_options
+from nbtune.errors import ConfigError, NbtuneError
 from nbtune.magics.parse import parse_cell, project_defaults
 
 
@@ -94,12 +95,18 @@ class Finetune(Magics):
 
     # ----------------------------------------------------------------- helpers
     def _config(self, args: Any, cell: str) -> dict[str, Any]:
-        config = {**project_defaults(), **dict(self.defaults), **parse_cell(cell or "", self.shell.user_ns)}
+        """The cell's config over `%config Finetune.defaults` over `[tool.nbtune]`, with the flags on top."""
+        layers = {"[tool.nbtune] in pyproject.toml": project_defaults(),
+                  "%config Finetune.defaults": dict(self.defaults)}
+        defaults: dict[str, Any] = {}
+        for layer in layers.values():
+            defaults = overlay(defaults, layer)
         flags = {"name": args.name, "model": args.model, "method": args.method, "steps": args.steps,
                  "data": args.data, "num_processes": args.processes}
-        config.update({k: v for k, v in flags.items() if v is not None})
-        if args.steps is not None:
-            config.pop("epochs", None)  # --steps wins over an `epochs:` in the cell
+        explicit = overlay(parse_cell(cell or "", self.shell.user_ns),
+                           {k: v for k, v in flags.items() if v is not None})
+        config = without_other_methods_options(overlay(defaults, explicit), defaults)
+        _name_the_layer_of_a_bad_key(config, explicit, layers)
         return config
 
     def _dry_run(self, config: dict[str, Any]) -> Any:
@@ -147,6 +154,22 @@ def _live_panel(background: bool, log_scale: bool) -> Any:
     except ImportError:  # no ipywidgets: the text progress bar it is
         return None
     return LivePanel(interactive_stop=background, log_scale=log_scale)
+
+
+def _name_the_layer_of_a_bad_key(config: dict[str, Any], explicit: dict[str, Any],
+                                 layers: dict[str, dict[str, Any]]) -> None:
+    """A wrong key that came from a defaults layer, not from the cell: say where it is set."""
+    try:
+        RunConfig.parse(config)
+    except ConfigError as exc:
+        key = exc.field
+        if key is None or key in explicit:
+            return  # the cell's own mistake (or none to place): the run reports it as usual
+        where = [name for name, layer in layers.items() if key in layer]
+        if where:
+            raise ConfigError(f"{exc} (`{key}` is set in {where[-1]})", field=key) from None
+    except NbtuneError:
+        return  # not a key's mistake: the run reports it as usual
 
 
 def _error_line(exc: BaseException, *, crashed: bool = False) -> None:
