@@ -9,6 +9,7 @@ the CLI's help and, later, the notebook picker's widgets, so the help text lives
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -63,7 +64,10 @@ class Param:
             return value
         if kind == "names":
             if isinstance(value, str):
-                return value
+                # One plain name means that module (`q_proj` -> [q_proj]); peft would read a lone string as a
+                # regular expression over full module paths, which `q_proj` never matches. Keywords such as
+                # 'all-linear' and real expressions stay strings.
+                return [value] if re.fullmatch(r"[A-Za-z0-9_.]+", value) else value
             if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
                 return list(value)
         if kind == "any":

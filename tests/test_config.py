@@ -433,3 +433,17 @@ def test_methods_unknown_name():
     with pytest.raises(MethodError, match="Did you mean `full`") as info:
         nbtune.methods("fulll")
     assert info.value.field == "method"
+
+
+def test_one_module_name_is_that_module_and_expressions_stay_strings():
+    assert nbtune.RunConfig.parse({"target_modules": "q_proj"}).options["target_modules"] == ["q_proj"]
+    assert nbtune.RunConfig.parse({"target_modules": "all-linear"}).options["target_modules"] == "all-linear"
+    assert nbtune.RunConfig.parse({"target_modules": r".*\.q_proj"}).options["target_modules"] == r".*\.q_proj"
+
+
+def test_lora_on_one_module_named_alone(tiny_model_dir, demo_rows):
+    run = nbtune.finetune(model=str(tiny_model_dir), data=demo_rows, target_modules="q_proj", steps=1, batch_size=2,
+                          metric="none", save=False)
+    names = [name for name, _ in run.model.named_parameters() if ".lora_" in name]
+    adapted = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in names}
+    assert run.status == "finished" and adapted == {"q_proj"}
