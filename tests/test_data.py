@@ -117,6 +117,20 @@ def test_iso_date_answers_stay_strings_in_tables(tmp_path, kind):
         r["completion"] for r in ROWS]
 
 
+def test_csv_cells_stay_the_text_they_are(tmp_path):
+    path = tmp_path / "codes.csv"
+    path.write_text('prompt,completion\ncode of a,007\nprice of b,1.50\n"empty, on purpose",\n', encoding="utf-8")
+    assert _pairs(load_records(str(path))) == [("code of a", "007"), ("price of b", "1.50"),
+                                               ("empty, on purpose", "")]
+
+
+def test_a_bad_jsonl_line_is_named_by_its_line_in_the_file(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in FILE_ROWS) + "{not json\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"at line 4 of the file"):
+        load_records(str(path))
+
+
 def test_load_file_relative_to_cwd_and_as_path():
     _write(Path("rows.jsonl"), "jsonl")
     assert len(load_records("rows.jsonl")) == 3

@@ -82,6 +82,8 @@ def _read_file(path: Path, builder: str, field: str) -> Any:
 
     if builder == "json":
         return _read_json(path, field)
+    if builder == "csv":
+        return _read_csv(path, field)
     try:
         with quiet_datasets():
             return datasets.load_dataset(builder, data_files=str(path), split="train")
@@ -97,10 +99,7 @@ def _read_json(path: Path, field: str) -> Any:
 
     try:
         text = path.read_text(encoding="utf-8")
-        if path.suffix.lower() == ".jsonl":
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            rows = json.loads(text)
+        rows = _json_lines(text, path, field) if path.suffix.lower() == ".jsonl" else json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise DataError(f"`{field}` file {str(path)!r} is not valid JSON: {exc}", field=field) from None
     if isinstance(rows, dict) and rows and all(isinstance(v, list) for v in rows.values()):
@@ -108,6 +107,33 @@ def _read_json(path: Path, field: str) -> Any:
     if isinstance(rows, list):
         return _from_list(rows, field) if rows else datasets.Dataset.from_list([])
     raise DataError(f"`{field}` file {str(path)!r} must hold a list of objects (or JSON lines).", field=field)
+
+
+def _json_lines(text: str, path: Path, field: str) -> list[Any]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as exc:  # json's own position is within the line: name the file's line
+            raise DataError(f"`{field}` file {str(path)!r} is not valid JSON at line {number} of the file: {exc}",
+                            field=field) from None
+    return rows
+
+
+def _read_csv(path: Path, field: str) -> Any:
+    # Every cell as the text it is: type inference would turn an answer "007" into 7 and "1.50" into 1.5,
+    # and an empty cell into NaN.
+    import datasets
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as exc:  # pandas' parser errors name the line; the user needs the file and the reason
+        raise DataError(f"`{field}` file {str(path)!r} could not be read as csv: {_reason(exc)}",
+                        field=field) from None
+    return datasets.Dataset.from_pandas(frame, preserve_index=False)
 
 
 def _checked(build: Any, rows: Any, path: Path, field: str) -> Any:
