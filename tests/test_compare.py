@@ -178,6 +178,24 @@ def test_yaml_and_script_export_rerun_the_same_experiment(two_loras, tmp_path):
     assert "nbtune run r8.yaml" in script and (tmp_path / "again.sh").read_text() == script
 
 
+def test_an_exported_script_carries_in_memory_data_and_runs(bench, tiny_model_dir, demo_rows, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    run = bench.finetune({**SETTINGS, "steps": 1, "name": "frame", "model": str(tiny_model_dir),
+                          "data": pd.DataFrame(demo_rows[:8]), "eval_data": demo_rows[8:10]})
+    script = run.export_script(tmp_path / "again.sh")
+    assert "data: frame.data.jsonl" in script and "eval_data: frame.eval_data.jsonl" in script
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["bash", "again.sh"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "frame.data.jsonl").read_text().splitlines()]
+    assert rows == demo_rows[:8]
+
+
 def test_merge_and_export_writes_a_plain_model(two_loras, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -170,7 +170,8 @@ class Run:
             return self.method.load_trained(base.model, Path(folder))
 
     def to_yaml(self) -> str:
-        """The run's config as YAML: the same experiment for `nbtune run config.yaml`."""
+        """The run's config as YAML: the same experiment for `nbtune run config.yaml`. Data given as a
+        DataFrame or list shows as `<DataFrame>` / `<list>`; `export_script` carries such rows with it."""
         from nbtune.engine.launch_files import config_yaml
 
         return config_yaml(self.config)
@@ -182,11 +183,14 @@ class Run:
         import torch
         import yaml
 
-        from nbtune.engine.launch_files import accelerate_config, launch_command
+        from nbtune.engine.launch_files import accelerate_config, config_yaml, launch_command
 
         config_file = f"{self.name}.yaml"
-        script = (f"#!/usr/bin/env bash\n# Re-run nbtune run {self.name!r} outside the notebook.\nset -euo pipefail\n"
-                  f"cat > {config_file} <<'YAML'\n{self.to_yaml()}YAML\n")
+        config, data_files = self._data_as_files()
+        script = f"#!/usr/bin/env bash\n# Re-run nbtune run {self.name!r} outside the notebook.\nset -euo pipefail\n"
+        for name, lines in data_files.items():  # JSON lines never read as the bare JSONL marker
+            script += f"cat > {name} <<'JSONL'\n{lines}JSONL\n"
+        script += f"cat > {config_file} <<'YAML'\n{config_yaml(config)}YAML\n"
         if self.config.num_processes > 1:
             accel = accelerate_config(processes=self.config.num_processes, precision=self.config.precision or "fp32",
                                       cpu=not torch.cuda.is_available())
@@ -197,6 +201,25 @@ class Run:
         if path is not None:
             Path(path).write_text(script, encoding="utf-8")
         return script
+
+    def _data_as_files(self) -> tuple[RunConfig, dict[str, str]]:
+        """The config with in-memory `data` / `eval_data` (a DataFrame, a list) pointed at JSONL files, and
+        those files' text, so that an exported script trains on the same rows."""
+        import dataclasses
+        import json
+
+        from nbtune.data.loading import load_records
+
+        changes, files = {}, {}
+        for key in ("data", "eval_data"):
+            value = getattr(self.config, key)
+            if value is None or isinstance(value, (str, Path)):
+                continue
+            name = f"{self.name}.{key}.jsonl"
+            rows = load_records(value, field=key).to_list()
+            files[name] = "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows)
+            changes[key] = name
+        return dataclasses.replace(self.config, **changes), files
 
     # ------------------------------------------------------------ saving
     def save(self, path: str | Path | None = None) -> Path:
