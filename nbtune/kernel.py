@@ -62,7 +62,21 @@ def picker(run: Any = None, *, model: str | None = None) -> Any:
     from nbtune.widgets.picker import Picker
 
     chosen = resolve_runs([run], WORKBENCH.runs)[0] if run is not None else None
+    if model is None and chosen is None:
+        model = _notebook_default("model")  # what a `%%finetune` cell without `model:` would train
     return Picker(chosen, model=model)
+
+
+def _notebook_default(key: str) -> Any:
+    """`key` from the `%%finetune` defaults layers (`%config Finetune.defaults` over `[tool.nbtune]`)."""
+    ipython_module = sys.modules.get("IPython")
+    shell = ipython_module.get_ipython() if ipython_module is not None else None
+    magics = shell.magics_manager.registry.get("Finetune") if shell is not None else None
+    if magics is None:
+        return None
+    from nbtune.magics.parse import project_defaults
+
+    return {**project_defaults(), **dict(magics.defaults)}.get(key)
 
 
 def ledger() -> list[dict[str, Any]]:

@@ -75,3 +75,12 @@ def test_a_picker_reopened_from_a_run_is_prefilled(tiny_model_dir, demo_rows, mo
     reopened = nbtune.picker("seen")
     assert reopened.method.value == "ia3" and reopened.common["steps"].value == 2
     assert reopened.config().to_dict() == {**bench.runs["seen"].config.to_dict()}
+
+
+def test_the_picker_starts_from_the_notebooks_default_model(tiny_model_dir, demo_rows):
+    from conftest import nbtune_shell
+
+    with nbtune_shell(tiny_model_dir, rows=demo_rows) as shell:  # sets %config Finetune.defaults = {'model': ...}
+        form = shell.run_cell("import nbtune\nnbtune.picker()").result
+        assert form.model == str(tiny_model_dir)
+        assert f"model: {tiny_model_dir}" in form.cell_text()  # the inserted cell trains what Train trains
