@@ -364,3 +364,16 @@ def test_resume_through_the_magic_says_why_a_method_cannot(ip, capsys):
     capsys.readouterr()
     ip.run_line_magic("finetune", "pre --resume --no-panel")
     assert "method 'prefix' cannot resume" in capsys.readouterr().err
+
+
+def test_a_notebook_variable_on_the_magics_line(ip, demo_rows):
+    import pandas as pd
+
+    ip.user_ns["frame"] = pd.DataFrame(demo_rows[:8])
+    body = "r: 4\nsteps: 1\nbatch_size: 2\nmetric: none\nsave: false\n"
+    for name, line in (("spaced", "{{ frame }}"), ("tight", "{{frame}}")):
+        result = ip.run_cell(f"%%finetune {name} --no-panel --data {line}\n{body}")
+        assert result.error_in_exec is None and result.result.status == "finished", name
+        assert result.result.config.data is ip.user_ns["frame"]
+    ip.run_cell(f"%%finetune missing --no-panel --data {{{{ nowhere }}}}\n{body}")
+    assert "missing" not in runs()

@@ -16,7 +16,7 @@ from traitlets import Bool, Dict
 
 from nbtune.config import RunConfig, overlay, without_other_methods_options
 from nbtune.errors import ConfigError, NbtuneError
-from nbtune.magics.parse import parse_cell, project_defaults
+from nbtune.magics.parse import line_values, parse_cell, project_defaults, with_values
 
 
 @magics_class
@@ -59,7 +59,10 @@ class Finetune(Magics):
         As a line magic it takes its config from the flags alone: `%finetune first_lora --resume`.
         """
         try:
+            line, values = line_values(line, self.shell.user_ns)  # `--data {{ frame }}`
             args = parse_argstring(self.finetune, line)
+            for key, value in vars(args).items():
+                setattr(args, key, with_values(value, values))
             config = self._config(args, cell)
             if args.dry_run:
                 return self._dry_run(config)

@@ -56,6 +56,31 @@ def parse_cell(body: str, namespace: Mapping[str, Any]) -> dict[str, Any]:
     return _substitute(loaded, values)
 
 
+# IPython expands `{x}` in a magic's line and turns the escaped `{{ x }}` into `{ x }` before the magic
+# sees it: so a `{ name }` still in the line is what the user wrote as `{{ name }}`.
+_LINE_TEMPLATE = re.compile(r"\{\{?\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}?")
+
+
+def line_values(line: str, namespace: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The magic's line with each `{{ name }}` replaced by a placeholder word, and placeholder -> value."""
+    values: dict[str, Any] = {}
+
+    def placeholder(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in namespace:
+            raise ConfigError(f"`{{{{ {name} }}}}`: the notebook has no variable {name!r}; define it above.")
+        key = f"__nbtune_value_{len(values)}__"
+        values[key] = namespace[name]
+        return key
+
+    return _LINE_TEMPLATE.sub(placeholder, line), values
+
+
+def with_values(text: Any, values: dict[str, Any]) -> Any:
+    """A flag's value with the placeholders of `line_values` put back (the object itself if it is one)."""
+    return _substitute(text, values) if isinstance(text, str) else text
+
+
 def _split_comment(line: str) -> tuple[str, str]:
     """(code, comment) of a YAML line: a `#` outside quotes at the start or after a space begins a comment."""
     quote = None
