@@ -222,3 +222,12 @@ def test_the_live_view_asks_every_run_and_keeps_a_static_fallback(three_runs):
     ask.click()
     answers = widget.children[2].value
     assert answers.count("<tr>") == 3 and "lora8" in answers and "base" in answers
+
+
+def test_a_reclaimed_run_says_how_to_get_its_model_back(two_loras, tmp_path):
+    saved = two_loras.runs["r4"].save(tmp_path / "r4")
+    nbtune.reclaim("all")
+    with pytest.raises(nbtune.NbtuneError, match=rf"load it back with nbtune.load_run\('{saved}'\)"):
+        two_loras.runs["r4"].generate("hi")
+    with pytest.raises(nbtune.NbtuneError, match=r"no longer holds its model .* run its cell again"):
+        two_loras.runs["r8"].generate("hi")

@@ -265,8 +265,17 @@ class Run:
 
     # ------------------------------------------------------------ helpers
     def _need_model(self) -> None:
-        if self.model is None:
-            raise NbtuneError(f"run {self.name!r} has no model ({self.status}); run it first.")
+        if self.model is not None:
+            return
+        if self.status in ("pending", "running"):
+            raise NbtuneError(f"run {self.name!r} has no model yet ({self.status}); wait for it (.wait()).")
+        if self.status == "failed":
+            raise NbtuneError(f"run {self.name!r} failed ({self.error}); it has no model. Fix the cell and run it "
+                              "again.")
+        again = (f"load it back with nbtune.load_run({str(self.saved_to)!r})" if self.saved_to is not None
+                 else "run its cell again")
+        raise NbtuneError(f"run {self.name!r} ({self.status}) no longer holds its model (nbtune.reclaim, or a "
+                          f"newer run of the same name, released it); {again}.")
 
     @contextlib.contextmanager
     def _adapter(self, enabled: bool) -> Iterator[None]:
