@@ -245,6 +245,7 @@ def _build(raw: dict[str, Any]) -> RunConfig:
     common = common_params()
     values = {name: param.check(raw.pop(name, param.default)) for name, param in common.items()}
     method = get_method(values["method"])
+    values["method"] = method.name  # as registered, whatever the case it was written in
     option_raw = {**nested, **raw}
     unknown = [k for k in option_raw if k not in method.option_names()]
     if unknown:

@@ -112,8 +112,13 @@ class Param:
     def _bounds_text(self) -> str:
         if self.min is None and self.max is None:
             return ""
-        low = "" if self.min is None else ("(" if self.min_exclusive else "[") + f"{self.min:g}"
-        high = "" if self.max is None else f"{self.max:g}" + (")" if self.max_exclusive else "]")
+        low = "" if self.min is None else ("(" if self.min_exclusive else "[") + _number(self.min)
+        high = "" if self.max is None else _number(self.max) + (")" if self.max_exclusive else "]")
         low = low or "(-inf"
         high = high or "inf)"
         return f" {low}, {high}"
+
+
+def _number(value: float) -> str:
+    """1048576 as `1048576`, not `1.04858e+06`; 1e-08 and 0.5 as they are."""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"

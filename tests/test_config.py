@@ -447,3 +447,13 @@ def test_lora_on_one_module_named_alone(tiny_model_dir, demo_rows):
     names = [name for name, _ in run.model.named_parameters() if ".lora_" in name]
     adapted = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in names}
     assert run.status == "finished" and adapted == {"q_proj"}
+
+
+def test_method_names_as_papers_write_them():
+    assert RunConfig.parse({"method": "LoRA"}).method == "lora"
+    assert RunConfig.parse({"method": "QLoRA"}).method == "qlora"
+
+
+def test_ranges_print_whole_numbers_whole():
+    with pytest.raises(ConfigError, match=r"\[8, 1048576\]"):
+        RunConfig.parse({"max_length": 10**9})

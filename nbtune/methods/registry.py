@@ -181,6 +181,9 @@ def get_method(name: str) -> MethodSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
+        by_lower = {key.lower(): spec for key, spec in _REGISTRY.items()}
+        if isinstance(name, str) and name.lower() in by_lower:  # `LoRA`, `QLoRA`, `IA3` as papers write them
+            return by_lower[name.lower()]
         raise MethodError(
             f"`method` is {name!r}, which is not a known method.{did_you_mean(name, _REGISTRY)} "
             f"Known methods: {', '.join(sorted(_REGISTRY))}.",
