@@ -457,3 +457,9 @@ def test_method_names_as_papers_write_them():
 def test_ranges_print_whole_numbers_whole():
     with pytest.raises(ConfigError, match=r"\[8, 1048576\]"):
         RunConfig.parse({"max_length": 10**9})
+
+
+def test_one_method_prints_as_its_options():
+    spec = nbtune.methods("lora")
+    assert repr(spec).startswith("lora: ") and "r (int, default 8 [1, 4096])" in repr(spec)
+    assert "| `r` | `8` |" in spec._repr_markdown_()

@@ -144,6 +144,14 @@ class MethodSpec:
         lines += [f"    {p.describe()}" for p in self.params]
         return "\n".join(lines)
 
+    def __repr__(self) -> str:  # `nbtune.methods("lora")` in a cell: the method, not its dataclass fields
+        return self.describe()
+
+    def _repr_markdown_(self) -> str:
+        rows = [f"**{self.name}**: {self.summary}", "", "| option | default | what it does |", "|---|---|---|"]
+        rows += [f"| `{p.name}` | `{p.default!r}` | {p.help} |" for p in self.params]
+        return "\n".join(rows if self.params else [*rows[:1], "", "No options."])
+
 
 _REGISTRY: dict[str, MethodSpec] = {}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
