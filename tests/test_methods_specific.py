@@ -214,3 +214,8 @@ def test_a_peft_passthrough_with_a_base_rewriting_init_does_not_share_the_base()
     spec = nbtune.methods("peft")
     assert not spec.shares_base({"peft_type": "lora", "peft_args": {"init_lora_weights": "pissa"}})
     assert spec.shares_base({"peft_type": "lora", "peft_args": {"r": 4}})
+
+
+def test_freeze_refuses_more_trainable_layers_than_the_model_has(llama_base, demo_rows):
+    with pytest.raises(nbtune.MethodError, match=r"`trainable_layers` is 5, but this model has 2 decoder layers"):
+        nbtune.finetune(data=demo_rows, base=llama_base, method="freeze", trainable_layers=5, **FAST)

@@ -46,7 +46,11 @@ def _prepare_freeze(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedMod
     prefixes: tuple[str, ...] = ()
     if top:
         stack, count = decoder_layers(model)
-        prefixes = tuple(f"{stack}.{i}." for i in range(max(count - top, 0), count))
+        if top > count:
+            raise MethodError(f"`trainable_layers` is {top}, but this model has {count} decoder layers; "
+                              f"use 1 to {count} (or method: full to train every weight).",
+                              field="trainable_layers")
+        prefixes = tuple(f"{stack}.{i}." for i in range(count - top, count))
     trained = []
     for name, param in model.named_parameters():
         train = name.startswith(prefixes) if prefixes else False
