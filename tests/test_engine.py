@@ -296,3 +296,18 @@ def test_training_leaves_older_objects_out_of_collections_and_collects_them_afte
     assert min(frozen_during) > 1000  # the heap as it was before training: skipped by accelerate's collect
     assert gc.get_freeze_count() == 0  # and back to normal afterwards
     assert gone() is None  # the run's end collected what was garbage before it
+
+
+def test_one_observer_alone_and_a_wrong_prompt_are_understood(llama_base, demo_rows):
+    steps = []
+
+    class Count(NullObserver):
+        def on_step(self, run, record):
+            steps.append(record["step"])
+
+    run = nbtune.finetune(data=demo_rows, base=llama_base, observers=Count(), **{**FAST, "steps": 2})
+    assert steps == [1, 2]
+    with pytest.raises(nbtune.NbtuneError, match="a prompt is a string or a list of chat messages"):
+        run.generate(42)
+    with pytest.raises(nbtune.NbtuneError, match="a prompt is a string"):
+        run.generate([["not", "messages"]])

@@ -10,13 +10,18 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from nbtune.errors import NbtuneError
+
 Prompt = str | Sequence[dict[str, str]]
 
 
 def as_messages(prompt: Prompt) -> list[dict[str, str]]:
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
-    return [dict(m) for m in prompt]
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) and "content" in m for m in prompt):
+        return [dict(m) for m in prompt]
+    raise NbtuneError(f"a prompt is a string or a list of chat messages ({{'role': 'user', 'content': ...}}), "
+                      f"got {type(prompt).__name__} {str(prompt)[:60]!r}.")
 
 
 def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[Prompt], *, max_new_tokens: int = 128,

@@ -59,6 +59,8 @@ def start_run(config: RunConfig | dict[str, Any] | str | None = None, *, observe
     config = RunConfig.parse(config, **overrides)
     method = get_method(config.method)
     data = read_data(config)
+    if not isinstance(observers, Iterable):
+        observers = [observers]  # one observer given alone
     watchers = list(observers) + ([ProgressObserver()] if progress else []) or [NullObserver()]
     workdir = Path(tempfile.mkdtemp(prefix=f"nbtune-{config.name}-"))
     ctx = MethodContext(options=config.options, config=config, workdir=workdir,
