@@ -212,6 +212,21 @@ def test_merge_and_export_writes_a_plain_model(two_loras, tmp_path):
         torch.testing.assert_close(plain(**ids).logits, on_fp32.model(**ids).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_merge_and_export_refuses_what_cannot_merge_and_never_replaces_a_saved_run(bench, tiny_model_dir,
+                                                                                   demo_rows, tmp_path):
+    common = {**SETTINGS, "steps": 1, "model": str(tiny_model_dir), "data": demo_rows}
+    houlsby = bench.finetune({**common, "name": "h", "method": "houlsby"})  # bf16 base on this CPU
+    with pytest.raises(nbtune.MethodError, match="cannot be merged"):
+        houlsby.merge_and_export(tmp_path / "h-merged")
+    full = bench.finetune({**common, "name": "f", "method": "full"})
+    saved = full.save(tmp_path / "f")
+    with pytest.raises(nbtune.NbtuneError, match="exists and is a saved run"):
+        full.merge_and_export(saved)
+    assert (saved / "run.json").is_file()
+    exported = full.merge_and_export(tmp_path / "f-merged")
+    assert full.merge_and_export(exported) == exported  # an earlier export is replaced
+
+
 def test_the_live_view_asks_every_run_and_keeps_a_static_fallback(three_runs):
     view = nbtune.compare("lora8", "ia3")
     bundle = view._repr_mimebundle_()

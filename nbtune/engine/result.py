@@ -150,13 +150,19 @@ class Run:
         then merge), since merging into the low-precision weights would round much of the update away.
         """
         self._need_model()
+        target = Path(path).expanduser()
+        if target.exists() and (not (target / "config.json").is_file() or (target / "run.json").exists()):
+            what = "a saved run" if (target / "run.json").exists() else "not a model nbtune exported"
+            raise NbtuneError(f"{str(path)!r} exists and is {what}; export the merged model to a new folder "
+                              "(nbtune only replaces an earlier export).", field="path")
         if not self.method.adapter:
             model = self.model  # full/freeze/bitfit: the weights are already the merged model
         elif self._ctx.quantized or self.config.dtype != "float32":
-            model = self._full_precision_copy().merge_and_unload()
+            self.method.check_mergeable()  # before loading a base to merge into
+            model = self.method.merged(self._full_precision_copy())
         else:
             model = self.merge()
-        with atomic_directory(Path(path), replaceable="config.json") as tmp, no_hf_progress_bars():
+        with atomic_directory(target, replaceable="config.json") as tmp, no_hf_progress_bars():
             model.save_pretrained(str(tmp))
             self.tokenizer.save_pretrained(str(tmp))
         return Path(path)

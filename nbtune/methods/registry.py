@@ -132,12 +132,18 @@ class MethodSpec:
         """`model` with the method folded into plain weights (in place)."""
         if self.merge is not None:
             return self.merge(model)
+        self.check_mergeable()
+        return model.merge_and_unload()
+
+    def check_mergeable(self) -> None:
+        """Raise `MethodError` unless `merged` can fold this method into plain weights."""
+        if self.merge is not None:
+            return
         if not self.adapter:
             raise MethodError(f"method {self.name!r} trained the weights in place: there is nothing to merge.")
         if not self.can_merge:
             raise MethodError(f"method {self.name!r} cannot be merged into the base weights (it adds "
                               "computation, not a weight delta); keep it as an adapter.")
-        return model.merge_and_unload()
 
     def describe(self) -> str:
         lines = [f"{self.name}: {self.summary}"]
