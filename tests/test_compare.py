@@ -246,3 +246,23 @@ def test_a_reclaimed_run_says_how_to_get_its_model_back(two_loras, tmp_path):
         two_loras.runs["r4"].generate("hi")
     with pytest.raises(nbtune.NbtuneError, match=r"no longer holds its model .* run its cell again"):
         two_loras.runs["r8"].generate("hi")
+
+
+def test_loading_what_is_not_a_saved_run_says_so_in_one_line(two_loras, tmp_path, tiny_model_dir, chat_tokenizer):
+    from conftest import tiny_llama
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "list-json").mkdir()
+    (tmp_path / "list-json" / "run.json").write_text("[1, 2]")
+    only_json = tmp_path / "only-json"
+    only_json.mkdir()
+    (only_json / "run.json").write_text((two_loras.runs["r4"].save(tmp_path / "r4") / "run.json").read_text())
+    for path, message in ((tmp_path / "afile", "is not a folder"), (tmp_path / "list-json", "not one Run.save"),
+                          (only_json, "no usable tokenizer")):
+        with pytest.raises(nbtune.NbtuneError, match=message):
+            nbtune.load(path, base=(tiny_llama(chat_tokenizer), chat_tokenizer))
+    wider = LlamaForCausalLM(LlamaConfig(vocab_size=len(chat_tokenizer), hidden_size=128, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(nbtune.NbtuneError, match="trained on another base model"):
+        nbtune.load(tmp_path / "r4", base=(wider, chat_tokenizer))

@@ -45,8 +45,19 @@ def load(path: str | Path, *, base: Base | tuple[Any, Any] | None = None, quanti
 
     check_loadable_folder(path, what="saved run")
     with no_hf_progress_bars():
-        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path))  # carries the chat template used
-        model = method.load_trained(base.model, path)
+        try:
+            tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path))  # carries the chat template used
+        except (OSError, ValueError) as exc:
+            raise NbtuneError(f"{str(path)!r} has no usable tokenizer ({str(exc).splitlines()[0][:160]}): "
+                              "it is not a complete folder written by Run.save.") from None
+        try:
+            model = method.load_trained(base.model, path)
+        except RuntimeError as exc:  # torch's "size mismatch for ..." over many lines: a different base
+            if "size mismatch" not in str(exc):
+                raise
+            raise NbtuneError(f"the run in {str(path)!r} was trained on another base model than the one given "
+                              f"(its weights do not fit: {str(exc).splitlines()[1].strip()[:160]}); it was "
+                              f"trained on {config.model!r}.") from None
     ctx = MethodContext(options=config.options, config=config, workdir=Path(tempfile.mkdtemp(prefix="nbtune-")),
                         quantized=config.quantization != "none", tokenizer=tokenizer)
     run = Run(config, method, ctx, Broadcast([NullObserver()]))
@@ -60,12 +71,17 @@ def load(path: str | Path, *, base: Base | tuple[Any, Any] | None = None, quanti
 
 
 def _read_run_json(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise NbtuneError(f"{str(path)!r} is not a folder: give the folder Run.save wrote (e.g. runs/NAME).")
     try:
-        return json.loads((path / "run.json").read_text(encoding="utf-8"))
+        info = json.loads((path / "run.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise NbtuneError(f"{str(path)!r} has no run.json: it is not a folder written by Run.save.") from None
     except ValueError as exc:
         raise NbtuneError(f"{str(path)!r}: run.json is damaged ({exc}).") from None
+    if not isinstance(info, dict) or not isinstance(info.get("config"), dict) or "status" not in info:
+        raise NbtuneError(f"{str(path)!r}: run.json is not one Run.save wrote (no config and status).")
+    return info
 
 
 def _eval_pairs(config: RunConfig) -> list[tuple[list[dict[str, str]], str]]:
