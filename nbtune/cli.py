@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -56,9 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("config", help="YAML file with run settings and method options")
     export.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key, as for `nbtune run`")
-    export.add_argument("--processes", type=int, help="processes in all machines together (one per GPU); "
+    export.add_argument("--processes", type=_at_least_one, help="processes in all machines together (one per GPU); "
                                                       "default: the config's num_processes")
-    export.add_argument("--machines", type=int, default=1, help="machines (nodes)")
+    export.add_argument("--machines", type=_at_least_one, default=1, help="machines (nodes)")
     export.add_argument("--main-ip", help="address of machine 0 (several machines)")
     export.add_argument("--main-port", type=int, default=29500)
     export.add_argument("--strategy", choices=("ddp", "fsdp", "deepspeed"), default="ddp",
@@ -82,6 +83,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _at_least_one(text: str) -> int:
+    """argparse type: a whole number >= 1 (0 processes or machines would launch nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be 1 or more")
+    return value
+
+
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     """`["r=16", "target_modules=[q_proj, v_proj]"]` -> {"r": 16, "target_modules": ["q_proj", "v_proj"]}."""
     out = {}
@@ -99,7 +111,7 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
 def _cmd_run(args: argparse.Namespace) -> int:
     from nbtune.config import RunConfig
 
-    config = RunConfig.parse(args.config, **parse_overrides(args.overrides))  # fail fast, before imports
+    config = RunConfig.parse(Path(args.config), **parse_overrides(args.overrides))  # fail fast, before imports
     from nbtune.engine.distributed import is_main_process
     from nbtune.engine.run import finetune
 
@@ -117,7 +129,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from nbtune.config import RunConfig
     from nbtune.engine.launch_files import write_launch_files
 
-    config = RunConfig.parse(args.config, **parse_overrides(args.overrides))
+    config = RunConfig.parse(Path(args.config), **parse_overrides(args.overrides))
     written = write_launch_files(config, args.output, processes=args.processes or config.num_processes,
                                  machines=args.machines, main_ip=args.main_ip, main_port=args.main_port,
                                  strategy=args.strategy, cpu=args.cpu)

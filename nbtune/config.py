@@ -206,13 +206,19 @@ def load_yaml(text: str) -> Any:
 
 def _read_yaml(source: str | Path) -> dict[str, Any]:
     text = str(source)
-    # A single line ending in .yaml with no `key: value` in it is a file name, not YAML text.
-    is_file_name = re.fullmatch(r"[^\n]+\.ya?ml", text) is not None and ": " not in text
+    # A single line with no `key: value` in it that ends in .yaml or names a file is a file name, not YAML.
+    one_line = "\n" not in text and ": " not in text
+    is_file_name = one_line and (re.fullmatch(r".+\.ya?ml", text, re.IGNORECASE) is not None or Path(text).is_file())
     path = Path(text) if isinstance(source, Path) or is_file_name else None
     if path is not None:
+        if path.is_dir():
+            raise ConfigError(f"config file {str(path)!r} is a folder; give the YAML file in it.")
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist.")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {str(path)!r} is not UTF-8 text; save it as UTF-8 YAML.") from None
     try:
         # safe_load: a config never constructs Python objects.
         loaded = load_yaml(text)

@@ -69,6 +69,32 @@ def test_run_missing_config(capsys):
     assert captured.out == ""
 
 
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("missing.txt", None, "does not exist"),
+    ("okcfg", "method: lora\nrr: 8\n", "`rr`"),  # read as a file whatever its name
+    ("OK.YAML", "method: lora\nrr: 8\n", "`rr`"),
+    ("bin.yaml", b"\xff\xfe\x00m", "not UTF-8"),
+    ("dir.yaml", "folder", "is a folder"),
+])
+def test_run_reads_the_config_file_it_is_given(capsys, name, content, message):
+    if content == "folder":
+        Path(name).mkdir()
+    elif isinstance(content, bytes):
+        Path(name).write_bytes(content)
+    elif content is not None:
+        Path(name).write_text(content, encoding="utf-8")
+    assert main(["run", name]) == 2
+    assert message in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("flags", [["--machines", "0"], ["--machines", "-1"], ["--processes", "0"]])
+def test_export_refuses_zero_or_negative_counts(capsys, flags):
+    Path("ok.yaml").write_text("method: lora\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as caught:
+        main(["export", "ok.yaml", *flags])
+    assert caught.value.code == 2 and "must be 1 or more" in capsys.readouterr().err
+
+
 def test_run_config_with_typo(capsys):
     Path("cfg.yaml").write_text("method: lora\nrr: 8\nsteps: 3\n", encoding="utf-8")
     assert main(["run", "cfg.yaml"]) == 2
