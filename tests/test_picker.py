@@ -84,3 +84,27 @@ def test_the_picker_starts_from_the_notebooks_default_model(tiny_model_dir, demo
         form = shell.run_cell("import nbtune\nnbtune.picker()").result
         assert form.model == str(tiny_model_dir)
         assert f"model: {tiny_model_dir}" in form.cell_text()  # the inserted cell trains what Train trains
+
+
+def test_a_reopened_run_keeps_its_lr_and_an_epochs_run_can_train_again(tiny_model_dir, monkeypatch):
+    from nbtune.engine.workbench import Workbench
+
+    bench = Workbench()
+    monkeypatch.setattr("nbtune.engine.workbench.WORKBENCH", bench)
+    common = {"model": str(tiny_model_dir), "data": "demo", "batch_size": 4, "metric": "none", "save": False}
+    bench.finetune({**common, "name": "fast", "lr": 1e-3, "steps": 1})
+    bench.finetune({**common, "name": "by-epochs", "epochs": 0.01})
+    assert nbtune.picker("fast").config().lr == 1e-3
+    reopened = nbtune.picker("by-epochs")
+    assert not reopened.train.disabled and reopened.message.value == ""
+    assert reopened.config().epochs == 0.01 and reopened.config().steps is None
+
+
+def test_qlora_in_the_picker_brings_its_4bit_base_and_half_typed_yaml_is_explained(picker):
+    picker.method.value = "qlora"
+    assert picker.common["quantization"].value == "4bit" and picker.message.value == ""
+    picker.method.value = "lora"
+    assert picker.common["quantization"].value == "none"
+    picker.method.value = "peft"
+    picker.options["peft_args"].value = "{r: ["
+    assert "`peft_args` is not valid YAML yet" in picker.message.value and picker.train.disabled

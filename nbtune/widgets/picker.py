@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from nbtune.config import RunConfig, common_params
-from nbtune.errors import NbtuneError
+from nbtune.errors import ConfigError, NbtuneError
 from nbtune.params import Param
 
 COMMON = ("name", "data", "steps", "batch_size", "lr", "max_length", "quantization", "neftune_alpha")
@@ -73,7 +73,9 @@ class Picker:
         self.widget = w.VBox([self.method, self.options_box, w.HTML("<b>run settings</b>"),
                               w.VBox(list(self.common.values())), self.estimates, self.message, self.cell,
                               w.HBox([self.insert, self.train]), self.output])
-        self._previous_lr = start.get("lr")
+        # A reopened run keeps its own lr; a fresh form's lr follows the method (see _build_options).
+        self._previous_lr = None if run is not None else start.get("lr")
+        self._previous_quantization = start.get("quantization")
         self._build_options(start)
         self.method.observe(lambda change: self._build_options({}), names="value")
         for widget in self.common.values():
@@ -92,10 +94,10 @@ class Picker:
         for key, widget in self.options.items():
             value = self._value(widget)
             if self._kinds[key] == "any" and isinstance(value, str) and value.strip():
-                from nbtune.config import load_yaml
-
-                value = load_yaml(value)  # e.g. peft_args: {r: 64}
+                value = _yaml_field(key, value)  # e.g. peft_args: {r: 64}
             out[key] = value
+        if out.get("steps") == 0 and self.hidden.get("epochs"):
+            out.pop("steps")  # a run that trained by epochs: its epochs carry over, the steps field is empty
         return {k: v for k, v in out.items() if v is not None and v != ""}
 
     def config(self) -> RunConfig:
@@ -177,6 +179,10 @@ class Picker:
         if self._previous_lr is not None and self.common["lr"].value == self._previous_lr:
             self.common["lr"].value = spec.default_lr  # the lr was the old method's default: follow the method
         self._previous_lr = spec.default_lr
+        quantization = spec.default_quantization or "none"
+        if self.common["quantization"].value == self._previous_quantization:
+            self.common["quantization"].value = quantization  # qlora: 4-bit; back to none after it
+        self._previous_quantization = quantization
         self.refresh()
 
     @staticmethod
@@ -195,6 +201,17 @@ def _labelled(name: str, widget: Any) -> Any:
     if getattr(widget, "description", None):
         return widget
     return w.HBox([w.Label(name, layout=w.Layout(width="134px")), widget])
+
+
+def _yaml_field(key: str, text: str) -> Any:
+    import yaml
+
+    from nbtune.config import load_yaml
+
+    try:
+        return load_yaml(text)
+    except yaml.YAMLError as exc:  # half-typed, e.g. "{r: [": explained inline like any other mistake
+        raise ConfigError(f"`{key}` is not valid YAML yet: {getattr(exc, 'problem', exc)}.", field=key) from None
 
 
 def _linear_names(model: str) -> list[str]:
