@@ -39,7 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nbtune", description="Fine-tune LLMs: LoRA, QLoRA, full, freeze.")
+    parser = argparse.ArgumentParser(
+        prog="nbtune", description="Fine-tune LLMs from one YAML config: LoRA, QLoRA, DoRA, AdaLoRA, prefix and "
+        "prompt tuning, IA3, bottleneck adapters, BitFit, full, freeze and more (`nbtune methods` lists them).")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run a config file headless and print its metrics")
@@ -77,8 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=DEMO_CONFIG["steps"], help="optimizer steps")
     demo.set_defaults(handler=_cmd_demo)
 
-    fetch = sub.add_parser("fetch", help="fetch a model into the cache (default: SmolLM2-135M-Instruct)")
-    fetch.add_argument("model", nargs="?", default="default")
+    fetch = sub.add_parser("fetch", help="make a model available offline and print its local folder "
+                           "(default: SmolLM2-135M-Instruct)")
+    fetch.add_argument("model", nargs="?", default="default",
+                       help="a hub id, 'default' / 'smollm2', or a local folder (printed back as it is)")
     fetch.set_defaults(handler=_cmd_fetch)
     return parser
 
