@@ -111,6 +111,16 @@ def test_stop_clicked_while_training_ends_the_run_after_that_step(llama_base, de
     assert run.status == "stopped" and len(run.history) == 2
     assert "stopped" in panel.status.value
     assert "stopped" in panel.snapshot() and "step 2/50" in panel.snapshot()  # how far it got, after the widget
+    assert panel.stop_button.description == "Stopped" and panel.progress.value.endswith("elapsed · stopped")
+
+
+def test_a_run_that_fails_before_its_first_step_says_so_in_the_chart(llama_base, demo_rows, comms):
+    panel = _panel()
+    with pytest.raises(nbtune.MethodError):
+        nbtune.finetune(data=demo_rows, base=llama_base, observers=[panel], target_modules=["no_such_layer"],
+                        steps=2, batch_size=4, metric="none", save=False)
+    assert "failed before its first step" in panel.chart.value
+    assert "failed before its first step" in panel.snapshot()
 
 
 def test_a_blocking_run_shows_how_to_stop_instead_of_a_dead_button(comms):

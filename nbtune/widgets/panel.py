@@ -85,7 +85,7 @@ class LivePanel(NullObserver):
         self._finish(run)
 
     # --------------------------------------------------------------- drawing
-    def draw(self, record: dict[str, Any]) -> None:
+    def draw(self, record: dict[str, Any], ended: str | None = None) -> None:
         run = self._run
         self.renders += 1
         self.chart.value = self._chart(run)
@@ -93,7 +93,7 @@ class LivePanel(NullObserver):
         self.progress_bar.value = min(record["step"], self.progress_bar.max)
         self.progress.value = render.progress_line(record["step"], run.total_steps,
                                                    record.get("tokens_per_second", 0.0),
-                                                   record.get("elapsed_seconds", 0.0))
+                                                   record.get("elapsed_seconds", 0.0), ended)
 
     def snapshot(self) -> str:
         return render.snapshot_html(self._run, self._memory(None), self.log_scale)
@@ -103,9 +103,12 @@ class LivePanel(NullObserver):
 
         self._run = run
         self.stop_button.disabled = True
+        self.stop_button.description = run.status.capitalize()  # not "Stopping ..." forever
         self.status.value = render.status_html(run.name, run.method.name, run.status, run.error or "")
         if run.history:
-            self.draw(run.history[-1])
+            self.draw(run.history[-1], ended=run.status)
+        else:
+            self.chart.value = render.loss_chart([], [], empty=render.ended_before_a_step(run.status))
         if self._handle is not None:
             self._handle.update(HTML(self.snapshot()))  # replaces the live widget in the same output
             self.widget.close()

@@ -26,12 +26,13 @@ def smooth(values: Sequence[float], weight: float = 0.8) -> list[float]:
 
 
 def loss_chart(steps: Sequence[float], losses: Sequence[float], eval_steps: Sequence[float] = (),
-               eval_losses: Sequence[float] = (), *, log_scale: bool = False, total: int | None = None) -> str:
-    """SVG of the train loss (raw, faint), its smoothed curve, and eval loss points."""
+               eval_losses: Sequence[float] = (), *, log_scale: bool = False, total: int | None = None,
+               empty: str = "waiting for the first step ...") -> str:
+    """SVG of the train loss (raw, faint), its smoothed curve, and eval loss points; `empty` when none."""
     points = [(s, v) for s, v in zip(steps, losses, strict=True) if _finite(v)]
     evals = [(s, v) for s, v in zip(eval_steps, eval_losses, strict=True) if _finite(v)]
     if not points and not evals:
-        return _frame("waiting for the first step ...")
+        return _frame(empty)
     values = [v for _, v in points + evals]
     if log_scale:
         values = [math.log10(max(v, 1e-12)) for v in values]
@@ -77,11 +78,16 @@ def _frame(inner: str) -> str:
             f'viewBox="0 0 {WIDTH} {HEIGHT}" class="nbtune-loss">{axes}{inner}</svg>')
 
 
-def progress_line(step: int, total: int, tokens_per_second: float, elapsed: float) -> str:
-    """'step 12/60 · 214 tok/s · 0:25 elapsed · ETA 1:40'."""
+def progress_line(step: int, total: int, tokens_per_second: float, elapsed: float, ended: str | None = None) -> str:
+    """'step 12/60 · 214 tok/s · 0:25 elapsed · ETA 1:40'; once the run `ended`, its status instead of an ETA."""
     eta = elapsed / step * (total - step) if step else float("nan")
     return (f"step {step}/{total} · {tokens_per_second:,.0f} tok/s · {_clock(elapsed)} elapsed · "
-            f"ETA {_clock(eta)}")
+            f"{ended if ended else f'ETA {_clock(eta)}'}")
+
+
+def ended_before_a_step(status: str) -> str:
+    """What an empty chart says for a run in `status`."""
+    return "waiting for the first step ..." if status in ("pending", "running") else f"{status} before its first step"
 
 
 def memory_html(memory: dict[str, Any]) -> str:
@@ -118,7 +124,7 @@ def snapshot_html(run: Any, memory: dict[str, Any], log_scale: bool = False) -> 
     losses = [r["loss"] for r in run.history if "loss" in r]
     evals = [e for e in run.eval_history if "eval_loss" in e]
     chart = loss_chart(steps, losses, [e["step"] for e in evals], [e["eval_loss"] for e in evals],
-                       log_scale=log_scale, total=run.total_steps)
+                       log_scale=log_scale, total=run.total_steps, empty=ended_before_a_step(run.status))
     reached = run.history[-1]["step"] if run.history else 0
     detail = run.error or f"step {reached}/{run.total_steps}"  # a stopped run shows how far it got
     return (f"<div class='nbtune-snapshot'>{status_html(run.name, run.method.name, run.status, detail)}"
