@@ -108,3 +108,10 @@ def test_qlora_in_the_picker_brings_its_4bit_base_and_half_typed_yaml_is_explain
     picker.method.value = "peft"
     picker.options["peft_args"].value = "{r: ["
     assert "`peft_args` is not valid YAML yet" in picker.message.value and picker.train.disabled
+
+
+def test_a_method_the_model_cannot_take_blocks_train_with_the_reason(picker):
+    picker.method.value = "bitfit"  # the tiny Llama has no bias terms
+    assert "bias" in picker.message.value and picker.train.disabled
+    picker.method.value = "lora"
+    assert picker.message.value == "" and not picker.train.disabled

@@ -129,7 +129,11 @@ class Picker:
             from nbtune.engine.estimate import estimate
 
             e = estimate(config)
-        except Exception as exc:  # an estimate is a nicety: never block the form on it
+        except NbtuneError as exc:  # the method cannot work on this model (bitfit without biases, ...)
+            self.message.value = f"<span style='color:#cb181d'>{exc}</span>"
+            self.estimates.value, self.train.disabled = "", True
+            return
+        except Exception as exc:  # otherwise an estimate is a nicety: never block the form on it
             self.estimates.value = f"<i>no estimate: {exc}</i>"
             return
         self.estimates.value = (
