@@ -158,9 +158,11 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from nbtune.config import RunConfig
     from nbtune.engine.run import finetune
 
     config = {**DEMO_CONFIG, "steps": args.steps, "output_dir": args.output_dir}
+    RunConfig.parse(config)  # a bad --steps is refused before anything is announced
     print(f"Fine-tuning {config['method']} on the demo task (dates -> YYYY-MM-DD), {config['steps']} steps ...")
     run = finetune(config, progress=True)
     before = run.evaluate(use_adapter=False)["base_exact_match"]

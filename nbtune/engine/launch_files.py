@@ -113,7 +113,8 @@ def write_launch_files(config: RunConfig, folder: str | Path, **options: Any) ->
     note = f"# On each of the {machines} machines, with MACHINE_RANK=0..{machines - 1} set:\n" if machines > 1 else ""
     script = folder / "launch.sh"
     here = 'HERE="$(cd "$(dirname "$0")" && pwd)"'
-    script.write_text(f"#!/usr/bin/env bash\n# nbtune run {config.name!r} in {accel['num_processes']} processes "
+    count = accel["num_processes"]
+    script.write_text(f"#!/usr/bin/env bash\n# nbtune run {config.name!r} in {count} process{'es' * (count != 1)} "
                       f"({accel['distributed_type']}).\nset -euo pipefail\n{here}\n{note}{command}\n",
                       encoding="utf-8")
     script.chmod(0o755)
