@@ -266,3 +266,18 @@ def test_loading_what_is_not_a_saved_run_says_so_in_one_line(two_loras, tmp_path
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
     with pytest.raises(nbtune.NbtuneError, match="trained on another base model"):
         nbtune.load(tmp_path / "r4", base=(wider, chat_tokenizer))
+
+
+def test_merge_and_export_of_a_run_on_an_in_memory_base(chat_tokenizer, demo_rows, tmp_path):
+    from conftest import tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    settings = {**SETTINGS, "steps": 1, "data": demo_rows, "model": str(tmp_path / "not-here")}
+    fp32 = nbtune.finetune(base=(tiny_llama(chat_tokenizer), chat_tokenizer), **settings)
+    merged = AutoModelForCausalLM.from_pretrained(fp32.merge_and_export(tmp_path / "m"))  # no reload needed
+    ids = chat_tokenizer("hello there", return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**ids).logits, fp32.merge()(**ids).logits)
+    low = nbtune.finetune(base=(tiny_llama(chat_tokenizer).to(torch.bfloat16), chat_tokenizer), **settings)
+    with pytest.raises(nbtune.NbtuneError, match="trained on a base passed in memory"):
+        low.merge_and_export(tmp_path / "m2")

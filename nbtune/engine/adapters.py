@@ -127,6 +127,7 @@ def combine(runs: Sequence[Run], weights: Sequence[float], *, how: str = "linear
     config = dataclasses.replace(first.config, name=name, output_dir=None)
     combined = Run(config, first.method, first._ctx, Broadcast([NullObserver()]))
     combined.status = "combined"
+    combined._base_name = first._base_name
     combined.model, combined.tokenizer = stack, first.tokenizer
     combined.metrics = {"combined_from": [r.name for r in runs], "weights": list(weights), "how": how,
                         "trainable_params": first.metrics.get("trainable_params")}

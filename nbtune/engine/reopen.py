@@ -65,6 +65,7 @@ def load(path: str | Path, *, base: Base | tuple[Any, Any] | None = None, quanti
     run.history = History(info.get("history") or [])
     run.eval_history = list(info.get("eval_history") or [])
     run.model, run.tokenizer, run.saved_to = model, tokenizer, path
+    run._base_name = base.name
     run.total_steps = run.metrics.get("steps", 0)
     run.eval_pairs = _eval_pairs(config)
     return run

@@ -54,6 +54,7 @@ class Run:
         self.tokenizer: Any = None
         self.eval_pairs: list[tuple[list[dict[str, str]], str]] = []
         self._ctx = ctx
+        self._base_name: str | None = None  # the Base's name it trained on ("in-memory" for a caller's model)
         self._observers = observers
         self._stop = threading.Event()
         self._data: Any = None  # (train, eval, format) between start and training
@@ -157,8 +158,9 @@ class Run:
                               "(nbtune only replaces an earlier export).", field="path")
         if not self.method.adapter:
             model = self.model  # full/freeze/bitfit: the weights are already the merged model
-        elif self._ctx.quantized or self.config.dtype != "float32":
+        elif self._ctx.quantized or _holds_low_precision(self.model):
             self.method.check_mergeable()  # before loading a base to merge into
+            self._check_base_reloadable()
             model = self.method.merged(self._full_precision_copy())
         else:
             model = self.merge()
@@ -166,6 +168,18 @@ class Run:
             model.save_pretrained(str(tmp))
             self.tokenizer.save_pretrained(str(tmp))
         return Path(path)
+
+    def _check_base_reloadable(self) -> None:
+        """Merging a low-precision run reloads its base in fp32 from `config.model`: only if that is the model
+        it trained on (a base passed in memory may be any model; merging into another would be wrong)."""
+        from nbtune.engine.models import ALIASES
+
+        if self._base_name is not None and self._base_name != ALIASES.get(self.config.model, self.config.model):
+            raise NbtuneError(
+                f"run {self.name!r} trained on a base passed in memory ({self._base_name}), in low precision; "
+                "merging needs that base's fp32 weights. Load them yourself and merge there: "
+                "nbtune.load(run.save(path), base=(fp32_model, tokenizer)).merge_and_export(...).",
+                field="model")
 
     def _full_precision_copy(self) -> Any:
         import tempfile
@@ -293,3 +307,10 @@ class Run:
             return
         with self.method.disabled(self.model):
             yield
+
+
+def _holds_low_precision(model: Any) -> bool:
+    """Whether the frozen weights are bf16/fp16 (what the run trained on, whatever its config says)."""
+    import torch
+
+    return any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters() if not p.requires_grad)

@@ -158,6 +158,7 @@ def _train(run: Run, base: Any, train_records: Any, eval_records: Any, fmt: str,
                          trust_remote_code=config.trust_remote_code)
     tokenizer = prepare_tokenizer(base.tokenizer)
     run._ctx.tokenizer = tokenizer
+    run._base_name = base.name
     run.metrics["load_seconds"] = round(time.perf_counter() - started, 2)
 
     # 3. Tokenise: chat template, answer-only labels, lengths for grouping batches of similar length.
