@@ -108,3 +108,15 @@ def test_the_estimate_per_gpu_follows_checkpointing_and_the_strategy(tiny_model_
     assert fsdp["activations_mb"] == ddp["activations_mb"]  # each GPU still computes its own batch
     with pytest.raises(ValueError, match="strategy"):
         per_process_mb(plain, 8, "pipeline")
+
+
+@pytest.mark.parametrize("method", [m.name for m in nbtune.methods()])
+def test_every_method_has_an_estimate_or_a_reason(tiny_model_dir, method):
+    from nbtune.engine.estimate import estimate
+
+    try:
+        counts = estimate(nbtune.RunConfig.parse({"model": str(tiny_model_dir), "method": method, "steps": 4}))
+    except nbtune.NbtuneError as exc:  # e.g. bitfit on a model without biases: a reason the picker shows
+        assert exc.field or str(exc)
+        return
+    assert 0 < counts["trainable_params"] <= counts["total_params"]

@@ -83,7 +83,8 @@ def _prepare_adalora(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedMo
         orth_reg_weight=o["orth_reg_weight"], total_step=ctx.total_steps, task_type="CAUSAL_LM",
     )
     peft_model = wrap_with_peft(model, config, ctx)
-    ctx.step_metrics["adalora_rank"] = adalora_rank(peft_model)
+    if not any(p.is_meta for p in peft_model.parameters()):  # a weightless model (estimates) has no values
+        ctx.step_metrics["adalora_rank"] = adalora_rank(peft_model)
     return peft_model
 
 
