@@ -203,3 +203,19 @@ def test_inference_on_a_bf16_model_sums_in_fp32_and_leaves_fp32_models_alone(cha
             careful = halved(**ids, output_hidden_states=True)
     assert plain.hidden_states[-1].dtype == torch.bfloat16 and careful.hidden_states[-1].dtype == torch.float32
     assert (careful.logits.float() - reference).norm() < (plain.logits.float() - reference).norm()
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "houlsby"])
+def test_a_layernorm_model_trains_on_a_bf16_base(tmp_path, chat_tokenizer, demo_rows, method):
+    """GPT-2's nn.LayerNorm refused an fp32 residual with bf16 weights on CPU ("mixed dtype")."""
+    from conftest import tiny_gpt2
+
+    folder = tmp_path / "gpt2"
+    tiny_gpt2(chat_tokenizer).save_pretrained(folder)
+    chat_tokenizer.save_pretrained(folder)
+    settings = {"method": method, "data": demo_rows, "steps": 2, "batch_size": 2, "metric": "none", "save": False,
+                "precision": "bf16", "dtype": "bfloat16"}
+    run = nbtune.finetune(model=str(folder), **settings)
+    assert run.status == "finished" and isinstance(run.generate("hi", max_new_tokens=2), str)
+    in_memory = tiny_gpt2(chat_tokenizer).to(torch.bfloat16)
+    assert nbtune.finetune(base=(in_memory, chat_tokenizer), **settings).status == "finished"

@@ -104,9 +104,23 @@ def load_base(name: str, *, quantization: str = "none", dtype: str = "float32",
             raise ModelError(f"`model` {name!r} could not be loaded as a causal language model: "
                              f"{str(exc).splitlines()[0][:200]}", field="model") from None
     model.name_or_path = model.config._name_or_path = str(path)  # adapters name this folder, not a dtype copy
+    if quantization == "none" and torch_dtype != torch.float32:
+        norms_in_fp32(model)
     if quantization == "none" and torch.cuda.is_available():
         model = model.to("cuda")
     return Base(model=model, tokenizer=tokenizer, name=ALIASES.get(name, name), quantization=quantization)
+
+
+def norms_in_fp32(model: Any) -> None:
+    """LayerNorm / GroupNorm weights back in fp32 on a bf16 base (a few thousand numbers). The residual
+    stream is fp32 while training (`precision.py`), and torch's CPU layer_norm refuses an fp32 input with
+    bf16 weights ("mixed dtype (CPU)"): GPT-2, OPT, Phi and every other LayerNorm model failed at step one.
+    RMSNorm-style norms written in Python (Llama, Mistral, Qwen) promote by themselves."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm)):
+            module.float()
 
 
 def _stored_as(path: Path, dtype: Any) -> Path:
@@ -272,4 +286,4 @@ def _convert_gguf(gguf: Path, target: Path, name: str) -> None:
     del loaded, fresh
 
 
-__all__ = ["Base", "cache_dir", "load_base", "resolve_model"]
+__all__ = ["Base", "cache_dir", "load_base", "norms_in_fp32", "resolve_model"]

@@ -29,7 +29,7 @@ from nbtune.engine.checkpoints import resume_checkpoint
 from nbtune.engine.distributed import is_main_process
 from nbtune.engine.events import Broadcast, NullObserver, ProgressObserver
 from nbtune.engine.memory import PeakSampler
-from nbtune.engine.models import Base, load_base
+from nbtune.engine.models import Base, load_base, norms_in_fp32
 from nbtune.engine.precision import training_speedups
 from nbtune.engine.preflight import check_fits, is_allocator_failure, out_of_memory
 from nbtune.engine.result import Run
@@ -153,6 +153,8 @@ def _train(run: Run, base: Any, train_records: Any, eval_records: Any, fmt: str,
     base = _as_base(base)
     if base is not None:
         _check_callers_base(base.model, run)
+        if any(str(p.dtype) == "torch.bfloat16" for p in base.model.parameters()):
+            norms_in_fp32(base.model)  # as load_base does for a bf16 base it loads
     else:
         base = load_base(config.model, quantization=config.quantization, dtype=config.dtype,
                          trust_remote_code=config.trust_remote_code)
