@@ -613,3 +613,24 @@ def test_tokenised_data_is_reused_for_an_unchanged_file_and_redone_when_it_chang
     changed = tokenised()
     assert changed is not first and len(changed) == 5
     assert source_key([{"prompt": "in memory"}]) is None  # no cache for data nbtune cannot identify
+
+
+def test_columns_only_later_rows_have_are_kept(tmp_path):
+    rows = [{"instruction": "Add", "output": "4"},
+            {"instruction": "Translate", "input": "bonjour", "output": "hello", "system": "Be terse"}]
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    for source in (rows, str(path)):
+        second = load_records(source)[1]
+        assert to_messages(second, "alpaca") == [{"role": "system", "content": "Be terse"},
+                                                {"role": "user", "content": "Translate\n\nbonjour"},
+                                                {"role": "assistant", "content": "hello"}]
+
+
+def test_rows_of_mixed_shapes_and_chats_as_text_are_named():
+    mixed = load_records([{"prompt": "a", "completion": "b"},
+                          {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}])
+    with pytest.raises(DataError, match="it has prompt, completion instead: give every row the same shape"):
+        to_messages(mixed[0], detect_format(mixed.column_names))
+    with pytest.raises(DataError, match=r"must be a list of \{role, content\} dicts, got text"):
+        to_messages({"messages": "hello"}, "chat")

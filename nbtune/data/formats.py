@@ -54,7 +54,13 @@ def to_messages(example: dict[str, Any], fmt: str) -> list[dict[str, str]]:
     if fmt == "chat":
         raw = next((example[c] for c in _CHAT_COLUMNS if example.get(c)), None)
         if not raw:
-            raise DataError(f"a row of `data` has no messages ({_short(example)}); drop empty rows.", field="data")
+            others = [c for c, v in example.items() if v not in (None, "") and c not in _CHAT_COLUMNS]
+            hint = (f"; it has {', '.join(others)} instead: give every row the same shape" if others
+                    else "; drop empty rows")
+            raise DataError(f"a row of `data` has no messages ({_short(example)}){hint}.", field="data")
+        if isinstance(raw, str):
+            raise DataError(f"`messages` must be a list of {{role, content}} dicts, got text {raw[:40]!r} "
+                            "(a CSV cell cannot hold a list: use .jsonl or .json for chats).", field="data")
         return [_message(m) for m in raw]
     if fmt == "alpaca":
         prompt = _text(example, "instruction")

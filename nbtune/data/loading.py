@@ -171,6 +171,11 @@ def _from_list(rows: list[Any], field: str) -> Any:
             "{'prompt': ..., 'completion': ...}.",
             field=field,
         )
+    # Every column any row has: `Dataset.from_list` takes the first row's keys only, so an optional column
+    # (alpaca's `input`, a `system` turn) that the first row lacks was dropped from every row.
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    if any(len(row) != len(columns) for row in rows):
+        rows = [{key: row.get(key) for key in columns} for row in rows]
     try:
         return datasets.Dataset.from_list(rows)
     except Exception as exc:  # pyarrow cannot build one column from mixed types
