@@ -67,7 +67,9 @@ class Param:
                 # One plain name means that module (`q_proj` -> [q_proj]); peft would read a lone string as a
                 # regular expression over full module paths, which `q_proj` never matches. Keywords such as
                 # 'all-linear' and real expressions stay strings.
-                return [value] if re.fullmatch(r"[A-Za-z0-9_.]+", value) else value
+                if re.fullmatch(r"[A-Za-z0-9_.]+(\s*,\s*[A-Za-z0-9_.]+)*", value):  # also "q_proj,v_proj"
+                    return [name.strip() for name in value.split(",")]
+                return value
             if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
                 return list(value)
         if kind == "any":

@@ -463,3 +463,7 @@ def test_one_method_prints_as_its_options():
     spec = nbtune.methods("lora")
     assert repr(spec).startswith("lora: ") and "r (int, default 8 [1, 4096])" in repr(spec)
     assert "| `r` | `8` |" in spec._repr_markdown_()
+
+
+def test_names_separated_by_commas_are_a_list():
+    assert RunConfig.parse({"target_modules": "q_proj, v_proj"}).options["target_modules"] == ["q_proj", "v_proj"]

@@ -219,3 +219,13 @@ def test_a_peft_passthrough_with_a_base_rewriting_init_does_not_share_the_base()
 def test_freeze_refuses_more_trainable_layers_than_the_model_has(llama_base, demo_rows):
     with pytest.raises(nbtune.MethodError, match=r"`trainable_layers` is 5, but this model has 2 decoder layers"):
         nbtune.finetune(data=demo_rows, base=llama_base, method="freeze", trainable_layers=5, **FAST)
+
+
+def test_plain_lora_on_a_moe_model_names_the_dropout_it_cannot_have(chat_tokenizer, demo_rows):
+    from conftest import tiny_mixtral
+
+    with pytest.raises(nbtune.MethodError, match=r"set `dropout: 0`, or use `method: moe`"):
+        nbtune.finetune(data=demo_rows, base=(tiny_mixtral(chat_tokenizer), chat_tokenizer), **FAST)
+    run = nbtune.finetune(data=demo_rows, base=(tiny_mixtral(chat_tokenizer), chat_tokenizer), dropout=0.0,
+                          **{**FAST, "steps": 1})
+    assert run.status == "finished"

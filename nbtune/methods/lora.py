@@ -87,6 +87,11 @@ def wrap_with_peft(model: PreTrainedModel, peft_config: Any, ctx: MethodContext)
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             return get_peft_model(model, peft_config)
     except ValueError as exc:
+        if "ParamWrapper" in str(exc) and "lora_dropout" in str(exc):  # all-linear reached fused MoE experts
+            raise MethodError(
+                "LoRA on this mixture-of-experts model reaches its experts' fused weights, where peft allows no "
+                "dropout: set `dropout: 0`, or use `method: moe` to choose experts, router or both.",
+                field="dropout") from None
         if "not found in the base model" in str(exc) or "Target modules" in str(exc):
             raise MethodError(
                 f"`target_modules` {ctx.options.get('target_modules')!r} matches no module of this model. "
