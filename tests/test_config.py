@@ -467,3 +467,8 @@ def test_one_method_prints_as_its_options():
 
 def test_names_separated_by_commas_are_a_list():
     assert RunConfig.parse({"target_modules": "q_proj, v_proj"}).options["target_modules"] == ["q_proj", "v_proj"]
+
+
+def test_init_text_without_init_text_is_named():
+    with pytest.raises(MethodError, match="add `init: text`"):
+        RunConfig.parse({"method": "prompt", "init_text": "What is the answer?"})

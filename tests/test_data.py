@@ -634,3 +634,9 @@ def test_rows_of_mixed_shapes_and_chats_as_text_are_named():
         to_messages(mixed[0], detect_format(mixed.column_names))
     with pytest.raises(DataError, match=r"must be a list of \{role, content\} dicts, got text"):
         to_messages({"messages": "hello"}, "chat")
+
+
+@pytest.mark.parametrize("answer", ["", "   "])
+def test_an_empty_answer_is_named_not_trained(answer):
+    with pytest.raises(DataError, match="has an empty `completion`"):
+        to_messages({"prompt": "a", "completion": answer}, "prompt_completion")

@@ -77,9 +77,9 @@ def to_messages(example: dict[str, Any], fmt: str) -> list[dict[str, str]]:
 
 
 def _text(example: dict[str, Any], column: str) -> str:
-    # A missing answer must not train as the word "None".
+    # A missing answer must not train as the word "None", nor an empty one as just the end-of-turn token.
     value = example.get(column)
-    if value is None:
+    if value is None or (isinstance(value, str) and not value.strip()):
         raise DataError(f"a row of `data` has an empty `{column}` ({_short(example)}); fill or drop such rows.",
                         field="data")
     return str(value)

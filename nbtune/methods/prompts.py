@@ -82,6 +82,9 @@ def _validate_prompt(options: dict[str, Any], config: RunConfig) -> None:
     if options["init"] == "text" and not options["init_text"].strip():
         raise MethodError("prompt tuning with `init: text` needs `init_text`, e.g. 'Convert the date:'.",
                           field="init_text")
+    if options["init"] != "text" and options["init_text"].strip():  # it would be ignored without a word
+        raise MethodError(f"`init_text` is set but `init` is {options['init']!r}; add `init: text` to start the "
+                          "prompt from it (or drop init_text).", field="init")
 
 
 def _register(name: str, summary: str, params: tuple[Param, ...], prepare: Any, lr: float, **extra: Any) -> None:
