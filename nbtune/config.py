@@ -146,15 +146,17 @@ class RunConfig:
 _EXCLUSIVE = {"steps": "epochs", "epochs": "steps"}
 
 
-def overlay(lower: Mapping[str, Any], higher: Mapping[str, Any]) -> dict[str, Any]:
-    """`higher`'s keys over `lower`'s. A length set in `higher` replaces the other kind of length from
-    `lower`: a cell's `epochs: 2` over a project default `steps: 100` means 2 epochs, not a conflict."""
-    out = dict(lower)
-    for key in higher:
-        partner = _EXCLUSIVE.get(key)
-        if partner is not None and partner not in higher and higher[key] is not None:
-            out.pop(partner, None)
-    out.update(higher)
+def overlay(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """The layers' keys, each layer over the ones before it. A length set in a higher layer replaces the
+    other kind of length from lower ones: a cell's `epochs: 2` over a project default `steps: 100` means
+    2 epochs, not a conflict."""
+    out: dict[str, Any] = {}
+    for higher in layers:
+        for key in higher:
+            partner = _EXCLUSIVE.get(key)
+            if partner is not None and partner not in higher and higher[key] is not None:
+                out.pop(partner, None)
+        out.update(higher)
     return out
 
 

@@ -74,9 +74,9 @@ def _notebook_default(key: str) -> Any:
     magics = shell.magics_manager.registry.get("Finetune") if shell is not None else None
     if magics is None:
         return None
-    from nbtune.magics.parse import project_defaults
+    from nbtune.config import overlay
 
-    return {**project_defaults(), **dict(magics.defaults)}.get(key)
+    return overlay(*magics.default_layers().values()).get(key)
 
 
 def ledger() -> list[dict[str, Any]]:

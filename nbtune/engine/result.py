@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nbtune.engine.generation import Prompt, as_messages, exact_match, generate_texts
+from nbtune.engine.generation import Prompt, exact_match, generate_texts
 from nbtune.engine.quiet import no_hf_progress_bars
 from nbtune.engine.saving import atomic_directory, write_json
 from nbtune.errors import NbtuneError
@@ -97,10 +97,7 @@ class Run:
                  **generate_kwargs: Any) -> str | list[str]:
         """Answer a prompt (string or chat messages), or a list of prompts, with the trained model."""
         self._need_model()
-        single = isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and bool(prompt)
-                                             and isinstance(prompt[0], dict))
-        if not single and not isinstance(prompt, (list, tuple)):
-            as_messages(prompt)  # names what a prompt may be
+        single = not isinstance(prompt, (list, tuple)) or (bool(prompt) and isinstance(prompt[0], dict))
         prompts = [prompt] if single else list(prompt)
         answers = generate_texts(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
                                  **generate_kwargs)

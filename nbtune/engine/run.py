@@ -153,8 +153,7 @@ def _train(run: Run, base: Any, train_records: Any, eval_records: Any, fmt: str,
     base = _as_base(base)
     if base is not None:
         _check_callers_base(base.model, run)
-        if any(str(p.dtype) == "torch.bfloat16" for p in base.model.parameters()):
-            norms_in_fp32(base.model)  # as load_base does for a bf16 base it loads
+        norms_in_fp32(base.model)  # as load_base does for a bf16 base (fp32 norms are left as they are)
     else:
         base = load_base(config.model, quantization=config.quantization, dtype=config.dtype,
                          trust_remote_code=config.trust_remote_code)

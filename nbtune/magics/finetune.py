@@ -97,13 +97,15 @@ class Finetune(Magics):
         return WORKBENCH.runs
 
     # ----------------------------------------------------------------- helpers
+    def default_layers(self) -> dict[str, dict[str, Any]]:
+        """Where defaults come from, lowest first: `[tool.nbtune]`, then `%config Finetune.defaults`."""
+        return {"[tool.nbtune] in pyproject.toml": project_defaults(),
+                "%config Finetune.defaults": dict(self.defaults)}
+
     def _config(self, args: Any, cell: str) -> dict[str, Any]:
         """The cell's config over `%config Finetune.defaults` over `[tool.nbtune]`, with the flags on top."""
-        layers = {"[tool.nbtune] in pyproject.toml": project_defaults(),
-                  "%config Finetune.defaults": dict(self.defaults)}
-        defaults: dict[str, Any] = {}
-        for layer in layers.values():
-            defaults = overlay(defaults, layer)
+        layers = self.default_layers()
+        defaults = overlay(*layers.values())
         flags = {"name": args.name, "model": args.model, "method": args.method, "steps": args.steps,
                  "data": args.data, "num_processes": args.processes}
         explicit = overlay(parse_cell(cell or "", self.shell.user_ns),

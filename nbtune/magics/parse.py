@@ -32,11 +32,7 @@ def parse_cell(body: str, namespace: Mapping[str, Any]) -> dict[str, Any]:
         if not _NAME.fullmatch(name):
             raise ConfigError(f"`{{{{ {name} }}}}`: only a plain variable name can go inside {{{{ }}}}, "
                               "not an expression; compute it in a cell above.")
-        if name not in namespace:
-            raise ConfigError(f"`{{{{ {name} }}}}`: the notebook has no variable {name!r}; define it above.")
-        key = f"__nbtune_value_{len(values)}__"
-        values[key] = namespace[name]
-        return key
+        return _stash(name, namespace, values)
 
     # YAML comments may mention `{{ name }}` (a hint, an example): only the code part of a line counts.
     lines = [(code, comment) for code, comment in (_split_comment(line) for line in (body or "").splitlines())]
@@ -64,16 +60,16 @@ _LINE_TEMPLATE = re.compile(r"\{\{?\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}?")
 def line_values(line: str, namespace: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """The magic's line with each `{{ name }}` replaced by a placeholder word, and placeholder -> value."""
     values: dict[str, Any] = {}
+    return _LINE_TEMPLATE.sub(lambda match: _stash(match.group(1), namespace, values), line), values
 
-    def placeholder(match: re.Match[str]) -> str:
-        name = match.group(1)
-        if name not in namespace:
-            raise ConfigError(f"`{{{{ {name} }}}}`: the notebook has no variable {name!r}; define it above.")
-        key = f"__nbtune_value_{len(values)}__"
-        values[key] = namespace[name]
-        return key
 
-    return _LINE_TEMPLATE.sub(placeholder, line), values
+def _stash(name: str, namespace: Mapping[str, Any], values: dict[str, Any]) -> str:
+    """A placeholder word for the notebook variable `name`, its value kept in `values` under it."""
+    if name not in namespace:
+        raise ConfigError(f"`{{{{ {name} }}}}`: the notebook has no variable {name!r}; define it above.")
+    key = f"__nbtune_value_{len(values)}__"
+    values[key] = namespace[name]
+    return key
 
 
 def with_values(text: Any, values: dict[str, Any]) -> Any:
