@@ -472,3 +472,97 @@ def test_names_separated_by_commas_are_a_list():
 def test_init_text_without_init_text_is_named():
     with pytest.raises(MethodError, match="add `init: text`"):
         RunConfig.parse({"method": "prompt", "init_text": "What is the answer?"})
+
+
+# ---------------------------------------------------------------- other libraries' names point to nbtune's
+
+# (key, value, method, what the message must say, what it must not say)
+FOREIGN = [
+    ("learning_rate", 2e-4, "lora", ["nbtune calls it `lr`", "the Trainer's name", "`lr: 0.0002`"], ["Did you mean"]),
+    ("max_steps", 100, "lora", ["nbtune calls it `steps`", "`steps: 100`"], ["eval_steps"]),
+    ("num_train_epochs", 3, "lora", ["nbtune calls it `epochs`", "`epochs: 3`"], []),
+    ("gradient_accumulation_steps", 4, "lora", ["`grad_accum: 4`"], []),
+    ("per_device_train_batch_size", 4, "ia3", ["`batch_size: 4`"], []),
+    ("train_batch_size", 4, "lora", ["`batch_size: 4`"], []),
+    ("micro_batch_size", 2, "lora", ["`batch_size: 2`"], []),
+    ("lora_r", 16, "lora", ["nbtune calls it `r`", "`r: 16`"], ["rslora"]),
+    ("lora_alpha", 32, "lora", ["`alpha: 32`"], []),
+    ("lora_dropout", 0.1, "lora", ["`dropout: 0.1`"], []),
+    ("max_seq_length", 256, "lora", ["`max_length: 256`", "TRL"], []),
+    ("max_seq_len", 256, "lora", ["`max_length: 256`"], []),
+    ("cutoff_len", 256, "lora", ["`max_length: 256`"], []),
+    ("lr_scheduler_type", "linear", "lora", ["`lr_scheduler: linear`"], []),
+    ("warmup_ratio", 0.1, "lora", ["`warmup_steps`", "no warmup ratio"], ["Did you mean"]),
+    ("model_name_or_path", "gpt2", "lora", ["`model: gpt2`"], []),
+    ("dataset", "rows.jsonl", "lora", ["`data: rows.jsonl`"], []),
+    ("train_file", "rows.jsonl", "lora", ["`data: rows.jsonl`"], []),
+    ("bf16", True, "lora", ["`precision: bf16`"], []),
+    ("fp16", True, "lora", ["`precision: bf16`", "`fp32`", "`dtype: float16`"], ["Did you mean"]),
+    ("eval_strategy", "steps", "lora", ["`eval_steps`"], ["Did you mean"]),
+    ("evaluation_strategy", "steps", "lora", ["`eval_steps`"], ["Did you mean"]),
+    ("save_steps", 50, "lora", ["`checkpoint_steps: 50`"], ["eval_steps"]),
+    ("save_total_limit", 3, "lora", ["`keep_checkpoints: 3`"], []),
+    ("neftune_noise_alpha", 5, "lora", ["`neftune_alpha: 5`"], []),
+    ("use_rslora", True, "lora", ["`rslora: true`"], []),
+    ("init_lora_weights", "pissa", "lora", ["`init: pissa`"], []),
+    ("use_dora", True, "lora", ["`method: dora`"], []),
+    ("load_in_4bit", True, "lora", ["`quantization: 4bit`"], []),
+    ("load_in_8bit", True, "lora", ["`quantization: 8bit`"], []),
+    ("run_name", "mine", "lora", ["`name: mine`"], []),
+    ("torch_dtype", "bfloat16", "lora", ["`dtype: bfloat16`"], []),
+    ("completion_only_loss", True, "lora", ["`train_on_prompt: false`"], []),
+    ("Learning_Rate", 1e-3, "lora", ["`lr: 0.001`"], []),
+    # nbtune's key exists only for other methods: say which, never suggest it as if it fitted
+    ("lora_r", 16, "ia3", ["nbtune calls it `r`", "not of ia3", "`method: lora`", "ia3's options"], ["`r: 16`"]),
+    ("init_lora_weights", True, "prompt", ["not of prompt", "`method: lora`"], ["`init: default`"]),
+    # another method's option: a method mix-up, not a typo
+    ("r", 8, "ia3", ["`r` is an option of", "lora", "qlora", "dora", "not of ia3", "`method: lora`",
+                     "ia3's options: target_modules, feedforward_modules"], ["Did you mean", "`lr`"]),
+    ("num_virtual_tokens", 8, "lora", ["an option of", "prompt", "not of lora", "`method: prefix`"], ["Did you mean"]),
+    ("r", 8, "peft", ["`peft_args: {r: 8}`"], ["Did you mean"]),
+    # real typos keep their did-you-mean
+    ("stpes", 3, "lora", ["Did you mean `steps`?"], []),
+    ("rr", 8, "ia3", ["`rr`"], ["`lr`"]),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "method", "needles", "forbidden"), FOREIGN,
+                         ids=[f"{k}-{m}" for k, _, m, _, _ in FOREIGN])
+def test_other_libraries_names_point_to_nbtunes_key(key, value, method, needles, forbidden):
+    with pytest.raises(ConfigError) as info:
+        RunConfig.parse({"method": method, key: value})
+    message = str(info.value)
+    assert info.value.field == key and "\n" not in message and f"`{key}`" in message
+    for needle in needles:
+        assert needle in message, f"{needle!r} not in {message!r}"
+    for bad in forbidden:
+        assert bad not in message, f"{bad!r} in {message!r}"
+
+
+def test_the_suggested_fix_parses():
+    # What a message tells the user to write must itself be a valid config.
+    checked = 0
+    for key, value, method, _, _ in FOREIGN:
+        written = re.search(r"(?:write|writes it) `(\w+): ([^`]+)`", str(_error({"method": method, key: value})))
+        if written:
+            RunConfig.parse({"method": method, **nbtune.config.load_yaml(f"{written[1]}: {written[2]}")})
+            checked += 1
+    assert checked >= 25
+
+
+def _error(source):
+    with pytest.raises(ConfigError) as info:
+        RunConfig.parse(source)
+    return info.value
+
+
+def test_foreign_names_never_shadow_nbtune_keys_and_point_to_real_ones():
+    from nbtune.config import common_params
+    from nbtune.foreign_names import foreign_name, foreign_names
+    from nbtune.methods.registry import all_methods
+
+    keys = set(common_params()) | {name for m in all_methods() for name in m.option_names()}
+    assert not keys & set(foreign_names())
+    for name in foreign_names():
+        target = foreign_name(name).key
+        assert target is None or target in keys, (name, target)
