@@ -640,3 +640,132 @@ def test_rows_of_mixed_shapes_and_chats_as_text_are_named():
 def test_an_empty_answer_is_named_not_trained(answer):
     with pytest.raises(DataError, match="has an empty `completion`"):
         to_messages({"prompt": "a", "completion": answer}, "prompt_completion")
+
+
+# ---------------------------------------------------------------- column names as people write them
+
+CASED = [
+    ([{"Question": "What is 2+2?", "Answer": "4"}], ["question", "answer"], "prompt_completion"),
+    ([{"Prompt": "What is 2+2?", "Completion": "4"}], ["prompt", "completion"], "prompt_completion"),
+    ([{"PROMPT": "What is 2+2?", "Response": "4"}], ["prompt", "response"], "prompt_completion"),
+    ([{"Instruction": "Add", "Input": "2+2", "Output": "4"}], ["instruction", "input", "output"], "alpaca"),
+    ([{"Messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]}],
+     ["messages"], "chat"),
+    ([{" question ": "What is 2+2?", "answer": "4", "Id": 7}], ["question", "answer", "Id"], "prompt_completion"),
+]
+
+
+@pytest.mark.parametrize(("rows", "columns", "fmt"), CASED, ids=["Question", "Prompt", "PROMPT-Response",
+                                                                 "Instruction", "Messages", "spaces"])
+@pytest.mark.parametrize("kind", ["list", "dataframe", "csv-or-jsonl"])
+def test_columns_match_whatever_their_case(rows, columns, fmt, kind, tmp_path, chat_tokenizer):
+    import pandas as pd
+
+    if kind == "dataframe":
+        source = pd.DataFrame(rows)
+    elif kind == "list":
+        source = rows
+    else:  # a chat cannot sit in a CSV cell
+        source = tmp_path / ("rows.jsonl" if fmt == "chat" else "rows.csv")
+        if fmt == "chat":
+            source.write_text(json.dumps(rows[0]) + "\n", encoding="utf-8")
+        else:
+            pd.DataFrame(rows).to_csv(source, index=False)
+    dataset = load_records(source)
+    assert dataset.column_names == columns
+    assert detect_format(dataset.column_names) == fmt
+    messages = to_messages(dataset[0], fmt)
+    assert messages[-1] == {"role": "assistant", "content": "4"} and "2+2" in messages[-2]["content"]
+    trained = tokenize_dataset(dataset, chat_tokenizer, fmt=fmt, max_length=64, train_on_prompt=False)
+    assert len(trained) == 1 and any(label != IGNORE_INDEX for label in trained[0]["labels"])
+    assert [pairs[1] for pairs in prompts_and_answers(dataset, fmt)] == ["4"]
+
+
+def test_cased_text_column_trains_as_text(chat_tokenizer):
+    dataset = load_records([{"Text": "Plain words to model."}])
+    assert dataset.column_names == ["text"] and detect_format(dataset.column_names) == "text"
+    assert len(tokenize_dataset(dataset, chat_tokenizer, fmt="text", max_length=64, train_on_prompt=False)) == 1
+
+
+def test_cased_columns_without_loading():
+    # detect_format and to_messages agree on their own, for a Dataset built by hand.
+    assert detect_format(["Question", "Answer"]) == "prompt_completion"
+    assert detect_format(["Prompt", "Completion"], "prompt_completion") == "prompt_completion"
+    assert detect_format(["Instruction", "Output"], "alpaca") == "alpaca"
+    assert to_messages({"Question": "q", "Answer": "a"}, "prompt_completion")[-1]["content"] == "a"
+
+
+def test_an_ambiguous_case_is_left_alone():
+    # `question` and `Question` both: which one is meant is not nbtune's guess to make.
+    dataset = load_records([{"question": "q", "Question": "Q", "answer": "a"}])
+    assert dataset.column_names == ["question", "Question", "answer"]
+    assert to_messages(dataset[0], detect_format(dataset.column_names))[0]["content"] == "q"
+
+
+@pytest.mark.parametrize(("columns", "hint"), [
+    (["question", "anwser"], "`answer` for `anwser`"),
+    (["promt", "completion"], "`prompt` for `promt`"),
+    (["prompt", "complection"], "`completion` for `complection`"),
+    (["instrucion", "output"], "`instruction` for `instrucion`"),
+    (["mesages"], "`messages` for `mesages`"),
+    (["Promt", "Completion"], "`prompt` for `Promt`"),
+], ids=["anwser", "promt", "complection", "instrucion", "mesages", "cased-promt"])
+def test_near_miss_columns_get_a_did_you_mean(columns, hint):
+    with pytest.raises(DataError) as info:
+        detect_format(columns)
+    message = str(info.value)
+    assert f"Did you mean {hint}?" in message and "\n" not in message
+    for known in ("messages/conversations", "instruction+output", "prompt+completion", "prompt+response",
+                  "question+answer", "text"):
+        assert known in message
+
+
+def test_far_columns_get_no_misleading_guess():
+    with pytest.raises(DataError) as info:
+        detect_format(["context", "label"])
+    assert "Did you mean" not in str(info.value)
+
+
+def test_a_declared_format_names_the_near_miss():
+    with pytest.raises(DataError, match="Did you mean `instruction` for `instrucion`"):
+        detect_format(["instrucion", "output"], "alpaca")
+
+
+# ---------------------------------------------------------------- columns of mixed types
+
+
+def _mixed_sources(tmp_path, rows):
+    import pandas as pd
+
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps({key: [row[key] for row in rows] for key in rows[0]}), encoding="utf-8")
+    jsonl = tmp_path / "mixed.jsonl"
+    jsonl.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return {"dataframe": pd.DataFrame(rows), "list": rows, "json-columns": str(path), "jsonl": str(jsonl)}
+
+
+@pytest.mark.parametrize("kind", ["dataframe", "list", "json-columns", "jsonl"])
+def test_numbers_among_text_are_read_as_text(tmp_path, kind):
+    rows = [{"question": "1+1", "answer": "2"}, {"question": "2+2", "answer": 4},
+            {"question": "half of 3", "answer": 1.5}, {"question": "none", "answer": None}]
+    dataset = load_records(_mixed_sources(tmp_path, rows)[kind])
+    assert dataset["answer"] == ["2", "4", "1.5", None]  # missing stays missing, not 'None' or 'nan'
+    assert to_messages(dataset[1], detect_format(dataset.column_names))[-1]["content"] == "4"
+
+
+def test_a_dataframe_gap_in_a_mixed_column_stays_missing():
+    import pandas as pd
+
+    frame = pd.DataFrame({"prompt": ["a", "b", "c"], "completion": ["2", 4, float("nan")]})
+    assert load_records(frame)["completion"] == ["2", "4", None]
+    assert frame["completion"].tolist()[:2] == ["2", 4]  # the caller's DataFrame is left as it was
+
+
+@pytest.mark.parametrize("kind", ["dataframe", "list", "json-columns", "jsonl"])
+def test_a_column_mixing_lists_and_text_is_named(tmp_path, kind):
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": ["d", "e"]}]
+    with pytest.raises(DataError) as info:
+        load_records(_mixed_sources(tmp_path, rows)[kind])
+    message = str(info.value)
+    assert "column `completion`" in message and "lists" in message and "row 1" in message
+    assert info.value.field == "data" and "\n" not in message and "Arrow" not in message

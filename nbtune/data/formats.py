@@ -6,12 +6,17 @@ Formats and the columns that identify them:
 - prompt_completion: `prompt` + `completion` (or `response`, or `question` + `answer`)
 - text: `text`, trained as plain language modelling
 
+Column names match whatever their case (`Question`, `Prompt `): datasets from spreadsheets and the hub
+often capitalise them, and nothing else could be meant.
+
 Every format but `text` becomes a list of messages whose assistant turns carry the loss, so one
 tokeniser (see `nbtune.data.tokenize`) handles them all.
 """
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from typing import Any
 
 from nbtune.errors import DataError
@@ -20,17 +25,36 @@ _CHAT_COLUMNS = ("messages", "conversations")
 _PAIR_COLUMNS = (("prompt", "completion"), ("prompt", "response"), ("question", "answer"))
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
           "bot": "assistant", "system": "system", "tool": "tool"}
-KNOWN_COLUMNS = "messages | instruction+output | prompt+completion | text"
+# Every name a format reads, optional ones (`input`, `system`) included.
+FORMAT_COLUMNS = ("messages", "conversations", "instruction", "input", "output", "system", "prompt", "completion",
+                  "response", "question", "answer", "text")
+KNOWN_COLUMNS = ("messages/conversations | instruction+output | prompt+completion | prompt+response | question+answer"
+                 " | text")
+
+
+def canonical_columns(columns: Iterable[Any]) -> dict[str, str]:
+    """{column: the format column it stands for} for each column that differs from a format column only in
+    case or surrounding spaces (`Question` for `question`). A column is left alone where that is ambiguous:
+    the exact name is there too, or two columns fold to the same name."""
+    columns = list(columns)
+    folded: dict[str, list[str]] = {}
+    for column in columns:
+        if isinstance(column, str) and column.strip().lower() in FORMAT_COLUMNS:
+            folded.setdefault(column.strip().lower(), []).append(column)
+    return {found[0]: name for name, found in folded.items()
+            if len(found) == 1 and found[0] != name and name not in columns}
 
 
 def detect_format(columns: list[str], declared: str = "auto", *, field: str = "data") -> str:
     """The format of a dataset with these columns, checking a declared format has what it needs."""
+    given, renames = list(columns), canonical_columns(columns)
+    columns = [renames.get(c, c) for c in given]
     found = _guess(columns)
     if declared == "auto":
         if found is None:
             raise DataError(
-                f"`{field}` has columns {columns}, none of the known ones ({KNOWN_COLUMNS}); rename a "
-                "column or set `format`.",
+                f"`{field}` has columns {given}, none of the known sets ({KNOWN_COLUMNS}).{_near_misses(columns)} "
+                "Rename the column(s) or set `format`.",
                 field=field,
             )
         return found
@@ -43,7 +67,8 @@ def detect_format(columns: list[str], declared: str = "auto", *, field: str = "d
     missing = [c for c in needed if c not in columns]
     if missing:
         raise DataError(
-            f"`format: {declared}` needs column(s) {', '.join(missing)}, but `{field}` has {columns}.",
+            f"`format: {declared}` needs column(s) {', '.join(missing)}, but `{field}` has {given}."
+            f"{_near_misses(columns)}",
             field="format",
         )
     return declared
@@ -51,6 +76,9 @@ def detect_format(columns: list[str], declared: str = "auto", *, field: str = "d
 
 def to_messages(example: dict[str, Any], fmt: str) -> list[dict[str, str]]:
     """The example as chat messages (not for `text`)."""
+    renames = canonical_columns(example)
+    if renames:
+        example = {renames.get(k, k): v for k, v in example.items()}
     if fmt == "chat":
         raw = next((example[c] for c in _CHAT_COLUMNS if example.get(c)), None)
         if not raw:
@@ -116,3 +144,14 @@ def _guess(columns: list[str]) -> str | None:
 
 def _pair(columns: list[str]) -> tuple[str, str] | None:
     return next(((p, c) for p, c in _PAIR_COLUMNS if p in columns and c in columns), None)
+
+
+def _near_misses(columns: list[str]) -> str:
+    # Only close spellings (`anwser`, `promt`): a loose match such as `context` -> `text` would mislead.
+    missing = [name for name in FORMAT_COLUMNS if name not in columns]
+    hints = []
+    for column in columns:
+        if isinstance(column, str) and column not in FORMAT_COLUMNS:
+            close = difflib.get_close_matches(column.strip().lower(), missing, n=1, cutoff=0.8)
+            hints += [f"`{close[0]}` for `{column}`"] if close else []
+    return f" Did you mean {', '.join(hints)}?" if hints else ""

@@ -3,16 +3,21 @@
 Accepted: 'demo'; a local .jsonl/.json/.csv/.parquet file; a list of dicts; a pandas DataFrame; a
 `datasets.Dataset` (or a DatasetDict, whose 'train' split is used); a hub dataset name when the hub can
 be reached. Failures are `DataError`s naming the config key (`data` or `eval_data`).
+
+Columns come out named as the formats expect (`Question` becomes `question`; see `canonical_columns`), and
+a column of a list, a DataFrame or JSON that mixes text with numbers holds them all as text, as a CSV does.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import numbers
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from nbtune.data.formats import canonical_columns
 from nbtune.errors import DataError
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -31,7 +36,7 @@ def load_records(source: Any, *, field: str = "data", split: str = "train") -> A
     elif isinstance(source, list):
         dataset = _from_list(source, field)
     elif _is_dataframe(source):
-        dataset = datasets.Dataset.from_pandas(source, preserve_index=False)
+        dataset = _from_frame(source, field)
     else:
         raise DataError(
             f"`{field}` is a {type(source).__name__}; give 'demo', a file path, a list of dicts, "
@@ -40,7 +45,10 @@ def load_records(source: Any, *, field: str = "data", split: str = "train") -> A
         )
     if len(dataset) == 0:
         raise DataError(f"`{field}` has no examples; it needs at least one row.", field=field)
-    return dataset
+    # Renamed here, where every source passes, so that everything downstream (the tokeniser reads
+    # `text` itself) sees the names the formats use.
+    renames = canonical_columns(dataset.column_names)
+    return dataset.rename_columns(renames) if renames else dataset
 
 
 def source_key(source: Any) -> str | None:
@@ -103,7 +111,8 @@ def _read_json(path: Path, field: str) -> Any:
     except (ValueError, UnicodeDecodeError) as exc:
         raise DataError(f"`{field}` file {str(path)!r} is not valid JSON: {exc}", field=field) from None
     if isinstance(rows, dict) and rows and all(isinstance(v, list) for v in rows.values()):
-        return _checked(datasets.Dataset.from_dict, rows, path, field)  # columns: {"prompt": [...], ...}
+        columns = {name: _uniform(name, values, field) for name, values in rows.items()}
+        return _checked(datasets.Dataset.from_dict, columns, path, field)  # columns: {"prompt": [...], ...}
     if isinstance(rows, list):
         return _from_list(rows, field) if rows else datasets.Dataset.from_list([])
     raise DataError(f"`{field}` file {str(path)!r} must hold a list of objects (or JSON lines).", field=field)
@@ -173,13 +182,74 @@ def _from_list(rows: list[Any], field: str) -> Any:
         )
     # Every column any row has: `Dataset.from_list` takes the first row's keys only, so an optional column
     # (alpaca's `input`, a `system` turn) that the first row lacks was dropped from every row.
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    if any(len(row) != len(columns) for row in rows):
-        rows = [{key: row.get(key) for key in columns} for row in rows]
+    names = list(dict.fromkeys(key for row in rows for key in row))
+    columns = {name: _uniform(name, [row.get(name) for row in rows], field) for name in names}
     try:
-        return datasets.Dataset.from_list(rows)
+        return datasets.Dataset.from_dict(columns)
     except Exception as exc:  # pyarrow cannot build one column from mixed types
-        raise DataError(f"`{field}` rows do not share one shape per column: {exc}", field=field) from None
+        raise DataError(f"`{field}` rows do not share one shape per column: {_reason(exc)}", field=field) from None
+
+
+def _from_frame(frame: Any, field: str) -> Any:
+    import datasets
+
+    if not frame.columns.is_unique:
+        twice = sorted({str(c) for c in frame.columns[frame.columns.duplicated()]})
+        raise DataError(f"`{field}` DataFrame has column(s) {', '.join(twice)} more than once; rename them.",
+                        field=field)
+    fixed = {}
+    for name in frame.columns:
+        if str(frame[name].dtype) == "object":  # only object columns can hold mixed Python values
+            values = frame[name].tolist()
+            uniform = _uniform(name, values, field)
+            if uniform is not values:
+                fixed[name] = uniform
+    if fixed:
+        frame = frame.copy(deep=False)  # the caller's DataFrame stays as it was
+        for name, values in fixed.items():
+            frame[name] = values
+    try:
+        return datasets.Dataset.from_pandas(frame, preserve_index=False)
+    except Exception as exc:  # pyarrow's refusals: the user needs a line, not its traceback
+        raise DataError(f"`{field}` DataFrame could not be read: {_reason(exc)}", field=field) from None
+
+
+_KIND_WORDS = {"text": "text", "number": "numbers", "bool": "true/false", "list": "lists", "dict": "objects"}
+_KIND_WORD = {"text": "text", "number": "a number", "bool": "true/false", "list": "a list", "dict": "an object"}
+
+
+def _kind(value: Any) -> str | None:
+    """What sort of value this is for an Arrow column; None for a missing one."""
+    if value is None or (isinstance(value, float) and value != value) or type(value).__name__ == "NAType":
+        return None
+    if isinstance(value, str):
+        return "text"
+    if type(value).__name__ in ("bool", "bool_"):
+        return "bool"
+    if isinstance(value, numbers.Number):
+        return "number"
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ndarray":
+        return "list"
+    return "dict" if isinstance(value, dict) else type(value).__name__
+
+
+def _uniform(name: Any, values: list[Any], field: str) -> list[Any]:
+    """`values` as one Arrow column can hold them: numbers among text become text ('4' beside '2', as a CSV
+    cell reads), since an answer column typed by hand often has both. A column mixing lists or objects
+    with anything else is a `DataError` naming it. Returns `values` itself when nothing changes."""
+    kinds = [_kind(v) for v in values]
+    seen = list(dict.fromkeys(k for k in kinds if k is not None))
+    if len(seen) < 2:
+        return values
+    if "text" in seen and set(seen) <= {"text", "number", "bool"}:
+        return [v if k == "text" else None if k is None else str(v) for v, k in zip(values, kinds, strict=True)]
+    if {"list", "dict"} & set(seen):
+        first, other = (_KIND_WORDS.get(k, k) for k in seen[:2])
+        row = kinds.index(seen[1])
+        raise DataError(f"`{field}` column `{name}` mixes {first} and {other} (row {row} has "
+                        f"{_KIND_WORD.get(seen[1], seen[1])}); give every row the same kind of value there.",
+                        field=field)
+    return values  # numbers with true/false, say: pyarrow decides, and a refusal is still a DataError
 
 
 def _train_split(dataset_dict: Any, field: str) -> Any:
