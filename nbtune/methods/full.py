@@ -51,6 +51,7 @@ def _prepare_freeze(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedMod
                               f"use 1 to {count} (or method: full to train every weight).",
                               field="trainable_layers")
         prefixes = tuple(f"{stack}.{i}." for i in range(count - top, count))
+    _check_trainable_modules(model, patterns)
     trained = []
     for name, param in model.named_parameters():
         train = name.startswith(prefixes) if prefixes else False
@@ -65,6 +66,21 @@ def _prepare_freeze(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedMod
             field="trainable_modules",
         )
     return model
+
+
+def _check_trainable_modules(model: PreTrainedModel, patterns: list[str]) -> None:
+    # A name that is part of no parameter name trains nothing, silently, beside the top layers (or beside
+    # the other names): refuse it, as target lists are refused.
+    from nbtune.methods.lora import refuse_unmatched
+
+    names = [n for n, _ in model.named_parameters()]  # a tied lm_head is not among them: it trains as embed
+    missing = [p for p in patterns if not any(p in n for n in names)]
+    if missing:
+        owners = sorted({n.rsplit(".", 2)[-2] for n in names if "." in n})
+        known = {part for n in names for part in n.split(".")} | {n.split(".", i)[-1] for n in names
+                                                               for i in range(n.count(".") + 1)}
+        refuse_unmatched(missing, "trainable_modules", known, f"Its parameters belong to: {', '.join(owners)} "
+                         f"(names such as {names[0]}).", what="parameter name")
 
 
 def as_names(value: Any) -> list[str]:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from nbtune.errors import MethodError, did_you_mean
 from nbtune.methods.full import as_names
-from nbtune.methods.lora import linear_module_names, wrap_with_peft
+from nbtune.methods.lora import linear_module_names, module_suffixes, refuse_unmatched, wrap_with_peft
 from nbtune.methods.registry import MethodContext, MethodSpec, register_method
 from nbtune.params import Param
 
@@ -50,8 +50,22 @@ def _prepare_ia3(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedModel:
             f"output) from: {', '.join(linear_module_names(model))}.",
             field="target_modules",
         )
+    _check_ia3_names(model, targets, feedforward or [], kind)
     config = IA3Config(target_modules=targets, feedforward_modules=feedforward or [], task_type="CAUSAL_LM")
     return wrap_with_peft(model, config, ctx)
+
+
+def _check_ia3_names(model: PreTrainedModel, targets: list[str], feedforward: list[str], kind: str) -> None:
+    # Before IA3Config, which refuses a feedforward name outside the targets with a bare ValueError, and
+    # before peft, which drops a target name that matches nothing as long as another one matches.
+    known = module_suffixes(model)
+    listing = f"Its linear modules are: {', '.join(linear_module_names(model))}."
+    for option, names in (("target_modules", targets), ("feedforward_modules", feedforward)):
+        refuse_unmatched([n for n in names if n not in known], option, known, listing)
+    stray = [m for m in feedforward if m not in targets]
+    if stray:  # only with default targets: _validate_ia3 caught it for targets the user named
+        raise MethodError(f"ia3 `feedforward_modules` {stray} must also be targets, and {kind}'s default "
+                          f"`target_modules` are {targets}; add them there.", field="feedforward_modules")
 
 
 def _validate_ia3(options: dict[str, Any], config: RunConfig) -> None:
