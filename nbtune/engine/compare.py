@@ -86,13 +86,13 @@ class Comparison:
                                           max_new_tokens=max_new_tokens))
         else:
             loras = []
-            first = answering[0]
-            with first.base_disabled():
-                columns["base"] = generate_texts(first.model, first.tokenizer, prompts, max_new_tokens=max_new_tokens)
+            base = base_answers(answering, prompts, max_new_tokens=max_new_tokens)
+            if base is not None:
+                columns["base"] = base
         for r in answering:
             if r not in loras:
                 columns[r.name] = generate_texts(r.model, r.tokenizer, prompts, max_new_tokens=max_new_tokens)
-        order = ["base", *(r.name for r in answering)]
+        order = [*(["base"] if "base" in columns else []), *(r.name for r in answering)]
         return [{"prompt": p if isinstance(p, str) else p[-1]["content"], **{n: columns[n][i] for n in order}}
                 for i, p in enumerate(prompts)]
 
@@ -101,6 +101,27 @@ class Comparison:
         import pandas as pd
 
         return pd.DataFrame(self.table()).set_index("run")
+
+
+def base_answers(runs: Sequence[Run], prompts: list[Any], *, max_new_tokens: int) -> list[str] | None:
+    """The unmodified base model's answers: from a run whose adapter, switched off, leaves exactly its base
+    (not a 4-bit or 8-bit one, nor one PiSSA rewrote), else from the process's cached base of the first
+    run's model, loaded unquantized. None when that base was passed in memory and no run can show it."""
+    from nbtune.engine.models import ALIASES
+
+    for run in runs:
+        if run.method.shares_base(run.config.options) and not run._ctx.quantized:
+            with run.base_disabled():
+                return generate_texts(run.model, run.tokenizer, prompts, max_new_tokens=max_new_tokens)
+    first = runs[0]
+    if first._base_name is not None and first._base_name != ALIASES.get(first.config.model, first.config.model):
+        return None  # a model passed in memory: loading `config.model` could give another model
+    import dataclasses
+
+    from nbtune.engine.workbench import WORKBENCH
+
+    base = WORKBENCH.base(dataclasses.replace(first.config, quantization="none"))
+    return generate_texts(base.model, first.tokenizer, prompts, max_new_tokens=max_new_tokens)
 
 
 def adapter_mb(run: Run) -> float | None:
