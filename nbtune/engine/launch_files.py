@@ -123,10 +123,23 @@ def write_launch_files(config: RunConfig, folder: str | Path, **options: Any) ->
 
 
 def config_yaml(config: RunConfig) -> str:
-    """The settings the user chose (not those nbtune derived), as YAML for `nbtune run`."""
-    data = {k: v for k, v in config.to_json_dict().items()
-            if k != "derived" and k not in config.derived and v is not None}
-    return yaml.safe_dump(data, sort_keys=False)
+    """The settings the user chose (not those nbtune derived), as YAML for `nbtune run`. Data held in
+    memory (a DataFrame, a list of dicts, a Dataset) is written out as its rows, so the YAML alone is
+    the whole experiment."""
+    data = {k: v for k, v in config.to_dict().items() if k not in config.derived and v is not None}
+    for key in ("data", "eval_data"):
+        if key in data:
+            data[key] = yaml_value_of_data(data[key], field=key)
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def yaml_value_of_data(value: Any, *, field: str = "data") -> Any:
+    """`data` as YAML can hold it: a name or path as text, data in memory as its list of rows."""
+    if isinstance(value, (str, Path)):
+        return str(value)
+    from nbtune.data.loading import load_records
+
+    return load_records(value, field=field).to_list()
 
 
 __all__ = ["STRATEGIES", "accelerate_config", "config_yaml", "launch_command", "torchrun_command",

@@ -8,6 +8,7 @@ the run in the background with the live panel.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from nbtune.config import RunConfig, common_params
@@ -51,6 +52,11 @@ class Picker:
         start = run.config.to_dict() if run is not None else {**RunConfig.parse({"steps": 40}).to_dict(), "name": ""}
         if model:
             start["model"] = model
+        # Data held in memory (a DataFrame, a list of dicts) has no text to show in a field: the field shows
+        # the notebook variable holding it, `{{ df }}`, and the config and the cell use that variable.
+        self._held: tuple[str, Any] | None = None  # (label, rows) for data in memory that no variable names
+        if not isinstance(start.get("data"), (str, Path)):
+            start["data"] = _placeholder_for(start["data"]) or self._hold(start["data"])
         # A run's settings the form has no field for (metric, save, eval_data, ...) carry over as they were.
         shown = {*COMMON, "model", "method", *(run.method.option_names() if run is not None else ())}
         derived = run.config.derived if run is not None else {}
@@ -89,6 +95,8 @@ class Picker:
         """The form as a config dict (what the inserted cell says)."""
         out = {**self.hidden, "model": self.model, "method": self.method.value}
         out.update({k: self._value(w) for k, w in self.common.items()})
+        out["data"] = self._held[1] if self._held and out.get("data") == self._held[0] else \
+            _from_placeholder(out.get("data"))
         if not out.get("neftune_alpha"):
             out.pop("neftune_alpha", None)  # 0 in the form means off
         for key, widget in self.options.items():
@@ -98,7 +106,7 @@ class Picker:
             out[key] = value
         if out.get("steps") == 0 and self.hidden.get("epochs"):
             out.pop("steps")  # a run that trained by epochs: its epochs carry over, the steps field is empty
-        return {k: v for k, v in out.items() if v is not None and v != ""}
+        return {k: v for k, v in out.items() if v is not None and not (isinstance(v, str) and v == "")}
 
     def config(self) -> RunConfig:
         return RunConfig.parse(self.values())
@@ -107,11 +115,26 @@ class Picker:
         """The equivalent `%%finetune` cell: every key that differs from its default."""
         import yaml
 
+        from nbtune.engine.launch_files import yaml_value_of_data
+
         values = self.values()
         name = values.pop("name", None)
         defaults = RunConfig.parse({"method": values["method"]}).to_dict()
-        body = {k: v for k, v in values.items() if defaults.get(k) != v or k == "method"}
-        return f"%%finetune {name or ''}".rstrip() + "\n" + yaml.safe_dump(body, sort_keys=False).strip()
+        body = {k: v for k, v in values.items() if k in ("data", "eval_data") or defaults.get(k) != v
+                or k == "method"}
+        placeholders = {}
+        for key in ("data", "eval_data"):  # in memory: the variable holding it, else its rows
+            if key in body and not isinstance(body[key], (str, Path)):
+                placeholder = _placeholder_for(body[key])
+                body[key] = placeholder or yaml_value_of_data(body[key], field=key)
+                if placeholder:
+                    placeholders[repr(placeholder)] = placeholder
+            elif key in body and body[key] == defaults.get(key):
+                del body[key]
+        text = yaml.safe_dump(body, sort_keys=False, allow_unicode=True).strip()
+        for quoted, placeholder in placeholders.items():  # `data: {{ df }}`, as one writes it, not quoted
+            text = text.replace(f"{quoted}", placeholder)
+        return f"%%finetune {name or ''}".rstrip() + "\n" + text
 
     def refresh(self) -> None:
         """Re-check the form, update the estimates and the cell text; errors show inline."""
@@ -171,6 +194,11 @@ class Picker:
         return None
 
     # ------------------------------------------------------------------ helpers
+    def _hold(self, rows: Any) -> str:
+        label = f"<{type(rows).__name__} of {len(rows)} rows, in memory>"
+        self._held = (label, rows)
+        return label
+
     def _build_options(self, start: dict[str, Any]) -> None:
         from nbtune.catalog import methods
 
@@ -196,6 +224,28 @@ class Picker:
             names = list(value)
             return "all-linear" if names == ["all-linear"] else (names or None)  # peft's keyword, not a name
         return value
+
+
+def _notebook_namespace() -> dict[str, Any]:
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    return shell.user_ns if shell is not None else {}
+
+
+def _placeholder_for(value: Any) -> str | None:
+    """`{{ name }}` for the notebook variable that holds `value` (None if none does)."""
+    names = [n for n, v in _notebook_namespace().items() if v is value and not n.startswith("_")]
+    return f"{{{{ {names[0]} }}}}" if names else None
+
+
+def _from_placeholder(text: Any) -> Any:
+    """The form's `data` text back as the config's value: `{{ name }}` is that notebook variable."""
+    from nbtune.magics.parse import parse_cell
+
+    if isinstance(text, str) and text.strip().startswith("{{"):
+        return parse_cell(f"data: {text}", _notebook_namespace())["data"]
+    return text
 
 
 def _labelled(name: str, widget: Any) -> Any:
