@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from nbtune.engine.reopen import load
     from nbtune.engine.result import Run
-    from nbtune.engine.run import finetune
+    from nbtune.engine.workbench import finetune
 
 __all__ = [
     "DEFAULT_MODEL", "ConfigError", "DataError", "DependencyError", "MethodError", "MethodSpec", "ModelError",
@@ -48,7 +48,7 @@ def unload_ipython_extension(ipython: Any) -> None:
 def __getattr__(name: str) -> Any:
     # Lazy: the engine imports torch and transformers (seconds), which `import nbtune` should not pay.
     if name == "finetune":
-        from nbtune.engine.run import finetune
+        from nbtune.engine.workbench import finetune
 
         return finetune
     if name == "runs":

@@ -33,8 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NbtuneError as exc:
         print(f"nbtune: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("nbtune: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # a RunInterrupted says where the run stopped
+        print(f"nbtune: {exc or 'interrupted'}", file=sys.stderr)
         return 130
 
 
@@ -117,7 +117,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = RunConfig.parse(Path(args.config), **parse_overrides(args.overrides))  # fail fast, before imports
     from nbtune.engine.distributed import is_main_process
-    from nbtune.engine.run import finetune
+    from nbtune.engine.workbench import finetune
 
     run = finetune(config, progress=not args.json and is_main_process(), resume_from=args.resume)
     if not is_main_process():  # under a launcher: rank 0 reports for all
@@ -159,7 +159,7 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from nbtune.config import RunConfig
-    from nbtune.engine.run import finetune
+    from nbtune.engine.workbench import finetune
 
     config = {**DEMO_CONFIG, "steps": args.steps, "output_dir": args.output_dir}
     RunConfig.parse(config)  # a bad --steps is refused before anything is announced

@@ -89,7 +89,9 @@ def ledger() -> list[dict[str, Any]]:
                      "mb": round(_bytes(base.model.parameters()) / 2**20, 1)})
     for name, run in WORKBENCH.runs.items():
         if run.model is None:
-            rows.append({"holder": name, "kind": "released", "mb": 0.0})
+            kind = {"pending": "loading", "running": "loading", "failed": "failed (no model)"}.get(run.status,
+                                                                                                  "released")
+            rows.append({"holder": name, "kind": kind, "mb": 0.0})
             continue
         shares = run.method.shares_base(run.config.options)
         own = [p for p in run.model.parameters() if p.requires_grad] if shares else list(run.model.parameters())
@@ -118,8 +120,8 @@ def reclaim(target: Any = "all") -> dict[str, float]:
     if target == "all":
         WORKBENCH.bases.clear()
         tokenize._CACHE.clear()
-    for run in chosen:
-        run.model, run._datasets, run._checkpoint = None, None, None
+    for run in chosen:  # a stopped run's checkpoint is on disk: it stays, and resume() builds the model again
+        run.model, run._datasets = None, None
     _forget_notebook_references()
     gc.collect()
     _give_back_to_os()

@@ -142,11 +142,42 @@ def demo_rows():
 
 
 @pytest.fixture(autouse=True)
+def _fresh_workbench(monkeypatch):
+    # Every run joins the process's runs (nbtune.runs): each test starts with none, and its runs and
+    # cached bases go when it ends; unless a fixture of a wider scope set up a workbench for its tests.
+    import nbtune.engine.workbench as wb
+
+    if wb.WORKBENCH is _PROCESS_WORKBENCH:
+        monkeypatch.setattr(wb, "WORKBENCH", wb.Workbench())
+
+
+def _process_workbench():
+    import nbtune.engine.workbench as wb
+
+    return wb.WORKBENCH
+
+
+_PROCESS_WORKBENCH = _process_workbench()
+
+
+@pytest.fixture(autouse=True)
 def _in_tmp_cwd(tmp_path, tmp_path_factory, monkeypatch):
     # Runs save to runs/<name> by default: keep every test's files inside its own tmp dir. Module-level
     # fixtures save under other pytest tmp dirs: those are part of the workspace too.
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("NBTUNE_WORKSPACE", str(tmp_path_factory.getbasetemp()))
+
+
+def finetune_interrupted(*args: Any, **kwargs: Any) -> Any:
+    """`nbtune.finetune(...)` for a run an interrupt stops: it raises RunInterrupted (a KeyboardInterrupt,
+    which pytest would take for the user's Ctrl-C); the stopped run that keeps what it learned comes with it."""
+    import nbtune
+    from nbtune.errors import RunInterrupted
+
+    with pytest.raises(RunInterrupted) as info:
+        nbtune.finetune(*args, **kwargs)
+    assert nbtune.runs[info.value.run.name] is info.value.run
+    return info.value.run
 
 
 @contextlib.contextmanager

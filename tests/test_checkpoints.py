@@ -230,7 +230,7 @@ def test_a_cell_resumes_a_crashed_run_from_its_checkpoints(tiny_model_dir, demo_
                 raise RuntimeError("kernel died")
 
         monkeypatch.setattr(RunCallback, "on_step_end", crash_at_five)
-        assert ip.run_cell_magic("finetune", "crashed --no-panel", body) is None
+        assert not ip.run_cell("%%finetune crashed --no-panel\n" + body).success
         monkeypatch.setattr(RunCallback, "on_step_end", original)
         resumed = ip.run_cell_magic("finetune", "crashed --resume --no-panel", body)
         assert resumed.status == "finished", capsys.readouterr().err

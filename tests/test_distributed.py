@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import nbtune_shell, tiny_llama, tiny_mixtral
+from conftest import finetune_interrupted, nbtune_shell, tiny_llama, tiny_mixtral
 
 import nbtune
 from nbtune.engine.events import NullObserver
@@ -112,8 +112,8 @@ def test_a_kernel_interrupt_stops_every_rank_at_the_same_step(chat_tokenizer, de
             if record["step"] == 2:
                 signal.raise_signal(signal.SIGINT)  # what the kernel's interrupt does to this thread
 
-    run = nbtune.finetune(data=demo_rows, base=(tiny_llama(chat_tokenizer), chat_tokenizer), batch_size=4,
-                          num_processes=2, observers=[Interrupt()], **{**EXACT, "steps": 40})
+    run = finetune_interrupted(data=demo_rows, base=(tiny_llama(chat_tokenizer), chat_tokenizer), batch_size=4,
+                               num_processes=2, observers=[Interrupt()], **{**EXACT, "steps": 40})
     assert run.status == "stopped" and 2 <= len(run.history) < 40
     assert run._checkpoint and run.model is not None  # learned weights kept, resumable
 
@@ -142,8 +142,8 @@ def test_a_second_interrupt_ends_the_processes(demo_rows):
 
     run = start_run({"data": demo_rows, "steps": 1})
     stop = Event()
-    outcome, error = _relay(run, Channel(), stop)
-    assert outcome is None and "interrupted twice" in error
+    outcome, error, interrupted = _relay(run, Channel(), stop)
+    assert outcome is None and "interrupted twice" in error and interrupted
     assert stop.flag and run.stop_requested  # the first interrupt asked every rank to stop
     assert stuck.wait(10) == -signal.SIGKILL  # the second ended it
 

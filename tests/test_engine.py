@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import finetune_interrupted
 
 import nbtune
 from nbtune.engine.events import NullObserver
@@ -79,8 +80,8 @@ def test_stop_request_ends_after_the_current_step_and_keeps_the_adapter(llama_ba
     assert json.loads((run.saved_to / "run.json").read_text())["status"] == "stopped"
 
 
-def test_keyboard_interrupt_marks_the_run_stopped_and_returns_it(llama_base, demo_rows):
-    run = nbtune.finetune(data=demo_rows, base=llama_base, observers=[Recorder(raise_at=2)], **FAST)
+def test_keyboard_interrupt_marks_the_run_stopped_and_keeps_it(llama_base, demo_rows):
+    run = finetune_interrupted(data=demo_rows, base=llama_base, observers=[Recorder(raise_at=2)], **FAST)
     assert run.status == "stopped"
     assert run.model is not None
     assert isinstance(run.generate("hello", max_new_tokens=2), str)
@@ -265,8 +266,8 @@ def test_evaluating_during_training_does_not_change_what_it_trains_on(chat_token
 
 
 def test_an_interrupted_run_can_resume_too(llama_base, demo_rows):
-    run = nbtune.finetune(data=demo_rows, base=llama_base, observers=[Recorder(raise_at=2)], steps=5,
-                          batch_size=4, lr=1e-2, metric="none", save=False)
+    run = finetune_interrupted(data=demo_rows, base=llama_base, observers=[Recorder(raise_at=2)], steps=5,
+                               batch_size=4, lr=1e-2, metric="none", save=False)
     assert run.status == "stopped" and len(run.history) == 2
     assert run.resume().status == "finished" and len(run.history) == 5
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import finetune_interrupted, tiny_llama
 
 import nbtune
 
@@ -85,8 +85,8 @@ class InterruptAt:
 @pytest.mark.parametrize("at", [1, 3, 5])
 def test_a_keyboard_interrupt_stops_keeps_state_and_resumes_exactly(chat_tokenizer, demo_rows, at):
     whole = nbtune.finetune(data=demo_rows, base=(tiny_llama(chat_tokenizer), chat_tokenizer), **SETTINGS)
-    part = nbtune.finetune(data=demo_rows, base=(tiny_llama(chat_tokenizer), chat_tokenizer),
-                           observers=[InterruptAt(at)], **SETTINGS)
+    part = finetune_interrupted(data=demo_rows, base=(tiny_llama(chat_tokenizer), chat_tokenizer),
+                                observers=[InterruptAt(at)], **SETTINGS)
     assert part.status == "stopped" and len(part.history) == at and part._checkpoint
     part.resume()
     assert [r["loss"] for r in part.history] == [r["loss"] for r in whole.history]

@@ -12,7 +12,7 @@ import torch
 from conftest import nbtune_shell
 
 import nbtune
-from nbtune.engine.workbench import WORKBENCH, shared_view
+from nbtune.engine.workbench import shared_view
 
 CELL = "method: lora\nr: 4\ndata: {{ rows }}\nsteps: 3\nbatch_size: 4\nmetric: none\nsave: false\n"
 
@@ -32,6 +32,14 @@ def runs():
 
 def finetune(ip, line, cell=CELL):
     return ip.run_cell_magic("finetune", line + " --no-panel", cell)
+
+
+def failing(ip, line, cell=CELL, *, magic="%%finetune"):
+    """Run the cell as a notebook does; it must end in error (Run All stops there): returns that error."""
+    source = f"{magic} {line} --no-panel" + (f"\n{cell}" if magic == "%%finetune" else "")
+    result = ip.run_cell(source)
+    assert not result.success, "the cell should have failed"
+    return result.error_in_exec
 
 
 def test_load_ext_registers_the_magics_and_unload_removes_them(ip):
@@ -135,14 +143,14 @@ def test_templating_pulls_plain_names_from_the_namespace(cell, expected):
 def test_bad_cells_give_one_red_line_and_keep_earlier_runs(ip, capsys, cell, match):
     kept = finetune(ip, "kept")
     capsys.readouterr()
-    assert finetune(ip, "broken", cell) is None
+    assert isinstance(failing(ip, "broken", cell), nbtune.NbtuneError)
     err = capsys.readouterr().err.strip()
     assert match in err and err.count("\n") == 0 and "Traceback" not in err
     assert runs()["kept"] is kept and "broken" not in runs()
 
 
 def test_config_errors_name_the_field(ip, capsys):
-    finetune(ip, "bad", CELL.replace("r: 4", "rr: 4"))
+    assert failing(ip, "bad", CELL.replace("r: 4", "rr: 4")).field == "rr"
     assert "Did you mean `r`?" in capsys.readouterr().err
 
 
@@ -166,7 +174,7 @@ def test_a_higher_layer_may_change_the_kind_of_length_and_other_methods_options_
     ia3 = finetune(ip, "ia3", "method: ia3\ndata: {{ rows }}\nmetric: none\nsave: false\n")  # `r` is LoRA's
     assert ia3.status == "finished" and "r" not in ia3.config.options
     ip.run_line_magic("config", f"Finetune.defaults = {{'model': {run.config.model!r}, 'batch_sise': 2}}")
-    assert finetune(ip, "typo", "data: {{ rows }}\nmetric: none\nsave: false\n") is None
+    failing(ip, "typo", "data: {{ rows }}\nmetric: none\nsave: false\n")
     assert "(`batch_sise` is set in %config Finetune.defaults)" in capsys.readouterr().err
 
 
@@ -195,10 +203,16 @@ def test_a_crash_mid_run_marks_it_failed_and_keeps_its_history(ip, capsys, monke
             raise RuntimeError("simulated crash")
 
     monkeypatch.setattr(RunCallback, "on_step_end", crash_at_two)
-    assert finetune(ip, "crash") is None
+    error = failing(ip, "crash")
     run = runs()["crash"]
     assert run.status == "failed" and "simulated crash" in run.error and len(run.history) == 2
-    assert "simulated crash" in capsys.readouterr().err
+    shown = capsys.readouterr().err.strip().splitlines()[-1]  # under the progress bar
+    assert "run 'crash' failed: RuntimeError: simulated crash" in shown and "Traceback" not in shown
+    # %tb prints, and %debug opens, the crash itself: not the one-line error that names it
+    assert isinstance(error, nbtune.NbtuneError) and isinstance(error.__cause__, RuntimeError)
+    assert sys.last_value is error.__cause__
+    ip.run_line_magic("tb", "")
+    assert "crash_at_two" in capsys.readouterr().out
 
 
 def test_a_background_run_returns_at_once_and_stops_within_a_step(ip):
@@ -219,7 +233,7 @@ def test_a_background_run_returns_at_once_and_stops_within_a_step(ip):
 
 def test_a_new_cell_is_refused_while_a_background_run_trains(ip, capsys):
     run = ip.run_cell_magic("finetune", "long --no-panel --background", CELL.replace("steps: 3", "steps: 500"))
-    assert finetune(ip, "other") is None
+    failing(ip, "other")
     assert "still training" in capsys.readouterr().err
     run.stop()
     run.wait(60)
@@ -242,7 +256,9 @@ def test_shared_view_copies_modules_not_tensors(llama_base):
 
 
 def test_the_module_level_workbench_is_what_nbtune_runs_shows():
-    assert nbtune.runs is WORKBENCH.runs
+    import nbtune.engine.workbench as wb
+
+    assert nbtune.runs is wb.WORKBENCH.runs
 
 
 def test_resume_flag_continues_a_stopped_run(ip, capsys):
@@ -254,7 +270,7 @@ def test_resume_flag_continues_a_stopped_run(ip, capsys):
     assert stopped_at < 6
     resumed = ip.run_line_magic("finetune", "later --no-panel --resume")
     assert resumed is run and run.status == "finished" and len(run.history) == 6
-    assert ip.run_line_magic("finetune", "nothing --no-panel --resume") is None
+    failing(ip, "nothing --resume", magic="%finetune")
     assert "no run 'nothing'" in capsys.readouterr().err
 
 
@@ -278,10 +294,10 @@ def _logits(run):
 
 def test_a_rerun_that_fails_before_training_keeps_the_earlier_run(ip, capsys):
     good = finetune(ip, "keep")
-    assert finetune(ip, "keep", CELL.replace("r: 4", "target_modules: [nope_proj]")) is None
+    failing(ip, "keep", CELL.replace("r: 4", "target_modules: [nope_proj]"))
     assert runs()["keep"] is good and good.model is not None
     assert "nope_proj" in capsys.readouterr().err
-    assert finetune(ip, "keep --model ./no/such/folder") is None
+    failing(ip, "keep --model ./no/such/folder")
     assert runs()["keep"] is good
 
 
@@ -330,10 +346,21 @@ def test_reclaim_all_refused_for_a_training_run_frees_nothing(ip):
         run.wait(60)
 
 
-def test_compare_of_every_run_answers_with_the_runs_that_hold_a_model(ip):
+def test_compare_of_every_run_answers_with_the_runs_that_hold_a_model(ip, monkeypatch):
+    from nbtune.engine.callbacks import RunCallback
+
     good = finetune(ip, "good")
-    ip.run_cell_magic("finetune", "broken --no-panel", CELL + "target_modules: [no_such_layer]\n")
+    original = RunCallback.on_step_end
+
+    def crash_after_one(self, args, state, control, **kw):
+        original(self, args, state, control, **kw)
+        raise RuntimeError("crash after a step")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RunCallback, "on_step_end", crash_after_one)
+        failing(ip, "broken")
     assert nbtune.runs["broken"].status == "failed"
+    nbtune.reclaim("broken")  # a failed run without its model
     rows = nbtune.compare().generations(["hi"], max_new_tokens=2)
     assert set(rows[0]) == {"prompt", "base", good.name}
     assert [r["run"] for r in nbtune.compare().table()] == ["good", "broken"]
@@ -362,7 +389,7 @@ def test_resume_through_the_magic_says_why_a_method_cannot(ip, capsys):
     run.wait(60)
     assert run.status == "stopped"
     capsys.readouterr()
-    ip.run_line_magic("finetune", "pre --resume --no-panel")
+    failing(ip, "pre --resume", magic="%finetune")
     assert "method 'prefix' cannot resume" in capsys.readouterr().err
 
 
@@ -375,5 +402,5 @@ def test_a_notebook_variable_on_the_magics_line(ip, demo_rows):
         result = ip.run_cell(f"%%finetune {name} --no-panel --data {line}\n{body}")
         assert result.error_in_exec is None and result.result.status == "finished", name
         assert result.result.config.data is ip.user_ns["frame"]
-    ip.run_cell(f"%%finetune missing --no-panel --data {{{{ nowhere }}}}\n{body}")
+    assert not ip.run_cell(f"%%finetune missing --no-panel --data {{{{ nowhere }}}}\n{body}").success
     assert "missing" not in runs()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
+from conftest import finetune_interrupted, tiny_gpt2, tiny_llama
 from test_method_matrix import logits, tiny_mixtral
 
 import nbtune
@@ -163,8 +163,8 @@ def test_an_interrupt_leaves_no_neftune_noise_behind(llama_base, demo_rows):
             if record["step"] == 2:
                 raise KeyboardInterrupt
 
-    run = nbtune.finetune(data=demo_rows, base=llama_base, neftune_alpha=5.0, observers=[Interrupt()],
-                          **{**FAST, "steps": 5})
+    run = finetune_interrupted(data=demo_rows, base=llama_base, neftune_alpha=5.0, observers=[Interrupt()],
+                               **{**FAST, "steps": 5})
     assert run.status == "stopped"
     embed = run.model.get_input_embeddings()
     embed.train()

@@ -13,7 +13,7 @@ from typing import Any
 
 from nbtune.data.formats import to_messages
 from nbtune.data.loading import quiet_datasets
-from nbtune.errors import DataError
+from nbtune.errors import DataError, NbtuneWarning
 
 IGNORE_INDEX = -100  # label value the loss skips (transformers' convention)
 
@@ -142,7 +142,7 @@ def _tokenize(dataset: Any, tokenizer: Any, *, fmt: str, max_length: int, train_
     if len(kept) < len(encoded):
         warnings.warn(f"{len(encoded) - len(kept)} of {len(encoded)} examples of `{field}` have no answer "
                       f"tokens (no assistant turn, or cut off by max_length={max_length}) and were dropped.",
-                      stacklevel=4)
+                      NbtuneWarning, stacklevel=4)
     return kept
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nbtune.engine.saving import write_json
-from nbtune.errors import NbtuneError
+from nbtune.errors import NbtuneError, NbtuneWarning
 
 if TYPE_CHECKING:
     from nbtune.engine.result import Run
@@ -115,7 +115,7 @@ def latest_good(root: Path, *, before: Path | None = None) -> Path | None:
         problem = verify(folder)
         if problem is None:
             return folder
-        warnings.warn(f"skipping {folder.name}: {problem}; trying an earlier checkpoint.", stacklevel=2)
+        warnings.warn(f"skipping {folder.name}: {problem}; trying an earlier checkpoint.", NbtuneWarning, stacklevel=2)
     return None
 
 
@@ -159,7 +159,7 @@ def resume_checkpoint(run: Run, where: str | Path) -> str:
     when the run's settings cannot continue it (see `check_compatible`)."""
     folder = _find_checkpoint(run, where)
     for warning in check_compatible(folder, run.config):
-        warnings.warn(warning, stacklevel=3)
+        warnings.warn(warning, NbtuneWarning, stacklevel=3)
     return str(folder)
 
 
@@ -181,7 +181,7 @@ def _find_checkpoint(run: Run, where: str | Path) -> Path:
     older = latest_good(folder.parent, before=folder) if folder.parent.is_dir() else None
     if older is None:
         raise NbtuneError(f"cannot resume from {folder}: {problem}, and no earlier complete checkpoint is there.")
-    warnings.warn(f"{folder.name}: {problem}; resuming from {older.name} instead.", stacklevel=4)
+    warnings.warn(f"{folder.name}: {problem}; resuming from {older.name} instead.", NbtuneWarning, stacklevel=4)
     return older
 
 

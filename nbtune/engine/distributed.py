@@ -83,17 +83,22 @@ def launch(run: Run, base: Base, resume_from: str | None = None) -> Run:
     # into a Stop every rank obeys, instead of torch elastic's handler killing the processes mid-step.
     launcher = threading.Thread(target=start, name=f"nbtune-launch-{run.name}", daemon=True)
     launcher.start()
-    outcome, error = _relay(run, channel, stop)
+    outcome, error, interrupted = _relay(run, channel, stop)
     launcher.join()
     if outcome is None:
         message = error or (f"{type(failure[0]).__name__}: {failure[0]}" if failure else "no result came back")
         raise NbtuneError(f"run {run.name!r} failed in its {run.config.num_processes} processes: {message}")
     _take_home(run, base, outcome)
+    if interrupted:  # the run is home, stopped: now the interrupt goes on to stop what was queued after it
+        from nbtune.engine.run import interrupted_error
+
+        raise interrupted_error(run)
     return run
 
 
-def _relay(run: Run, channel: Any, stop: Any) -> tuple[dict[str, Any] | None, str | None]:
+def _relay(run: Run, channel: Any, stop: Any) -> tuple[dict[str, Any] | None, str | None, bool]:
     """Pass rank 0's events to `run`'s observers until the launcher returns; forward Stop requests.
+    Returns (rank 0's outcome, an error, whether the kernel was interrupted).
 
     A kernel interrupt asks every rank to stop after its step; a second one kills the processes (a rank
     stuck outside the training loop would otherwise never see the first)."""
@@ -107,7 +112,7 @@ def _relay(run: Run, channel: Any, stop: Any) -> tuple[dict[str, Any] | None, st
             except queue.Empty:
                 continue
             if kind == "launcher-done":
-                return outcome, error
+                return outcome, error, interrupts > 0
             if kind == "event":
                 _apply(run, state)
                 name, args = payload

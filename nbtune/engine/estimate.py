@@ -25,9 +25,9 @@ def estimate(config: RunConfig) -> dict[str, Any]:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from nbtune.engine.memory import count_parameters
     from nbtune.engine.models import resolve_model
     from nbtune.engine.preflight import training_memory_mb
-    from nbtune.engine.run import count_parameters
     from nbtune.methods import MethodContext, get_method
 
     model_config = AutoConfig.from_pretrained(resolve_model(config.model))

@@ -88,6 +88,8 @@ class Broadcast:
     def emit(self, event: str, run: Run, *args: Any) -> None:
         import warnings
 
+        from nbtune.errors import NbtuneWarning
+
         for observer in self.observers:
             handler = getattr(observer, event, None)
             if handler is None:
@@ -95,4 +97,5 @@ class Broadcast:
             try:
                 handler(run, *args)
             except Exception as exc:  # a broken display must not kill hours of training
-                warnings.warn(f"observer {type(observer).__name__}.{event} failed: {exc!r}", stacklevel=2)
+                warnings.warn(f"observer {type(observer).__name__}.{event} failed: {exc!r}", NbtuneWarning,
+                              stacklevel=2)

@@ -77,3 +77,17 @@ def memory_split(model: Any) -> dict[str, float]:
             frozen += size
     return {"weights_mb": frozen / MB, "trainable_mb": 2 * trainable_bytes / MB,
             "optimizer_mb": 8 * trainable_count / MB}
+
+
+def count_parameters(model: Any) -> dict[str, Any]:
+    """Trainable and total parameter counts; 4-bit weights count as their unpacked size."""
+    trainable = total = 0
+    for param in model.parameters():
+        count = param.numel()
+        if type(param).__name__ == "Params4bit":
+            count *= 2  # two 4-bit values per stored byte (what peft reports as well)
+        total += count
+        if param.requires_grad:
+            trainable += count
+    return {"trainable_params": trainable, "total_params": total,
+            "trainable_percent": round(100 * trainable / total, 4) if total else 0.0}

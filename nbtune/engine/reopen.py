@@ -62,6 +62,7 @@ def load(path: str | Path, *, base: Base | tuple[Any, Any] | None = None, quanti
                         quantized=config.quantization != "none", tokenizer=tokenizer)
     run = Run(config, method, ctx, Broadcast([NullObserver()]))
     run.status, run.metrics = info["status"], dict(info.get("metrics") or {})
+    run.id = info.get("id", run.id)  # the same run as the one saved: the folder holds it
     run.history = History(info.get("history") or [])
     run.eval_history = list(info.get("eval_history") or [])
     run.model, run.tokenizer, run.saved_to = model, tokenizer, path
@@ -86,7 +87,7 @@ def _read_run_json(path: Path) -> dict[str, Any]:
 
 
 def _eval_pairs(config: RunConfig) -> list[tuple[list[dict[str, str]], str]]:
-    from nbtune.engine.run import read_data
+    from nbtune.data.splits import read_data
 
     try:
         _, evaluation, fmt = read_data(config)

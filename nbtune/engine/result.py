@@ -8,7 +8,9 @@ A run holds its config, status, per-step `history` (a list of dicts; `.df` gives
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +43,7 @@ class Run:
 
     def __init__(self, config: RunConfig, method: MethodSpec, ctx: MethodContext, observers: Broadcast) -> None:
         self.name: str = str(config.name)
+        self.id = uuid.uuid4().hex  # which run a saved folder holds: a newer run of the same name overwrites it
         self.config = config
         self.method = method
         self.status = "pending"
@@ -191,7 +194,7 @@ class Run:
 
     def to_yaml(self) -> str:
         """The run's config as YAML: the same experiment for `nbtune run config.yaml`. Data given as a
-        DataFrame or list shows as `<DataFrame>` / `<list>`; `export_script` carries such rows with it."""
+        DataFrame, list or Dataset is written out as its rows (`export_script` puts them in JSONL files)."""
         from nbtune.engine.launch_files import config_yaml
 
         return config_yaml(self.config)
@@ -262,6 +265,7 @@ class Run:
 
         return {
             "nbtune_version": __version__,
+            "id": self.id,
             "name": self.name,
             "status": self.status,
             "method": self.method.name,
@@ -292,10 +296,24 @@ class Run:
         if self.status == "failed":
             raise NbtuneError(f"run {self.name!r} failed ({self.error}); it has no model. Fix the cell and run it "
                               "again.")
-        again = (f"load it back with nbtune.load_run({str(self.saved_to)!r})" if self.saved_to is not None
-                 else "run its cell again")
-        raise NbtuneError(f"run {self.name!r} ({self.status}) no longer holds its model (nbtune.reclaim, or a "
-                          f"newer run of the same name, released it); {again}.")
+        if self._saved_folder_holds_this_run():
+            raise NbtuneError(f"run {self.name!r} ({self.status}) no longer holds its model (nbtune.reclaim, or a "
+                              f"newer run of the same name, released it); load it back with "
+                              f"nbtune.load_run({str(self.saved_to)!r}).")
+        overwritten = (f"; its folder {str(self.saved_to)!r} now holds that newer run" if self.saved_to is not None
+                       else "")
+        raise NbtuneError(f"run {self.name!r} ({self.status}) no longer holds its model: nbtune.reclaim or a newer "
+                          f"run of the same name released it{overwritten}. Train it again from its config "
+                          "(run.to_yaml() shows it; re-run its cell).")
+
+    def _saved_folder_holds_this_run(self) -> bool:
+        if self.saved_to is None:
+            return False
+        try:
+            saved = json.loads((Path(self.saved_to) / "run.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return saved.get("id", self.id) == self.id  # folders saved before runs had ids: as before
 
     @contextlib.contextmanager
     def _adapter(self, enabled: bool) -> Iterator[None]:

@@ -22,35 +22,20 @@ from pathlib import Path
 from typing import Any
 
 from nbtune.config import RunConfig
-from nbtune.data import detect_format, load_records, prepare_tokenizer, prompts_and_answers, tokenize_dataset
-from nbtune.data.loading import source_key
+from nbtune.data import prepare_tokenizer, prompts_and_answers, tokenize_dataset
+from nbtune.data.splits import data_key, read_data
 from nbtune.engine.callbacks import remove_neftune
 from nbtune.engine.checkpoints import resume_checkpoint
 from nbtune.engine.distributed import is_main_process
 from nbtune.engine.events import Broadcast, NullObserver, ProgressObserver
-from nbtune.engine.memory import PeakSampler
+from nbtune.engine.memory import PeakSampler, count_parameters
 from nbtune.engine.models import Base, load_base, norms_in_fp32
 from nbtune.engine.precision import training_speedups
 from nbtune.engine.preflight import check_fits, is_allocator_failure, out_of_memory
 from nbtune.engine.result import Run
 from nbtune.engine.trainer import collect_run_garbage, make_trainer, older_objects_frozen
-from nbtune.errors import ConfigError, DataError, NbtuneError
+from nbtune.errors import ConfigError, NbtuneError, NbtuneWarning, RunInterrupted
 from nbtune.methods import MethodContext, get_method
-
-
-def finetune(config: RunConfig | dict[str, Any] | str | None = None, *, base: Base | tuple[Any, Any] | None = None,
-             observers: Iterable[Any] = (), progress: bool = False, resume_from: str | Path | None = None,
-             **overrides: Any) -> Run:
-    """Fine-tune a model as `config` says (a RunConfig, dict, YAML text or file; keyword overrides win).
-
-    `base` is an already loaded (model, tokenizer) to train instead of loading `config.model`; PEFT
-    methods add their adapter to it in place. `observers` receive the run's events; `progress=True`
-    adds a tqdm bar. `resume_from="latest"` (or a checkpoint folder) continues a run whose process
-    died, from the newest verified checkpoint `checkpoint_steps` left in `<output_dir>-checkpoints`.
-    Returns the `Run`, finished or stopped; a failed run raises.
-    """
-    run = start_run(config, observers=observers, progress=progress, **overrides)
-    return train_run(run, base=base, resume_from=resume_from)
 
 
 def start_run(config: RunConfig | dict[str, Any] | str | None = None, *, observers: Iterable[Any] = (),
@@ -73,7 +58,11 @@ def start_run(config: RunConfig | dict[str, Any] | str | None = None, *, observe
 
 def train_run(run: Run, *, base: Base | tuple[Any, Any] | None = None,
               resume_from: str | Path | None = None) -> Run:
-    """Load (or take) the base, prepare the method, train with the Trainer, evaluate and save `run`."""
+    """Load (or take) the base, prepare the method, train with the Trainer, evaluate and save `run`.
+
+    An interrupt (Ctrl-C, the kernel's ■) keeps what the run learned (stopped, resumable) and is then
+    raised again as `RunInterrupted`: a loop of runs, a script, or a notebook's queued cells stop too.
+    """
     from nbtune.engine import distributed
 
     train_records, eval_records, fmt = run._data
@@ -81,20 +70,57 @@ def train_run(run: Run, *, base: Base | tuple[Any, Any] | None = None,
     run.status = "running"
     if run.config.num_processes > 1 and not distributed.launched():
         return _launch(run, base, checkpoint)
+    interrupted, peak_mb = _guarded(run, lambda memory: _train(run, base, train_records, eval_records, fmt,
+                                                                memory, checkpoint))
+    run._data = None  # the tokenised data is not needed any more
+    run.metrics["peak_rss_mb"] = round(peak_mb, 1)
+    return _finish_or_interrupted(run, interrupted)
+
+
+def _guarded(run: Run, train: Any) -> tuple[bool, float]:
+    """`train(memory)` with its failure recorded on the run: (interrupted, peak memory in MB)."""
     try:
         with PeakSampler() as memory:
-            _train(run, base, train_records, eval_records, fmt, memory, checkpoint)
+            interrupted = train(memory)
+    except KeyboardInterrupt as exc:
+        if not run.history:  # while loading or tokenising: nothing learned, nothing to keep
+            _fail(run, exc, "interrupted before its first step")
+            raise RunInterrupted(f"run {run.name!r} was interrupted before its first step; nothing trained.",
+                                 run) from None
+        # after training, in the loss evaluation or a Stop's checkpoint: what it learned stays
+        run.status = "finished" if run.history[-1]["step"] >= run.total_steps else "stopped"
+        interrupted = True
     except BaseException as exc:
-        if isinstance(exc, KeyboardInterrupt) and run.model is not None:
-            run.status = "stopped"  # Ctrl-C / kernel interrupt: keep what was learned
-        else:
-            run.status, run.error = "failed", f"{type(exc).__name__}: {exc}"
-            run.emit("on_error", exc)
-            raise
-    run._data = None  # the tokenised data is not needed any more
-    run.metrics["peak_rss_mb"] = round(memory.peak_mb, 1)
-    _finish(run)
+        _fail(run, exc)
+        raise
+    return interrupted, memory.peak_mb
+
+
+def _finish_or_interrupted(run: Run, interrupted: bool) -> Run:
+    try:
+        _finish(run)
+    except KeyboardInterrupt:  # during the final evaluation or save: the training itself is complete
+        run.emit("on_run_end")
+        interrupted = True
+    if interrupted:
+        raise interrupted_error(run)
     return run
+
+
+def _fail(run: Run, exc: BaseException, error: str | None = None) -> None:
+    run.status, run.error = "failed", error or f"{type(exc).__name__}: {exc}"
+    run.emit("on_error", exc)
+
+
+def interrupted_error(run: Run) -> RunInterrupted:
+    """What an interrupt that stopped `run` raises: where it stopped, and how to go on."""
+    if run.status == "finished":
+        return RunInterrupted(f"run {run.name!r} had trained all its steps when the interrupt came; its evaluation "
+                              "or save may be incomplete (run.evaluate() and run.save() do them again).", run)
+    steps = f"at step {run.history[-1]['step']} of {run.total_steps}" if run.history else "before its first step"
+    how = not_resumable(run) or "run.resume() (or %finetune NAME --resume) continues it"
+    return RunInterrupted(f"run {run.name!r} stopped {steps} (interrupted); it keeps its adapter and history in "
+                          f"nbtune.runs[{run.name!r}]; {how}.", run)
 
 
 def _launch(run: Run, base: Base | tuple[Any, Any] | None, checkpoint: str | None) -> Run:
@@ -108,43 +134,16 @@ def _launch(run: Run, base: Base | tuple[Any, Any] | None, checkpoint: str | Non
                          trust_remote_code=config.trust_remote_code)
     try:
         return distributed.launch(run, base, checkpoint)
+    except RunInterrupted:
+        raise  # stopped in every process and brought home: the run is kept
     except BaseException as exc:
-        run.status, run.error = "failed", str(exc)
-        run.emit("on_error", exc)
+        _fail(run, exc, str(exc))
         raise
 
 
-def read_data(config: RunConfig) -> tuple[Any, Any, str]:
-    """(train, eval or None, format) as `datasets.Dataset`s, split and format-checked."""
-    train = load_records(config.data, field="data", split="train")
-    fmt = detect_format(train.column_names, config.format, field="data")
-    is_demo = isinstance(config.data, str) and config.data == "demo"
-    if config.eval_split > 0 and (config.eval_data is not None or is_demo):
-        raise ConfigError("`eval_split` only applies when there is no `eval_data` (the demo task brings its "
-                          "own held-out split); remove one of them.", field="eval_split")
-    if config.eval_data is not None:
-        evaluation = load_records(config.eval_data, field="eval_data", split="test")
-        detect_format(evaluation.column_names, fmt, field="eval_data")
-    elif is_demo:
-        evaluation = load_records("demo", field="data", split="test")
-    elif config.eval_split > 0:
-        held_out = round(len(train) * config.eval_split)
-        if held_out < 1 or held_out >= len(train):
-            raise DataError(f"`eval_split: {config.eval_split}` of {len(train)} examples holds out {held_out}; "
-                            "it needs at least one for each side. Give more data or `eval_data`.",
-                            field="eval_split")
-        parts = train.train_test_split(test_size=held_out, seed=config.seed)
-        train, evaluation = parts["train"], parts["test"]
-    else:
-        evaluation = None
-    if evaluation is None and (config.metric == "exact_match" or config.eval_steps):
-        key = "metric" if config.metric == "exact_match" else "eval_steps"
-        raise ConfigError(f"`{key}` needs evaluation data: set `eval_data` or `eval_split`.", field=key)
-    return train, evaluation, fmt
-
 
 def _train(run: Run, base: Any, train_records: Any, eval_records: Any, fmt: str, memory: PeakSampler,
-           checkpoint: str | None = None) -> None:
+           checkpoint: str | None = None) -> bool:
     import transformers
 
     config = run.config
@@ -163,7 +162,7 @@ def _train(run: Run, base: Any, train_records: Any, eval_records: Any, fmt: str,
     run.metrics["load_seconds"] = round(time.perf_counter() - started, 2)
 
     # 3. Tokenise: chat template, answer-only labels, lengths for grouping batches of similar length.
-    key = _data_key(config)
+    key = data_key(config)
     tokenize = dict(tokenizer=tokenizer, fmt=fmt, max_length=config.max_length,
                     train_on_prompt=config.train_on_prompt, cache_key=key)
     train_set = tokenize_dataset(train_records, field="data", **tokenize)
@@ -184,15 +183,16 @@ def _train(run: Run, base: Any, train_records: Any, eval_records: Any, fmt: str,
 
     # 6. The loop is transformers' Trainer; RunCallback records history and relays events.
     run._datasets = (train_set, eval_set)
-    _fit(run, memory, resume_from=checkpoint)
+    return _fit(run, memory, resume_from=checkpoint)
 
 
-def _fit(run: Run, memory: PeakSampler, resume_from: str | None = None) -> None:
-    """Run the Trainer (from a checkpoint when resuming); a stopped run keeps a checkpoint to resume from."""
+def _fit(run: Run, memory: PeakSampler, resume_from: str | None = None) -> bool:
+    """Run the Trainer (from a checkpoint when resuming); a stopped run keeps a checkpoint to resume from.
+    True when an interrupt stopped it."""
     train_set, eval_set = run._datasets
     trainer = make_trainer(run, run.model, run.tokenizer, train_set, eval_set, memory)
     try:
-        _train_and_evaluate(run, trainer, eval_set, resume_from)
+        return _train_and_evaluate(run, trainer, eval_set, resume_from)
     finally:
         _release_from_trainer(trainer)
 
@@ -206,16 +206,19 @@ def _release_from_trainer(trainer: Any) -> None:
         module.__dict__.pop("_is_accelerate_prepared", None)
 
 
-def _train_and_evaluate(run: Run, trainer: Any, eval_set: Any, resume_from: str | None) -> None:
+def _train_and_evaluate(run: Run, trainer: Any, eval_set: Any, resume_from: str | None) -> bool:
+    """Train, then evaluate the loss; True when the interrupt stopped training (the run is then stopped,
+    with a checkpoint to resume from, as a Stop would leave it)."""
     run.emit("on_run_start")
     started = time.perf_counter()
-    ran_out = False
+    ran_out = interrupted = False
     try:
         with training_speedups(run.model), older_objects_frozen():
             output = trainer.train(resume_from_checkpoint=resume_from)
         run.metrics["train_loss_mean"] = output.training_loss
     except KeyboardInterrupt:  # the kernel's interrupt: stop here, keeping everything learned so far
         run.stop()
+        interrupted = True
     except Exception as exc:
         if not is_allocator_failure(exc):
             raise
@@ -232,18 +235,19 @@ def _train_and_evaluate(run: Run, trainer: Any, eval_set: Any, resume_from: str 
     if run._guard.message:  # diverged: the weights are the last good step's; no evaluation of NaN weights
         run.status, run.error = "failed", run._guard.message
         run._checkpoint = run._datasets = None
-        warnings.warn(f"run {run.name!r}: {run.error}", stacklevel=4)
-        return
+        warnings.warn(f"run {run.name!r}: {run.error}", NbtuneWarning, stacklevel=4)
+        return interrupted
     if run.stop_requested and trainer.state.global_step < trainer.state.max_steps:
         run._checkpoint = _resumable_checkpoint(trainer, run)
         run.status = "stopped"
-        return
+        return interrupted
     run._stop.clear()  # a Stop that came with the last step changes nothing: the run is complete
     run._checkpoint, run._datasets = None, None
     if eval_set is not None:
         with training_speedups(run.model, dropout=False, attention=False):  # the training numerics
             run.metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
     run.status = "finished"
+    return interrupted
 
 
 def _resumable_checkpoint(trainer: Any, run: Run) -> str | None:
@@ -256,17 +260,28 @@ def _resumable_checkpoint(trainer: Any, run: Run) -> str | None:
 
 
 def not_resumable(run: Run) -> str | None:
-    """Why `run` cannot resume (None if it can): it is not stopped, or its method keeps no checkpoint."""
-    if run.status == "stopped" and run._checkpoint:
-        return None
-    if run.status == "stopped" and not run.method.resumable(run.config.options):
+    """Why `run` cannot resume (None if it can): it is not stopped, its method keeps no checkpoint, or the
+    model to rebuild after a reclaim came from the caller."""
+    if run.status != "stopped":
+        return f"run {run.name!r} is {run.status}; only a stopped run with steps left can resume."
+    if not run.method.resumable(run.config.options):
         return (f"run {run.name!r} is stopped, but method {run.method.name!r} cannot resume: peft checkpoints "
                 "only its inference form. Start it again with more `steps` instead.")
-    return f"run {run.name!r} is {run.status}; only a stopped run with steps left can resume."
+    if not run._checkpoint:
+        return (f"run {run.name!r} is stopped, but no checkpoint of it was kept (its stop came before the "
+                "Trainer could save one); start it again.")
+    if run.model is None and run._base_factory is None:
+        return (f"run {run.name!r} was reclaimed, and it trained on a model passed in memory, which nbtune "
+                "cannot rebuild; continue it with nbtune.finetune(run.config, base=(model, tokenizer), "
+                f"resume_from={run._checkpoint!r}).")
+    return None
 
 
-def resume_run(run: Run) -> Run:
-    """Continue a stopped run from its checkpoint to its planned end (see `Run.resume`)."""
+def resume_run(run: Run, *, stop_cleared: bool = False) -> Run:
+    """Continue a stopped run from its checkpoint to its planned end (see `Run.resume`). A run whose model
+    was reclaimed is built again on a fresh view of its base; the checkpoint then restores its weights.
+    `stop_cleared`: the caller already cleared an earlier Stop (a background resume does so before its
+    thread starts, so that a Stop pressed right after it is not lost)."""
     from nbtune.engine import distributed
 
     thread = run._thread
@@ -275,22 +290,20 @@ def resume_run(run: Run) -> Run:
     refusal = not_resumable(run)
     if refusal:
         raise NbtuneError(refusal)
-    run._stop.clear()
+    if not stop_cleared:
+        run._stop.clear()
     if run.config.num_processes > 1 and not distributed.launched():  # the processes start afresh: relaunch
         run.status = "running"
         base = run._base_factory() if run._base_factory is not None else None
         return _launch(run, base, resume_checkpoint(run, run._checkpoint))
+    if run.model is None:  # reclaimed: the model is built again, the checkpoint brings back its state
+        run._data = read_data(run.config)
+        return train_run(run, base=run._base_factory(), resume_from=run._checkpoint)
     run.status = "running"
-    try:
-        with PeakSampler() as memory:
-            _fit(run, memory, resume_from=resume_checkpoint(run, run._checkpoint))
-    except BaseException as exc:
-        run.status, run.error = "failed", f"{type(exc).__name__}: {exc}"
-        run.emit("on_error", exc)
-        raise
-    run.metrics["peak_rss_mb"] = max(run.metrics.get("peak_rss_mb", 0.0), round(memory.peak_mb, 1))
-    _finish(run)
-    return run
+    interrupted, peak_mb = _guarded(run, lambda memory: _fit(run, memory, resume_from=resume_checkpoint(
+        run, run._checkpoint)))
+    run.metrics["peak_rss_mb"] = max(run.metrics.get("peak_rss_mb", 0.0), round(peak_mb, 1))
+    return _finish_or_interrupted(run, interrupted)
 
 
 def _finish(run: Run) -> None:
@@ -315,7 +328,8 @@ def _finish(run: Run) -> None:
             run.metrics["saved_to"] = str(run.save())
         except (OSError, NbtuneError) as exc:  # the trained model is still in memory: keep the run
             run.error = f"saving to {config.resolved_output_dir} failed: {exc}"
-            warnings.warn(f"run {run.name!r}: {run.error}; call run.save(path) to try elsewhere.", stacklevel=3)
+            warnings.warn(f"run {run.name!r}: {run.error}; call run.save(path) to try elsewhere.", NbtuneWarning,
+                          stacklevel=3)
     run.emit("on_run_end")
     collect_run_garbage()  # after the panel shows the end; the next run's start then need not
 
@@ -326,19 +340,6 @@ def _wants_metric(config: RunConfig) -> bool:
     return config.metric == "exact_match"
 
 
-def count_parameters(model: Any) -> dict[str, Any]:
-    """Trainable and total parameter counts; 4-bit weights count as their unpacked size."""
-    trainable = total = 0
-    for param in model.parameters():
-        count = param.numel()
-        if type(param).__name__ == "Params4bit":
-            count *= 2  # two 4-bit values per stored byte (what peft reports as well)
-        total += count
-        if param.requires_grad:
-            trainable += count
-    return {"trainable_params": trainable, "total_params": total,
-            "trainable_percent": round(100 * trainable / total, 4) if total else 0.0}
-
 
 def _expected_steps(config: RunConfig, examples: int) -> int:
     """The optimizer steps the Trainer will take (its own arithmetic: a last partial accumulation counts)."""
@@ -348,13 +349,6 @@ def _expected_steps(config: RunConfig, examples: int) -> int:
     per_epoch = max(batches // config.grad_accum + int(batches % config.grad_accum > 0), 1)
     return math.ceil((config.epochs or 1.0) * per_epoch)
 
-
-def _data_key(config: RunConfig) -> tuple[Any, ...] | None:
-    """What identifies this run's data for the tokenising cache; None when the data lives in memory."""
-    train, evaluation = source_key(config.data), source_key(config.eval_data)
-    if train is None or (config.eval_data is not None and evaluation is None):
-        return None
-    return (train, evaluation, config.eval_split, config.seed)
 
 
 def _check_callers_base(model: Any, run: Run) -> None:

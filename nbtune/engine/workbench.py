@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from nbtune.config import RunConfig
@@ -94,10 +95,12 @@ class Workbench:
         return Base(model=model, tokenizer=tokenizer_view(base.tokenizer), name=base.name,
                     quantization=base.quantization)
 
-    def finetune(self, config: RunConfig | dict[str, Any] | str, *, observers: list[Any] | None = None,
-                 background: bool = False, on_ready: Callable[[Run], None] | None = None,
-                 resume_from: str | None = None, **overrides: Any) -> Run:
-        """Train a run on a view of the cached base; a run of the same name is replaced, never stacked.
+    def finetune(self, config: RunConfig | dict[str, Any] | str | None = None, *, base: Any = None,
+                 observers: Any = (), progress: bool = False, background: bool = False,
+                 on_ready: Callable[[Run], None] | None = None, resume_from: str | Path | None = None,
+                 **overrides: Any) -> Run:
+        """Train a run on a view of the cached base (or on `base`, a (model, tokenizer) the caller loaded);
+        a run of the same name is replaced, never stacked. See `nbtune.finetune` for the arguments.
 
         `on_ready(run)` is called once the config and data passed their checks, before any weight moves
         (the notebook shows its panel then, so a typo never leaves an empty panel behind).
@@ -105,45 +108,46 @@ class Workbench:
         from nbtune.engine.run import start_run
 
         self._refuse_while_training()
-        run = start_run(config, observers=observers or [], **overrides)  # checks config and data, cheaply
+        run = start_run(config, observers=observers, progress=progress, **overrides)  # checks config and data
         old = self.runs.get(run.name)
         self.runs[run.name] = run
         if on_ready is not None:
             on_ready(run)
         if not background:
-            return self._train(run, old, resume_from)
-        thread = threading.Thread(target=self._quietly, args=(lambda: self._train(run, old, resume_from),),
-                                  daemon=True,
-                                  name=f"nbtune-{run.name}")
+            return self._train(run, old, base, resume_from)
+        thread = threading.Thread(target=self._quietly, args=(lambda: self._train(run, old, base, resume_from),),
+                                  daemon=True, name=f"nbtune-{run.name}")
         self._threads[run.name] = run._thread = thread
         thread.start()
         return run
 
-    def _train(self, run: Run, old: Run | None, resume_from: str | None = None) -> Run:
-        """Train `run`; the earlier run of its name is dropped only once the new one has trained a step."""
+    def _train(self, run: Run, old: Run | None, base: Any = None, resume_from: str | Path | None = None) -> Run:
+        """Train `run`. The earlier run of its name is let go once the new one has trained a step; until
+        then (a mistake found while loading, an interrupt) it stays, as if the new run never happened."""
         from nbtune.engine.run import train_run
 
+        if base is None:
+            run._base_factory = lambda: self.view_for(run.config)  # a resume after reclaim builds it again
         try:
-            view = self.view_for(run.config)
-        except BaseException as exc:  # e.g. a model that cannot be loaded: nothing trained
-            run.status, run.error = "failed", f"{type(exc).__name__}: {exc}"
-            run.emit("on_error", exc)
-            self._keep(run, old)
+            view = base if base is not None else self.view_for(run.config)
+            return train_run(run, base=view, resume_from=resume_from)
+        except BaseException as exc:
+            if run.status in ("pending", "running"):  # failed outside train_run (loading the base): say so on the run
+                run.status, run.error = "failed", f"{type(exc).__name__}: {exc}"
+                run.emit("on_error", exc)
             raise
-        run._base_factory = lambda: self.view_for(run.config)  # a multi-process resume starts afresh
-        try:
-            train_run(run, base=view, resume_from=resume_from)
-        except BaseException:
-            self._keep(run, old)
-            raise
-        if old is not None:
-            old.model = None  # the previous view, and its adapter, can go
-        return run
+        finally:
+            self._settle(run, old)
 
-    def _keep(self, run: Run, old: Run | None) -> None:
-        # A re-run that failed before training a step must not cost the user the run it replaced.
-        if old is not None and not run.history:
-            self.runs[run.name] = old
+    def _settle(self, run: Run, old: Run | None) -> None:
+        if run.history:
+            if old is not None and old is not run:
+                old.model = None  # the previous view, and its adapter, can go
+        elif self.runs.get(run.name) is run:  # nothing trained: the kernel's runs are as they were
+            if old is not None:
+                self.runs[run.name] = old
+            else:
+                del self.runs[run.name]
 
     def resume(self, name: str, *, observers: list[Any] | None = None, background: bool = False,
                on_ready: Callable[[Run], None] | None = None) -> Run:
@@ -163,7 +167,11 @@ class Workbench:
             on_ready(run)
         if not background:
             return run.resume()
-        thread = threading.Thread(target=self._quietly, args=(run.resume,), daemon=True, name=f"nbtune-{name}")
+        from nbtune.engine.run import resume_run
+
+        run._stop.clear()  # here, not in the thread: a Stop pressed as soon as this returns must hold
+        thread = threading.Thread(target=self._quietly, args=(lambda: resume_run(run, stop_cleared=True),),
+                                  daemon=True, name=f"nbtune-{name}")
         self._threads[name] = run._thread = thread
         thread.start()
         return run
@@ -208,3 +216,21 @@ def tokenizer_view(tokenizer: Any) -> Any:
 
 
 WORKBENCH = Workbench()  # the kernel's one workbench; `nbtune.runs` is its runs
+
+
+def finetune(config: RunConfig | dict[str, Any] | str | None = None, *, base: Any = None, observers: Any = (),
+             progress: bool = False, background: bool = False, resume_from: str | Path | None = None,
+             **overrides: Any) -> Run:
+    """Fine-tune a model as `config` says (a RunConfig, dict, YAML text or file; keyword overrides win).
+
+    The run joins `nbtune.runs` (replacing one of the same name) and trains on a view of the base this
+    process has cached, as a `%%finetune` cell does; `base`, an already loaded (model, tokenizer), is
+    trained instead (PEFT methods add their adapter to it in place). `observers` receive the run's events;
+    `progress=True` adds a tqdm bar; `background=True` trains on a thread and returns at once.
+    `resume_from="latest"` (or a checkpoint folder) continues a run whose process died, from the newest
+    verified checkpoint `checkpoint_steps` left in `<output_dir>-checkpoints`.
+    Returns the `Run`, finished or stopped. A failed run raises; an interrupt (Ctrl-C, the kernel's ■)
+    keeps the stopped run in `nbtune.runs` and raises `RunInterrupted`, a KeyboardInterrupt.
+    """
+    return WORKBENCH.finetune(config, base=base, observers=observers, progress=progress, background=background,
+                              resume_from=resume_from, **overrides)

@@ -1,4 +1,5 @@
-"""A `Run` that IPython shows while it is still training keeps its output line current.
+"""A `Run` that IPython shows while it is still training keeps its output line current; a background run
+without a panel keeps its progress line in its own cell.
 
 A `%%finetune --background` cell returns at once, so its `<Run 'x', lora, pending>` line was printed once
 and then stayed "pending" for good, under a panel that said "finished". IPython displays a `Run` through
@@ -52,3 +53,44 @@ class _Refresh(NullObserver):
     def _detach(self, run: Run) -> None:
         if self in run._observers.observers:
             run._observers.observers.remove(self)
+
+
+class ProgressLine(NullObserver):
+    """A background run's progress (`--background --no-panel`) as one line in the cell that started it.
+
+    A progress bar drawn from the training thread lands under whichever cell runs when it first draws;
+    a display with an id, made here while the starting cell runs, is updated in place wherever the
+    notebook is by then. Throttled: a line per `min_interval` seconds at most.
+    """
+
+    def __init__(self, min_interval: float = 0.5) -> None:
+        self.min_interval = min_interval
+        self._last = 0.0
+        self.handle: Any = None
+
+    def show(self) -> None:
+        """Put the line in the cell that is running now (once the run's config and data passed)."""
+        from IPython.display import display
+
+        self.handle = display({"text/plain": "waiting for the first step ..."}, raw=True, display_id=True)
+
+    def on_step(self, run: Run, record: dict[str, Any]) -> None:
+        import time
+
+        now = time.monotonic()
+        if now - self._last < self.min_interval and record["step"] < run.total_steps:
+            return
+        self._last = now
+        loss = f", loss {record['loss']:.4f}" if record.get("loss") is not None else ""
+        self._show(f"{run.name}: step {record['step']}/{run.total_steps}{loss}, "
+                   f"{record.get('tokens_per_second', 0):.0f} tokens/s")
+
+    def on_run_end(self, run: Run) -> None:
+        self._show(repr(run))
+
+    def on_error(self, run: Run, error: BaseException) -> None:
+        self._show(f"{run.name}: failed: {run.error or error}")
+
+    def _show(self, text: str) -> None:
+        if self.handle is not None:
+            self.handle.update({"text/plain": text}, raw=True)

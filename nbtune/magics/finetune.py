@@ -7,7 +7,6 @@ then `%config Finetune.defaults`, then the cell's YAML, then the line's flags.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
@@ -15,7 +14,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from traitlets import Bool, Dict
 
 from nbtune.config import RunConfig, overlay, without_other_methods_options
-from nbtune.errors import ConfigError, NbtuneError
+from nbtune.errors import ConfigError, NbtuneError, RunFailed
 from nbtune.magics.parse import line_values, parse_cell, project_defaults, with_values
 
 
@@ -58,9 +57,12 @@ class Finetune(Magics):
 
         As a line magic it takes its config from the flags alone: `%finetune first_lora --resume`.
         """
+        # A cell whose run did not happen, failed or was interrupted ends in error, so that "Run All" stops
+        # there: nbtune's errors and RunInterrupted show as one line (nbtune.magics), anything else is
+        # wrapped in a one-line RunFailed whose cause %tb prints and %debug opens.
+        line, values = line_values(line, self.shell.user_ns)  # `--data {{ frame }}`
+        args = parse_argstring(self.finetune, line)
         try:
-            line, values = line_values(line, self.shell.user_ns)  # `--data {{ frame }}`
-            args = parse_argstring(self.finetune, line)
             for key, value in vars(args).items():
                 setattr(args, key, with_values(value, values))
             config = self._config(args, cell)
@@ -72,22 +74,19 @@ class Finetune(Magics):
             if args.resume:
                 return self._resume(args.name, background=background, panel=panel)
             return self._train(config, background=background, panel=panel)
-        except NbtuneError as exc:
-            _error_line(exc)
+        except NbtuneError:
+            raise
         except Exception as exc:  # a crash inside training: the run is marked failed, the kernel lives
-            _error_line(exc, crashed=True)
-        return None
+            what = f"run {args.name!r}" if args.name else "the run"
+            raise RunFailed(f"{what} failed: {type(exc).__name__}: {exc} (%tb shows where, %debug opens it)"
+                            ) from exc
 
     @line_magic
     def finetune_ui(self, line: str) -> Any:
         """The method picker (a run's name pre-fills it): `%finetune_ui [NAME]`."""
         from nbtune.kernel import picker
 
-        try:
-            return picker(line.strip() or None)
-        except NbtuneError as exc:
-            _error_line(exc)
-        return None
+        return picker(line.strip() or None)
 
     @line_magic
     def finetune_runs(self, line: str) -> Any:
@@ -142,18 +141,28 @@ class Finetune(Magics):
         from nbtune.engine.events import ProgressObserver
 
         view = _live_panel(background, self.log_scale) if panel else None
-        if view is None:
-            return [ProgressObserver()], None
-        return [view], lambda run: view.show()
+        if view is not None:
+            return [view], lambda run: view.show()
+        if background and _in_a_notebook():  # a bar drawn from the thread would land under a later cell
+            from nbtune.magics.display import ProgressLine
+
+            line = ProgressLine()
+            return [line], lambda run: line.show()
+        return [ProgressObserver()], None
+
+
+def _in_a_notebook() -> bool:
+    """A kernel with a frontend (ipykernel), not a terminal or a plain shell."""
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
 
 
 def _live_panel(background: bool, log_scale: bool) -> Any:
     """The widget panel when a frontend can show widgets; None in a terminal or plain shell."""
     try:
-        from IPython import get_ipython
-
-        shell = get_ipython()
-        if shell is None or type(shell).__name__ != "ZMQInteractiveShell":
+        if not _in_a_notebook():
             return None
         from nbtune.widgets.panel import LivePanel
     except ImportError:  # no ipywidgets: the text progress bar it is
@@ -176,8 +185,3 @@ def _name_the_layer_of_a_bad_key(config: dict[str, Any], explicit: dict[str, Any
     except NbtuneError:
         return  # not a key's mistake: the run reports it as usual
 
-
-def _error_line(exc: BaseException, *, crashed: bool = False) -> None:
-    """One red line, no traceback: what went wrong and how to fix it."""
-    text = f"{type(exc).__name__}: {exc}" if crashed else str(exc)
-    print(f"\x1b[31mnbtune: {text}\x1b[0m", file=sys.stderr)
