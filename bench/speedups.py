@@ -48,19 +48,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def child(variant: str, steps: int, batch_size: int) -> None:
-    import functools
-
     import nbtune
-    import nbtune.engine.run as engine_run
-    import nbtune.engine.trainer as engine_trainer
     from nbtune.data.demo import demo_splits
-    from nbtune.engine.precision import training_speedups
+    from nbtune.engine import device
 
     warnings.simplefilter("ignore")
     spec = VARIANTS[variant]
-    engine_run.training_speedups = functools.partial(training_speedups, dropout=spec["dropout"],
-                                                     attention=spec["attention"], fp32_sums=spec["fp32_sums"])
-    engine_trainer.PAD_TO_MULTIPLE_OF = spec["pad"]
+    policy = device.with_changes(device.policy_for(device.detect()), fast_dropout=spec["dropout"],
+                                 fp32_attention_backward=spec["attention"], fp32_sums=spec["fp32_sums"],
+                                 pad_to_multiple_of=spec["pad"])
+    device.current = lambda: policy  # this process's device policy, one speed-up changed
     meter = StepMeter()
 
     settings = {k: spec[k] for k in ("precision", "dtype") if spec[k] is not None}

@@ -67,9 +67,10 @@ class RunConfig:
                          min=8, max=1_048_576)
     train_on_prompt: bool = _p(False, "bool", "Also compute the loss on prompt tokens (default: answers only).")
     seed: int = _p(42, "int", "Random seed for initialisation, shuffling and dropout.", min=0)
-    precision: str | None = _p(None, "str", "Compute precision: bf16 autocast with fp32 trainable weights, or "
-                               "fp32. Default: bf16 where the hardware runs it natively (AVX512-BF16/AMX CPUs, "
-                               "bf16 GPUs) and the base is not quantized, else fp32.", choices=("bf16", "fp32"))
+    precision: str | None = _p(None, "str", "Compute precision: bf16 or fp16 autocast (fp16 with loss scaling) "
+                               "with fp32 trainable weights, or fp32. Default: bf16 where the hardware runs it "
+                               "natively (AVX512-BF16/AMX CPUs, GPUs from Ampere on), fp16 on older GPUs (T4), "
+                               "else fp32; see nbtune/engine/device.py.", choices=("bf16", "fp16", "fp32"))
     dtype: str | None = _p(None, "str", "Weight dtype of the base model. Default: bfloat16 when `precision` is "
                            "bf16 and the method keeps the base frozen, else float32.",
                            choices=("float32", "bfloat16", "float16"))
@@ -79,7 +80,9 @@ class RunConfig:
                             "(with what to change); false: try anyway.")
     trust_remote_code: bool = _p(False, "bool", "Run Python code that ships with the model (its own modelling "
                                  "files). Only for models you trust; never needed for the default model.")
-    gradient_checkpointing: bool = _p(False, "bool", "Recompute activations in backward: less memory, slower steps.")
+    gradient_checkpointing: bool | None = _p(None, "bool", "Recompute activations in backward: less memory, slower "
+                                             "steps. Default: on for a quantized base on a GPU (memory is what "
+                                             "QLoRA is for) and when the run fits in memory only with it, else off.")
     num_processes: int = _p(1, "int", "Processes to train in (accelerate DDP; the global batch is batch_size x "
                             "grad_accum x this). From a notebook nbtune launches them; under `accelerate launch` "
                             "or `torchrun` the launcher's count is used.", min=1, max=4096)
@@ -342,6 +345,15 @@ def _derive_precision(config: RunConfig, method: Any) -> None:
     if config.dtype is None:
         frozen = method.shares_base(config.options)  # an adapter that leaves the base weights as they are
         config.dtype = config.derived["dtype"] = default_dtype(config.precision, frozen, str(config.quantization))
+    from nbtune.engine import device
+
+    if config.gradient_checkpointing is None:
+        quantized = str(config.quantization) != "none"
+        config.gradient_checkpointing = config.derived["gradient_checkpointing"] = (
+            quantized and device.current().gradient_checkpointing_when_quantized)
+    refusal = device.current().refuse_precision(config.precision)
+    if refusal:
+        raise ConfigError(f"`precision: {config.precision}`: {refusal}", field="precision")
 
 
 def _check_cross_fields(config: RunConfig, method: Any) -> None:

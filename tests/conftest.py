@@ -168,6 +168,43 @@ def _in_tmp_cwd(tmp_path, tmp_path_factory, monkeypatch):
     monkeypatch.setenv("NBTUNE_WORKSPACE", str(tmp_path_factory.getbasetemp()))
 
 
+def training_device() -> Any:
+    """Where runs train in this process, as the device policy says (cuda on a GPU machine, else cpu): tests
+    that compare a run's model with a model of their own compute both there."""
+    import torch
+
+    from nbtune.engine import device
+
+    return torch.device(device.current().device.type)
+
+
+def logits_of(model: Any, inputs: dict[str, Any]) -> Any:
+    """`model`'s logits for `inputs`, computed on the training device (the model is moved there if it is
+    not, as the Trainer moves a run's model), returned as fp32 on the CPU for comparing."""
+    import torch
+
+    where = training_device()
+    model.to(where)
+    with torch.no_grad():
+        return model(**{k: v.to(where) for k, v in inputs.items()}).logits.float().cpu()
+
+
+def memory_in_use_mb() -> float:
+    """What the device policy counts (engine/device.py): CUDA memory allocated on a GPU, else this
+    process's RSS, after a garbage collection."""
+    import gc
+
+    import torch
+
+    from nbtune.engine import device
+    from nbtune.engine.memory import rss_mb
+
+    gc.collect()
+    if device.current().memory == "cuda":
+        return torch.cuda.memory_allocated() / 2**20
+    return rss_mb()
+
+
 def finetune_interrupted(*args: Any, **kwargs: Any) -> Any:
     """`nbtune.finetune(...)` for a run an interrupt stops: it raises RunInterrupted (a KeyboardInterrupt,
     which pytest would take for the user's Ctrl-C); the stopped run that keeps what it learned comes with it."""

@@ -18,13 +18,15 @@ SCRIPTS = [
     ("warm_start", ["--repeats", "1", "--batch-size", "1"]),
     ("processes", ["--pairs", "1", "--steps", "2"]),
     ("scaling_table", ["--gpus", "2"]),
+    ("gpu_throughput", ["--shape", "tiny", "--steps", "3", "--pairs", "1", "--methods", "lora,qlora",
+                        "--variants", "fp32_sums=false"]),
 ]
 
 
 @pytest.mark.parametrize(("script", "args"), SCRIPTS, ids=[s for s, _ in SCRIPTS])
 def test_bench_script_runs_and_writes_its_result(tmp_path, script, args):
     env = {**os.environ, "NBTUNE_BENCH_RESULTS": str(tmp_path), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(REPO)}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, str(REPO / "bench" / f"{script}.py"), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import logits_of, memory_in_use_mb, training_device
 
 import nbtune
 from nbtune.engine.generation import generate_texts
@@ -97,8 +98,10 @@ def test_reclaim_gives_the_memory_back(bench, tmp_path, chat_tokenizer, demo_row
     common = {**SETTINGS, "model": str(tmp_path / "medium"), "data": demo_rows, "steps": 1}
     bench.finetune({**common, "name": "a", "method": "lora"})
     bench.finetune({**common, "name": "b", "method": "full"})
+    before = memory_in_use_mb()
     report = nbtune.reclaim("all")
-    assert report["freed_mb"] > 100, report
+    assert before - memory_in_use_mb() > 100, report  # RSS on a CPU, CUDA memory on a GPU
+    assert report["freed_mb"] > 100 or training_device().type != "cpu", report
     assert all(run.model is None for run in bench.runs.values()) and not bench.bases
     assert bench.runs["a"].history  # the record of the run stays
 
@@ -134,9 +137,9 @@ def test_combined_adapters_are_a_comparable_run(two_loras):
     nothing = nbtune.combine(["r4", "r8"], [0.0, 0.0], name="nothing")  # zero weights: the base exactly
     r8 = two_loras.runs["r8"]
     ids = r8.tokenizer("hello there", return_tensors="pt")
-    with torch.no_grad(), r8.base_disabled():
-        assert torch.equal(nothing.model(**ids).logits, r8.model(**ids).logits)
-        assert not torch.equal(combined.model(**ids).logits, r8.model(**ids).logits)
+    with r8.base_disabled():
+        assert torch.equal(logits_of(nothing.model, ids), logits_of(r8.model, ids))
+        assert not torch.equal(logits_of(combined.model, ids), logits_of(r8.model, ids))
     with pytest.raises(nbtune.NbtuneError, match="one weight per run"):
         nbtune.combine(["r4", "r8"], [1.0])
 
@@ -153,10 +156,9 @@ def test_a_combined_run_saves_into_its_own_folder_and_loads_back(two_loras, tmp_
     assert (r4_saved / "adapter_model.safetensors").is_file()  # the source run's adapter is untouched
     assert json.loads((r4_saved / "run.json").read_text())["name"] == "r4"
     ids = r4.tokenizer("hello there", return_tensors="pt")
-    with torch.no_grad():
-        expected = combined.model(**ids).logits
-        got = nbtune.load_run(path).model(**ids).logits
-        assert torch.allclose(got, expected, atol=1e-6)
+    expected = logits_of(combined.model, ids)
+    got = logits_of(nbtune.load_run(path).model, ids)
+    assert torch.allclose(got, expected, atol=1e-6)
     with pytest.raises(nbtune.NbtuneError, match="not a run name"):
         nbtune.combine(["r4", "r8"], [0.5, 0.5], name="a/b")
 
@@ -180,8 +182,12 @@ def test_yaml_and_script_export_rerun_the_same_experiment(two_loras, tmp_path):
 
 def test_an_exported_script_carries_in_memory_data_and_runs(bench, tiny_model_dir, demo_rows, tmp_path):
     import os
+    import shutil
     import subprocess
     import sys
+
+    if shutil.which("nbtune", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}") is None:
+        pytest.skip("the script calls the `nbtune` command, which `pip install nbtune` (make) puts on PATH")
 
     import pandas as pd
 
@@ -208,8 +214,7 @@ def test_merge_and_export_writes_a_plain_model(two_loras, tmp_path):
     on_fp32 = nbtune.load(run.save(tmp_path / "adapter"), base=load_base(run.config.model, dtype="float32"))
     ids = run.tokenizer("hello there", return_tensors="pt")
     on_fp32.model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(plain(**ids).logits, on_fp32.model(**ids).logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits_of(plain, ids), logits_of(on_fp32.model, ids), atol=1e-5, rtol=1e-5)
 
 
 def test_merge_and_export_refuses_what_cannot_merge_and_never_replaces_a_saved_run(bench, tiny_model_dir,
@@ -276,8 +281,7 @@ def test_merge_and_export_of_a_run_on_an_in_memory_base(chat_tokenizer, demo_row
     fp32 = nbtune.finetune(base=(tiny_llama(chat_tokenizer), chat_tokenizer), **settings)
     merged = AutoModelForCausalLM.from_pretrained(fp32.merge_and_export(tmp_path / "m"))  # no reload needed
     ids = chat_tokenizer("hello there", return_tensors="pt")
-    with torch.no_grad():
-        torch.testing.assert_close(merged(**ids).logits, fp32.merge()(**ids).logits)
+    torch.testing.assert_close(logits_of(merged, ids), logits_of(fp32.merge(), ids))
     low = nbtune.finetune(base=(tiny_llama(chat_tokenizer).to(torch.bfloat16), chat_tokenizer), **settings)
     with pytest.raises(nbtune.NbtuneError, match="trained on a base passed in memory"):
         low.merge_and_export(tmp_path / "m2")

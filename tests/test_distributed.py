@@ -22,12 +22,18 @@ from nbtune.engine.events import NullObserver
 REPO = Path(__file__).resolve().parents[1]
 # fp32 and no dropout: with dropout each process draws its own masks, so no two process counts can agree.
 EXACT = {"steps": 6, "lr": 1e-2, "metric": "none", "precision": "fp32", "dropout": 0.0}
+# These start CPU processes (gloo) from this one: a process that has used CUDA cannot fork, and on a GPU
+# machine the ranks would share its GPUs; the two-GPU tests at the end cover GPUs.
+cpu_processes = pytest.mark.skipif(torch.cuda.is_available(),
+                                   reason="a CPU multi-process test; this machine has a GPU (see the 2-GPU tests)")
+PYTHONPATH = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # what this process imports
 
 
 def losses(run) -> list[float]:
     return [r["loss"] for r in run.history]
 
 
+@cpu_processes
 def test_two_processes_give_the_loss_curve_of_one_with_the_same_global_batch(chat_tokenizer, demo_rows):
     one = nbtune.finetune(data=demo_rows, base=(tiny_llama(chat_tokenizer), chat_tokenizer), batch_size=8,
                           eval_split=0.25, eval_steps=3, output_dir="one", **EXACT)
@@ -60,6 +66,7 @@ def test_two_processes_give_the_loss_curve_of_one_with_the_same_global_batch(cha
         assert torch.allclose(two.model(ids).logits, one.model(ids).logits, atol=1e-4)
 
 
+@cpu_processes
 @pytest.mark.parametrize(("method", "options"), [("full", {}), ("prefix", {"num_virtual_tokens": 4}),
                                                   ("houlsby", {}), ("moe", {})])
 def test_other_methods_agree_across_process_counts_too(chat_tokenizer, demo_rows, method, options):
@@ -74,6 +81,7 @@ def test_other_methods_agree_across_process_counts_too(chat_tokenizer, demo_rows
     assert two.status == "finished" and losses(two) == pytest.approx(losses(one), abs=1e-5)
 
 
+@cpu_processes
 def test_qlora_with_ddp_agrees_across_process_counts_on_cpu(tiny_model_dir, demo_rows):
     """4-bit NF4 base (bitsandbytes' CPU kernels) in two gloo processes: the 4-bit + DDP recipe, run here."""
     pytest.importorskip("bitsandbytes")
@@ -86,6 +94,7 @@ def test_qlora_with_ddp_agrees_across_process_counts_on_cpu(tiny_model_dir, demo
         "Params4bit"  # the kernel's copy is the 4-bit model too
 
 
+@cpu_processes
 def test_a_stopped_multi_process_run_resumes_on_every_rank_exactly(chat_tokenizer, demo_rows):
     # Dropout on: every rank's RNG state must come back from the checkpoint for the curves to agree.
     settings = {**EXACT, "dropout": 0.1, "steps": 8, "batch_size": 4, "num_processes": 2, "save": False}
@@ -106,6 +115,7 @@ def test_a_stopped_multi_process_run_resumes_on_every_rank_exactly(chat_tokenize
     assert losses(run) == pytest.approx(losses(whole), abs=1e-6)
 
 
+@cpu_processes
 def test_a_kernel_interrupt_stops_every_rank_at_the_same_step(chat_tokenizer, demo_rows):
     class Interrupt(NullObserver):
         def on_step(self, run, record):
@@ -148,12 +158,14 @@ def test_a_second_interrupt_ends_the_processes(demo_rows):
     assert stuck.wait(10) == -signal.SIGKILL  # the second ended it
 
 
+@cpu_processes
 def test_a_failing_rank_fails_the_run_with_its_message_and_nothing_hangs(chat_tokenizer, demo_rows):
     with pytest.raises(nbtune.NbtuneError, match=r"2 processes: rank \d: .*target_modules"):
         nbtune.finetune(data=demo_rows, base=(tiny_llama(chat_tokenizer), chat_tokenizer), batch_size=4,
                         num_processes=2, target_modules=["no_such_layer"], **EXACT)
 
 
+@cpu_processes
 def test_a_users_observer_prints_while_the_launchers_banner_does_not(chat_tokenizer, demo_rows, capsys):
     class PrintSteps(NullObserver):  # runs in the kernel's relay loop, as the panel does
         def on_step(self, run, record):
@@ -167,6 +179,7 @@ def test_a_users_observer_prints_while_the_launchers_banner_does_not(chat_tokeni
     assert "Launching training" not in printed  # accelerate's "on 2 CUDAs", printed from the launcher thread
 
 
+@cpu_processes
 def test_the_magic_launches_processes_and_the_run_lands_in_the_kernel(tiny_model_dir, demo_rows):
     cell = "method: lora\nr: 4\ndata: {{ rows }}\nsteps: 3\nbatch_size: 2\nmetric: none\nsave: false\n"
     with nbtune_shell(tiny_model_dir, rows=demo_rows[:16]) as shell:
@@ -193,6 +206,7 @@ def test_the_magic_launches_processes_and_the_run_lands_in_the_kernel(tiny_model
         assert isinstance(magic.generate("1 May 2000"), str)  # the adapter is on the kernel's base
 
 
+@cpu_processes
 def test_a_background_multi_process_cell_stops_and_resumes_through_the_magic(tiny_model_dir, demo_rows):
     cell = ("method: lora\nr: 4\ndata: {{ rows }}\nsteps: 40\nbatch_size: 2\nmetric: none\nsave: false\n"
             "precision: fp32\n")
@@ -210,6 +224,7 @@ def test_a_background_multi_process_cell_stops_and_resumes_through_the_magic(tin
 
 
 def test_the_magic_forks_a_real_jupyter_kernel(tmp_path, tiny_model_dir):
+    pytest.importorskip("nbclient")  # make test installs it (nbtune[jupyter])
     """The kernel process itself is forked (ZMQ sockets, output streams, the panel's comms): in ipykernel."""
     import importlib.util
 
@@ -235,6 +250,7 @@ def test_the_magic_forks_a_real_jupyter_kernel(tmp_path, tiny_model_dir):
     assert not noise  # no launcher banners or library warnings from the processes in the cell
 
 
+@cpu_processes
 def test_export_script_of_a_multi_process_run_carries_its_accelerate_config(chat_tokenizer, demo_rows):
     run = nbtune.finetune(data=demo_rows, base=(tiny_llama(chat_tokenizer), chat_tokenizer), batch_size=4,
                           num_processes=2, save=False, **{**EXACT, "steps": 2})
@@ -299,13 +315,14 @@ def _config(tmp_path: Path, model: Path, **settings) -> Path:
 
 
 def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": PYTHONPATH}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "nbtune", *args]
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
 
+@cpu_processes
 def test_nbtune_run_under_torchrun_writes_once_and_resumes_every_rank(tmp_path, tiny_model_dir):
     config = _config(tmp_path, tiny_model_dir)
     done = _torchrun("run", str(config), "--json", cwd=tmp_path)
@@ -326,6 +343,7 @@ def test_nbtune_run_under_torchrun_writes_once_and_resumes_every_rank(tmp_path, 
     assert [r["loss"] for r in again["history"]] == pytest.approx([r["loss"] for r in saved["history"]], abs=1e-6)
 
 
+@cpu_processes
 def test_exported_cpu_launch_script_runs_two_processes(tmp_path, tiny_model_dir):
     from nbtune.cli import main
 
@@ -333,7 +351,7 @@ def test_exported_cpu_launch_script_runs_two_processes(tmp_path, tiny_model_dir)
     assert main(["export", str(config), "--cpu", "--processes", "2", "-o", str(tmp_path / "launch")]) == 0
     script = tmp_path / "launch" / "launch.sh"
     assert "torchrun --nproc-per-node 2 -m nbtune run" in script.read_text()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": PYTHONPATH,
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     done = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -348,7 +366,7 @@ def test_nbtune_run_under_accelerate_launch(tmp_path, tiny_model_dir):
     (tmp_path / "accelerate.yaml").write_text(yaml.safe_dump(accelerate_config(processes=1, cpu=True,
                                                                                precision="fp32")))
     config = _config(tmp_path, tiny_model_dir, checkpoint_steps=0)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": PYTHONPATH}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate.yaml", "-m",
                "nbtune", "run", str(config)]
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)

@@ -289,13 +289,14 @@ def test_training_leaves_older_objects_out_of_collections_and_collects_them_afte
         def on_step(self, run, record):
             frozen_during.append(gc.get_freeze_count())
 
+    frozen_before = gc.get_freeze_count()  # another library may keep objects frozen; none of ours may stay
     gc.disable()  # no automatic collection may free the cycle before the run's own
     try:
         nbtune.finetune(data=demo_rows, base=llama_base, observers=[Watch()], **{**FAST, "steps": 2})
     finally:
         gc.enable()
     assert min(frozen_during) > 1000  # the heap as it was before training: skipped by accelerate's collect
-    assert gc.get_freeze_count() == 0  # and back to normal afterwards
+    assert gc.get_freeze_count() == frozen_before  # and back to normal afterwards
     assert gone() is None  # the run's end collected what was garbage before it
 
 

@@ -12,8 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import nbformat
 import pytest
+
+for _package in ("ipykernel", "jupyter_client", "nbclient"):  # make test installs them (nbtune[jupyter])
+    pytest.importorskip(_package)
+import nbformat  # noqa: E402
 
 TIMEOUT = 180
 # Every kernel gets the tiny model as its default, 16 demo rows as `rows`, and prints "STEP n" from the

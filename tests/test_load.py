@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import gc
 import threading
 
 import psutil
 import pytest
 import torch
-from conftest import nbtune_shell
+from conftest import memory_in_use_mb, nbtune_shell
 
 import nbtune
-from nbtune.engine.memory import rss_mb
 
 SETTINGS = {"steps": 2, "batch_size": 4, "metric": "none", "save": False, "precision": "fp32", "seed": 1}
 
@@ -38,8 +36,8 @@ def shell(medium_model, demo_rows):
 
 
 def settled_rss() -> float:
-    gc.collect()
-    return rss_mb()
+    """What the device policy counts: this process's RSS on a CPU, CUDA memory on a GPU."""
+    return memory_in_use_mb()
 
 
 def cell(method: str, extra: str = "") -> str:
@@ -81,7 +79,7 @@ def test_twenty_runs_back_to_back_leave_the_kernel_healthy(shell, capsys, medium
     after = settled_rss()
     print(f"20 runs: RSS baseline {baseline:.0f} MB, before reclaim {report['rss_before_mb']:.0f} MB, "
           f"after {after:.0f} MB")  # for the record (pytest -s)
-    assert after <= baseline * 1.10, (baseline, after, report)
+    assert after <= baseline * 1.10 + 10, (baseline, after, report)  # +10 MB: CUDA's baseline is near 0
     assert threading.active_count() <= threads, threading.enumerate()
     assert len(psutil.Process().open_files()) <= files
 
@@ -110,4 +108,4 @@ def test_a_failed_cells_traceback_does_not_pin_the_model(shell, medium_model, mo
     after = settled_rss()
     print(f"failed cell: RSS baseline {baseline:.0f} MB, before reclaim {report['rss_before_mb']:.0f} MB, "
           f"after {after:.0f} MB")
-    assert after <= baseline * 1.10
+    assert after <= baseline * 1.10 + 10

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import nbtune_shell
+from conftest import logits_of, nbtune_shell
 
 import nbtune
 from nbtune.engine.workbench import shared_view
@@ -286,10 +286,8 @@ def test_merging_a_run_leaves_the_shared_base_and_other_runs_alone(ip):
 
 
 def _logits(run):
-    ids = run.tokenizer("hello there", return_tensors="pt")
     run.model.eval()
-    with torch.no_grad():
-        return run.model(**ids).logits
+    return logits_of(run.model, run.tokenizer("hello there", return_tensors="pt"))
 
 
 def test_a_rerun_that_fails_before_training_keeps_the_earlier_run(ip, capsys):

@@ -15,7 +15,7 @@ SETTINGS = {"steps": 3, "batch_size": 8, "metric": "none", "save": False, "preci
 
 
 def test_a_run_that_cannot_fit_is_refused_with_numbers_and_what_to_change(chat_tokenizer, demo_rows, monkeypatch):
-    monkeypatch.setattr(preflight, "available_mb", lambda: 1.0)
+    monkeypatch.setattr(preflight, "device_available_mb", lambda: 1.0)  # RAM on a CPU, GPU memory on a GPU
     base = (tiny_llama(chat_tokenizer), chat_tokenizer)
     with pytest.raises(preflight.OutOfMemory) as caught:
         nbtune.finetune(data=demo_rows, base=base, **SETTINGS)
@@ -80,9 +80,10 @@ def test_processes_sharing_one_machine_each_get_their_share(chat_tokenizer, monk
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(tiny_llama(chat_tokenizer), LoraConfig(r=4, task_type="CAUSAL_LM"))
-    config = RunConfig.parse({"precision": "fp32"})
+    # checkpointing set: nbtune would otherwise turn it on to fit (tests/test_device_policy.py)
+    config = RunConfig.parse({"precision": "fp32", "gradient_checkpointing": False})
     need = preflight.training_need_mb(model, config, longest=64)["total_mb"]
-    monkeypatch.setattr(preflight, "available_mb", lambda: need * 1.5)
+    monkeypatch.setattr(preflight, "device_available_mb", lambda: need * 1.5)
     assert preflight.check_fits(model, config, longest=64)["total_mb"] == pytest.approx(need)  # one process
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # CPU processes share RAM (GPUs do not)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two on this machine: 0.75 x the need each

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama, tiny_mixtral
+from conftest import logits_of, tiny_gpt2, tiny_llama, tiny_mixtral
 
 import nbtune
 from nbtune.engine.models import load_base
@@ -116,9 +116,7 @@ def matrix(_chat_tokenizer, _plain_tokenizer, tiny_model_dir, tmp_path_factory):
 
 def logits(model, tokenizer, text=PROMPT):
     model.eval()
-    ids = tokenizer(text, return_tensors="pt")
-    with torch.no_grad():
-        return model(**ids).logits.float()
+    return logits_of(model, tokenizer(text, return_tensors="pt"))  # on the device runs train on
 
 
 def close(a: torch.Tensor, b: torch.Tensor, tolerance: float = 1e-5) -> bool:
@@ -152,10 +150,10 @@ def test_2_only_the_methods_parameters_change(matrix, case):
     for name, param in run.model.named_parameters():
         original = fresh.get(base_name(name))
         if param.requires_grad:
-            if original is None or not torch.equal(param, original):
+            if original is None or not torch.equal(param.cpu(), original):
                 changed.append(name)
         elif original is not None:
-            assert torch.equal(param, original), f"frozen {name} changed"
+            assert torch.equal(param.cpu(), original), f"frozen {name} changed"
     assert changed, "nothing trainable changed"
 
 

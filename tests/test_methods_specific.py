@@ -56,7 +56,7 @@ def test_neftune_adds_noise_in_training_only_with_every_method(chat_tokenizer, p
     class Probe(NullObserver):
         def on_step(self, run, record):
             embed = run.model.get_input_embeddings()
-            ids = torch.tensor([[3, 4, 5]])
+            ids = torch.tensor([[3, 4, 5]], device=embed.weight.device)
             with torch.no_grad():
                 probes.append(not torch.equal(embed(ids), embed(ids)))  # training mode: noisy, twice different
 
@@ -67,7 +67,7 @@ def test_neftune_adds_noise_in_training_only_with_every_method(chat_tokenizer, p
     assert all(probes), "no NEFTune noise while training"
     embed = run.model.get_input_embeddings()
     embed.train()
-    ids = torch.tensor([[3, 4, 5]])
+    ids = torch.tensor([[3, 4, 5]], device=embed.weight.device)
     assert torch.equal(embed(ids), embed(ids)), "NEFTune noise left on after training"
 
 
@@ -168,7 +168,7 @@ def test_an_interrupt_leaves_no_neftune_noise_behind(llama_base, demo_rows):
     assert run.status == "stopped"
     embed = run.model.get_input_embeddings()
     embed.train()
-    ids = torch.tensor([[3, 4, 5]])
+    ids = torch.tensor([[3, 4, 5]], device=embed.weight.device)
     assert torch.equal(embed(ids), embed(ids))
 
 

@@ -6,18 +6,21 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import logits_of, tiny_llama
 
 import nbtune
-import nbtune.engine.precision as precision
 from nbtune.config import RunConfig
 from nbtune.engine.precision import FP32_ATTENTION, FastDropout, training_speedups
 
 
 @pytest.fixture
 def bf16_hardware(monkeypatch):
+    """This process's device policy, as a CPU with (True) or without (False) native bf16."""
+    from nbtune.engine import device
+
     def set_fast(fast: bool) -> None:
-        monkeypatch.setattr(precision, "bf16_runs_fast", lambda: fast)
+        policy = device.policy_for(device.Device("cpu", bf16=fast))
+        monkeypatch.setattr(device, "current", lambda: policy)
 
     return set_fast
 
@@ -53,7 +56,7 @@ def test_derived_precision_is_re_derived_on_another_machine(bf16_hardware):
 
 
 def test_an_unknown_precision_names_the_field_and_the_choices():
-    with pytest.raises(nbtune.ConfigError, match=r"precision.*bf16.*fp32"):
+    with pytest.raises(nbtune.ConfigError, match=r"precision.*bf16.*fp16.*fp32"):
         RunConfig.parse({"precision": "fp8"})
 
 
@@ -107,7 +110,13 @@ def lora_on_tiny_llama(chat_tokenizer):
     return get_peft_model(model, config)
 
 
-def test_speedups_swap_in_and_restore_dropout_and_attention(chat_tokenizer):
+@pytest.fixture
+def cpu_with_bf16(bf16_hardware):
+    """These speed-ups are the CPU's (engine/device.py): test them under its policy on any machine."""
+    bf16_hardware(True)
+
+
+def test_speedups_swap_in_and_restore_dropout_and_attention(chat_tokenizer, cpu_with_bf16):
     model = lora_on_tiny_llama(chat_tokenizer)
     dropouts = [m for m in model.modules() if type(m) is torch.nn.Dropout]
     assert dropouts and model.config._attn_implementation == "sdpa"
@@ -120,7 +129,7 @@ def test_speedups_swap_in_and_restore_dropout_and_attention(chat_tokenizer):
     assert model.config._attn_implementation == "sdpa"
 
 
-def test_fp32_attention_gives_the_fp32_gradients_under_bf16_autocast(chat_tokenizer):
+def test_fp32_attention_gives_the_fp32_gradients_under_bf16_autocast(chat_tokenizer, cpu_with_bf16):
     model = lora_on_tiny_llama(chat_tokenizer)
     model.train()
     ids = chat_tokenizer(["a short line of text", "another one"], return_tensors="pt", padding=True)
@@ -153,11 +162,11 @@ def test_a_bf16_run_leaves_a_plain_fp32_model_behind(chat_tokenizer, demo_rows):
     ids = chat_tokenizer("hello there", return_tensors="pt")
     run.model.eval()
     untouched.eval()
-    with torch.no_grad(), run.base_disabled():
-        assert torch.equal(run.model(**ids).logits, untouched(**ids).logits)
+    with run.base_disabled():
+        assert torch.equal(logits_of(run.model, ids), logits_of(untouched, ids))
 
 
-def test_the_fp32_attention_keeps_causal_and_padding_masks(chat_tokenizer):
+def test_the_fp32_attention_keeps_causal_and_padding_masks(chat_tokenizer, cpu_with_bf16):
     # transformers builds no mask at all for an attention name without a mask function: compare exactly
     model = tiny_llama(chat_tokenizer).train()
     ids = chat_tokenizer(["a short line of text", "another one"], return_tensors="pt", padding=True)
@@ -166,7 +175,7 @@ def test_the_fp32_attention_keeps_causal_and_padding_masks(chat_tokenizer):
         assert model(**ids, labels=ids["input_ids"]).loss == plain
 
 
-def test_a_small_adapter_contribution_survives_bf16_autocast(chat_tokenizer):
+def test_a_small_adapter_contribution_survives_bf16_autocast(chat_tokenizer, cpu_with_bf16):
     # LoRA's B starts at zero and grows slowly: its first effects are below bf16's resolution of the base
     # layer's output, so a bf16 sum rounds them away; with fp32_sums the layer adds them in fp32.
     model = lora_on_tiny_llama(chat_tokenizer).eval()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import logits_of, tiny_llama
 
 import nbtune
 
@@ -15,9 +15,7 @@ FAST = {"steps": 4, "batch_size": 4, "lr": 1e-2, "metric": "none"}
 
 def _logits(model, tokenizer, text="Convert this date to ISO format (YYYY-MM-DD): 2 June 1999"):
     model.eval()
-    ids = tokenizer(text, return_tensors="pt")
-    with torch.no_grad():
-        return model(**ids).logits
+    return logits_of(model, tokenizer(text, return_tensors="pt"))  # on the device runs train on
 
 
 def test_lora_adapter_loads_in_plain_peft_and_gives_identical_logits(chat_tokenizer, demo_rows, tmp_path):
@@ -94,7 +92,7 @@ def test_full_fine_tuning_changes_every_weight_and_saves_a_loadable_model(chat_t
     run = nbtune.finetune(data=demo_rows, base=(tiny_llama(chat_tokenizer), chat_tokenizer), method="full",
                           output_dir="full", **{**FAST, "lr": 1e-3})
     assert run.metrics["trainable_percent"] == 100.0
-    changed = [n for n, p in run.model.named_parameters() if not torch.equal(p, before[n])]
+    changed = [n for n, p in run.model.named_parameters() if not torch.equal(p.cpu(), before[n].cpu())]
     assert len(changed) == len(before)
     assert (run.saved_to / "model.safetensors").is_file()
     reloaded = AutoModelForCausalLM.from_pretrained(run.saved_to)
@@ -106,7 +104,7 @@ def test_freeze_trains_only_the_top_layers_and_named_modules(chat_tokenizer, dem
     run = nbtune.finetune(data=demo_rows, base=(tiny_llama(chat_tokenizer), chat_tokenizer), method="freeze",
                           trainable_layers=1, trainable_modules=["model.norm"], output_dir="frozen",
                           **{**FAST, "lr": 1e-3})
-    changed = {n for n, p in run.model.named_parameters() if not torch.equal(p, before[n])}
+    changed = {n for n, p in run.model.named_parameters() if not torch.equal(p.cpu(), before[n].cpu())}
     assert changed and all(n.startswith("model.layers.1.") or n == "model.norm.weight" for n in changed)
     assert "model.norm.weight" in changed
     assert not any(n.startswith("model.layers.0.") for n in changed)

@@ -44,7 +44,7 @@ def accelerate_config(*, processes: int, machines: int = 1, machine_rank: int = 
     config: dict[str, Any] = {
         "compute_environment": "LOCAL_MACHINE",
         "distributed_type": distributed if processes > 1 or strategy != "ddp" else "NO",
-        "mixed_precision": "bf16" if precision == "bf16" else "no",
+        "mixed_precision": precision if precision in ("bf16", "fp16") else "no",
         "use_cpu": cpu,
         "debug": False,
         "num_processes": processes,

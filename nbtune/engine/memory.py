@@ -33,8 +33,18 @@ def cuda_mb() -> dict[str, float]:
     }
 
 
+def cuda_peak() -> dict[str, float]:
+    """`cuda_peak_mb`, the most CUDA memory allocated since the run began (see PeakSampler); empty without
+    a GPU."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    return {"cuda_peak_mb": round(torch.cuda.max_memory_allocated() / MB, 1)}
+
+
 class PeakSampler:
-    """Context manager that tracks the peak RSS while its block runs."""
+    """Context manager that tracks the peak RSS while its block runs (and restarts CUDA's peak counter)."""
 
     def __init__(self, interval: float = 0.05) -> None:
         self.interval = interval
@@ -43,6 +53,10 @@ class PeakSampler:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> PeakSampler:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats()  # this run's peak, not the kernel's earlier runs'
         self._thread = threading.Thread(target=self._sample, name="nbtune-rss", daemon=True)
         self._thread.start()
         return self

@@ -81,13 +81,18 @@ def load_base(name: str, *, quantization: str = "none", dtype: str = "float32",
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from nbtune.engine import device
+
+    policy = device.current()
     path = resolve_model(name)
     check_loadable_folder(path, what="model")
     torch_dtype = getattr(torch, dtype)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
+    if policy.attention != "sdpa":  # transformers' default; flash-attention where installed and supported
+        kwargs["attn_implementation"] = policy.attention
     if quantization != "none":
         kwargs["quantization_config"] = _bnb_config(quantization, torch_dtype)
-        kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else "cpu"
+        kwargs["device_map"] = {"": 0} if policy.device.type == "cuda" else "cpu"
     weights = _stored_as(path, torch_dtype) if quantization == "none" else path
     with no_hf_progress_bars():
         try:
@@ -106,8 +111,8 @@ def load_base(name: str, *, quantization: str = "none", dtype: str = "float32",
     model.name_or_path = model.config._name_or_path = str(path)  # adapters name this folder, not a dtype copy
     if quantization == "none" and torch_dtype != torch.float32:
         norms_in_fp32(model)
-    if quantization == "none" and torch.cuda.is_available():
-        model = model.to("cuda")
+    if quantization == "none" and policy.accelerator:
+        model = model.to(policy.device.type)
     return Base(model=model, tokenizer=tokenizer, name=ALIASES.get(name, name), quantization=quantization)
 
 

@@ -6,7 +6,7 @@ On CPUs with AVX512-BF16 / AMX a bf16 matmul measures ~5.5x an fp32 one (`bench/
 the forward), with the weights the optimizer updates kept in fp32. Methods that keep the base frozen
 then also store it in bf16 (half the weight memory, no per-step casts of frozen weights).
 
-    >>> default_precision("none") in ("bf16", "fp32")
+    >>> default_precision("none") in ("bf16", "fp16", "fp32")
     True
 """
 
@@ -20,26 +20,24 @@ from typing import Any
 import torch
 from torch import nn
 
+from nbtune.engine import device
 
-@cache
+
 def bf16_runs_fast() -> bool:
     """Whether this machine runs bf16 matmuls natively: a GPU with bf16, or a CPU with AVX512-BF16 or AMX."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(cpu, name, lambda: False)() for name in checks)
+    return device.current().device.bf16
 
 
 def default_precision(quantization: str) -> str:
-    """bf16 where it is fast; fp32 for quantized bases (bitsandbytes' CPU kernels are fp32-tested)."""
-    return "bf16" if quantization == "none" and bf16_runs_fast() else "fp32"
+    """The device policy's precision (engine/device.py): bf16 where it is native, fp16 on GPUs without
+    bf16, else fp32; a quantized base as bitsandbytes computes it on this device (fp32 on CPUs)."""
+    policy = device.current()
+    return policy.quantized_precision if quantization != "none" else policy.precision
 
 
 def default_dtype(precision: str, frozen_base: bool, quantization: str) -> str:
-    """Storage dtype of the base: bf16 only when it is frozen and computed in bf16 anyway. Weights that
-    train stay fp32 (bf16 weights lose small updates: the optimizer needs fp32 masters)."""
-    return "bfloat16" if precision == "bf16" and frozen_base and quantization == "none" else "float32"
+    """Storage dtype of the base (see `DevicePolicy.base_dtype`)."""
+    return device.current().base_dtype(precision, frozen_base, quantization)
 
 
 # ---------------------------------------------------------------- CPU speed-ups while training
@@ -110,18 +108,21 @@ def training_speedups(model: nn.Module, *, dropout: bool = True, attention: bool
                       fp32_sums: bool = True) -> Iterator[None]:
     """What a run's model gets while it trains (each part measured in `bench/speedups.py`):
 
-    - `fp32_sums` (any device): under bf16 autocast, frozen layers hand their outputs on in fp32, so an
-      adapter's small contribution is added in fp32 instead of rounding away in a bf16 sum;
-    - `dropout` (CPU): `FastDropout` for peft's LoRA dropout;
-    - `attention` (CPU): fp32 SDPA when bf16 gradients are wanted.
+    - `fp32_sums`: under bf16 autocast, frozen layers hand their outputs on in fp32, so an adapter's small
+      contribution is added in fp32 instead of rounding away in a bf16 sum;
+    - `dropout`: `FastDropout` for peft's LoRA dropout;
+    - `attention`: fp32 SDPA when bf16 gradients are wanted.
 
-    All are undone on exit, so the model that is saved, merged or compared afterwards is plain peft /
-    transformers (no nbtune class, hook or attention name ends up in it).
+    Each applies where the device policy says (engine/device.py: on CPUs; a GPU trains without them)
+    and the keyword leaves it on; all are undone on exit, so the model that is saved, merged or compared
+    afterwards is plain peft / transformers (no nbtune class, hook or attention name ends up in it).
     """
+    policy = device.current()
     on_cpu = next(model.parameters()).device.type == "cpu"
-    hooks = _upcast_frozen_outputs(model) if fp32_sums else []
-    swapped = _swap_lora_dropout(model) if dropout and on_cpu else []
-    configs = _sdpa_configs(model) if attention and on_cpu else []
+    undo_liger = _liger_kernels(model) if policy.liger_kernels and not on_cpu else []
+    hooks = _upcast_frozen_outputs(model) if fp32_sums and policy.fp32_sums else []
+    swapped = _swap_lora_dropout(model) if dropout and policy.fast_dropout and on_cpu else []
+    configs = _sdpa_configs(model) if attention and policy.fp32_attention_backward and on_cpu else []
     if configs:
         _register_attention()
     for config in configs:
@@ -135,6 +136,29 @@ def training_speedups(model: nn.Module, *, dropout: bool = True, attention: bool
             holder[key] = original
         for hook in hooks:
             hook.remove()
+        for module, attributes in undo_liger:
+            for key in set(module.__dict__) - attributes:
+                del module.__dict__[key]
+
+
+def _liger_kernels(model: nn.Module) -> list[tuple[nn.Module, set[str]]]:
+    """Liger's fused RMSNorm and SwiGLU Triton kernels on this model's own modules (never on the classes:
+    another model in the process may train on a CPU), for Llama-style decoders; what to undo afterwards.
+    Liger binds its kernels as instance attributes, so removing those attributes restores the modules."""
+    try:
+        from liger_kernel.transformers.monkey_patch import _patch_rms_norm_module, _patch_swiglu_module
+        from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+    except ImportError:  # not installed, or its layout changed: train without it
+        return []
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+    mlps = [m for m in model.modules() if all(hasattr(m, n) for n in ("gate_proj", "up_proj", "down_proj"))
+            and getattr(getattr(m, "config", None), "hidden_act", None) in ("silu", "swish")]
+    before = [(m, set(m.__dict__)) for m in (*norms, *mlps)]
+    for norm in norms:
+        _patch_rms_norm_module(norm, eps=getattr(norm, "variance_epsilon", 1e-6))
+    for mlp in mlps:
+        _patch_swiglu_module(mlp, LigerSwiGLUMLP)
+    return before
 
 
 @contextmanager

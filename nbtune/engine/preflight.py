@@ -69,17 +69,25 @@ def training_need_mb(model: Any, config: Any, longest: int) -> dict[str, float]:
     layers = getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layer", 0)
     need = training_memory_mb(sum(p.numel() for p in model.parameters() if p.requires_grad), hidden, layers,
                               tokens=config.batch_size * min(longest, config.max_length),
-                              value_bytes=2 if config.precision == "bf16" else 4,
+                              value_bytes=2 if config.precision in ("bf16", "fp16") else 4,
                               checkpointing=config.gradient_checkpointing)
     need["total_mb"] = sum(need.values())
     return need
 
 
 def check_fits(model: Any, config: Any, longest: int) -> dict[str, float]:
-    """Raise `OutOfMemory` when training `model` as `config` says cannot fit in what is left."""
+    """Raise `OutOfMemory` when training `model` as `config` says cannot fit in what is left. A run that
+    fits only with gradient checkpointing, which the user left to nbtune, gets it (said in the result)."""
     need = training_need_mb(model, config, longest)
     sharing = processes_sharing_memory()
-    have = available_mb() / sharing
+    have = device_available_mb() / sharing
+    if need["total_mb"] > have and "gradient_checkpointing" in config.derived and not config.gradient_checkpointing:
+        config.gradient_checkpointing = True
+        with_it = training_need_mb(model, config, longest)
+        if with_it["total_mb"] <= have:
+            config.derived["gradient_checkpointing"] = True
+            return {**with_it, "available_mb": have, "checkpointing_chosen": 1.0}
+        config.gradient_checkpointing = False
     if config.memory_check and need["total_mb"] > have:
         each = f" to each of the {sharing} processes sharing this machine's memory" if sharing > 1 else ""
         raise OutOfMemory(
@@ -88,6 +96,17 @@ def check_fits(model: Any, config: Any, longest: int) -> dict[str, float]:
             f"but only {have:,.0f} MB are available{each}. {advice(config)} Or set `memory_check: false` to try "
             "anyway.", field="batch_size")
     return {**need, "available_mb": have}
+
+
+def device_available_mb() -> float:
+    """What the device that trains can still hold: a GPU's free memory, else the machine's (see above)."""
+    from nbtune.engine import device
+
+    if device.current().memory == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info()[0] / MB
+    return available_mb()
 
 
 def processes_sharing_memory() -> int:

@@ -28,7 +28,7 @@ from nbtune.engine.callbacks import remove_neftune
 from nbtune.engine.checkpoints import resume_checkpoint
 from nbtune.engine.distributed import is_main_process
 from nbtune.engine.events import Broadcast, NullObserver, ProgressObserver
-from nbtune.engine.memory import PeakSampler, count_parameters
+from nbtune.engine.memory import PeakSampler, count_parameters, cuda_peak
 from nbtune.engine.models import Base, load_base, norms_in_fp32
 from nbtune.engine.precision import training_speedups
 from nbtune.engine.preflight import check_fits, is_allocator_failure, out_of_memory
@@ -74,6 +74,7 @@ def train_run(run: Run, *, base: Base | tuple[Any, Any] | None = None,
                                                                 memory, checkpoint))
     run._data = None  # the tokenised data is not needed any more
     run.metrics["peak_rss_mb"] = round(peak_mb, 1)
+    run.metrics.update(cuda_peak())
     return _finish_or_interrupted(run, interrupted)
 
 
@@ -180,6 +181,10 @@ def _train(run: Run, base: Any, train_records: Any, eval_records: Any, fmt: str,
     # 5. Will it fit? Refused here with numbers and advice, not killed by the OS half-way.
     estimate = check_fits(model, config, longest=max(train_set["length"], default=1))
     run.metrics["memory_need_mb"] = round(estimate["total_mb"])
+    if estimate.get("checkpointing_chosen"):
+        warnings.warn(f"run {run.name!r} fits in memory only with gradient checkpointing, which is now on "
+                      "(slower steps); set `gradient_checkpointing: false` to refuse that.", NbtuneWarning,
+                      stacklevel=5)
 
     # 6. The loop is transformers' Trainer; RunCallback records history and relays events.
     run._datasets = (train_set, eval_set)

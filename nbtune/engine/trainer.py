@@ -19,16 +19,17 @@ if TYPE_CHECKING:
 
 def make_trainer(run: Run, model: Any, tokenizer: Any, train_set: Any, eval_set: Any,
                   memory: PeakSampler) -> Any:
-    import torch
     from transformers import DataCollatorForSeq2Seq, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+    from nbtune.engine import device
     from nbtune.engine.callbacks import NEFTuneCallback, RunCallback
     from nbtune.engine.checkpoints import run_trainer_class
     from nbtune.engine.distributed import StopTogether
     from nbtune.engine.guards import NonFiniteGuard
 
     config = run.config
+    policy = device.current()
     periodic_eval = bool(config.eval_steps and eval_set is not None)
     args = TrainingArguments(
         output_dir=str(checkpoint_root(run)),
@@ -57,13 +58,14 @@ def make_trainer(run: Run, model: Any, tokenizer: Any, train_set: Any, eval_set:
         train_sampling_strategy="group_by_length",  # batches of similar length waste little padding
         remove_unused_columns=False,  # keep `length` for the sampler; the collator drops it
         activation_checkpointing=config.gradient_checkpointing and run.method.gradient_checkpointing,
-        bf16=config.precision == "bf16",  # autocast around the forward; trainable weights stay fp32
-        use_cpu=not torch.cuda.is_available(),
+        # autocast around the forward (fp16 with the Trainer's loss scaling); trainable weights stay fp32
+        **policy.trainer_precision(config.precision),
+        use_cpu=policy.device.type == "cpu",
         # Several processes: DDP need not search for unused parameters unless experts may go unrouted.
         ddp_find_unused_parameters=_may_skip_parameters(model),
     )
-    multiple = PAD_TO_MULTIPLE_OF if PAD_TO_MULTIPLE_OF or not torch.cuda.is_available() else 8
-    collator = _WithoutLength(DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=multiple))
+    collator = _WithoutLength(DataCollatorForSeq2Seq(tokenizer, padding=True,
+                                                     pad_to_multiple_of=policy.pad_to_multiple_of))
     extra = run.method.make_callbacks(run._ctx, run.total_steps) if run.method.make_callbacks else []
     if config.neftune_alpha:
         extra.append(NEFTuneCallback(config.neftune_alpha))
@@ -81,13 +83,6 @@ def make_trainer(run: Run, model: Any, tokenizer: Any, train_set: Any, eval_set:
     for noisy in (PrinterCallback, ProgressCallback):  # they print every log dict to stdout
         trainer.remove_callback(noisy)
     return trainer
-
-
-# Padding to a multiple of 8 was meant to let oneDNN reuse kernels across shapes; bench/speedups.py measured
-# the opposite on CPU (1.565x vs 1.444x fp32's tokens/s without it, and less memory): rows of ~70 tokens
-# then carry 8% padding instead of 4%. On a GPU, multiples of 8 keep bf16 tensor-core shapes aligned
-# (NVIDIA's guidance; not measured here).
-PAD_TO_MULTIPLE_OF: int | None = None
 
 
 def _may_skip_parameters(model: Any) -> bool:
@@ -137,4 +132,4 @@ class _WithoutLength:
         return self.collator([{k: v for k, v in f.items() if k != "length"} for f in features])
 
 
-__all__ = ["PAD_TO_MULTIPLE_OF", "checkpoint_root", "collect_run_garbage", "make_trainer", "older_objects_frozen"]
+__all__ = ["checkpoint_root", "collect_run_garbage", "make_trainer", "older_objects_frozen"]

@@ -125,8 +125,10 @@ class LivePanel(NullObserver):
 
         rss = rss if rss is not None else rss_mb()
         held = sum(self._split.values())
-        return {"rss_mb": rss, "peak_rss_mb": max(self._peak, rss), **cuda_mb(), **self._split,
-                "activations_mb": max(rss - held, 0.0) if self._split else None}
+        cuda = cuda_mb()  # on a GPU the model, its gradients and activations live there, not in RSS
+        used = cuda.get("cuda_allocated_mb", rss)
+        return {"rss_mb": rss, "peak_rss_mb": max(self._peak, rss), **cuda, **self._split,
+                "activations_mb": max(used - held, 0.0) if self._split else None}
 
     def _on_stop(self, _button: Any) -> None:
         if self._run is not None:

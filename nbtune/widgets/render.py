@@ -104,7 +104,7 @@ def memory_html(memory: dict[str, Any]) -> str:
 
 def metrics_table(metrics: dict[str, Any]) -> str:
     keys = ("trainable_params", "trainable_percent", "train_loss", "eval_loss", "exact_match", "tokens_per_second",
-            "train_seconds", "peak_rss_mb", "processes", "saved_to")
+            "train_seconds", "peak_rss_mb", "cuda_peak_mb", "processes", "saved_to")
     cells = "".join(f"<tr><td>{k}</td><td>{html.escape(_value(metrics[k]))}</td></tr>"
                     for k in keys if metrics.get(k) is not None)
     return f"<table class='nbtune-metrics'>{cells}</table>"
