@@ -75,6 +75,16 @@ def median_min(values: list[float], digits: int = 3) -> dict[str, float]:
     return {"median": round(statistics.median(values), digits), "min": round(min(values), digits)}
 
 
+def encode(tokenizer: Any, row: dict[str, str]) -> dict[str, list[int]]:
+    """A row as a user's script tokenises it: chat template, loss only on the answer's tokens."""
+    prompt = [{"role": "user", "content": row["prompt"]}]
+    full = [*prompt, {"role": "assistant", "content": row["completion"]}]
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(tokenizer.apply_chat_template(full, tokenize=False), add_special_tokens=False)["input_ids"]
+    masked = len(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * masked + ids[masked:]}
+
+
 class StepMeter:
     """Tokens and wall time per optimizer step, measured the same way whoever runs the training loop.
 

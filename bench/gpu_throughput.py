@@ -32,7 +32,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from common import MeterObserver, StepMeter, median_min, report, run_child, versions, vmhwm_mb, write_result
+from common import MeterObserver, StepMeter, encode, median_min, report, run_child, versions, vmhwm_mb, write_result
 
 SHAPES = {"tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                    "num_key_value_heads": 2, "head_dim": 16},
@@ -79,16 +79,6 @@ def rows(kind: str) -> list[dict[str, str]]:
     filler = "The archive lists each entry with its date, its place and the name of the clerk who wrote it. "
     return [{"prompt": filler * 18 + row["prompt"],
              "completion": (row["completion"] + " ") * 6 + "(written as year-month-day)"} for row in train]
-
-
-def encode(tokenizer: Any, row: dict[str, str]) -> dict[str, list[int]]:
-    """A row as a user's script tokenises it: chat template, loss only on the answer's tokens."""
-    prompt = [{"role": "user", "content": row["prompt"]}]
-    full = [*prompt, {"role": "assistant", "content": row["completion"]}]
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(tokenizer.apply_chat_template(full, tokenize=False), add_special_tokens=False)["input_ids"]
-    masked = len(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * masked + ids[masked:]}
 
 
 # ---------------------------------------------------------------- the jobs

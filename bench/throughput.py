@@ -29,23 +29,13 @@ import tempfile
 import warnings
 from typing import Any
 
-from common import MeterObserver, StepMeter, median_min, report, run_child, versions, vmhwm_mb, write_result
+from common import MeterObserver, StepMeter, encode, median_min, report, run_child, versions, vmhwm_mb, write_result
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 LR, SEED = 1e-3, 42
 WARMUP_STEPS = 2  # left out of tokens/s
 LAST_LOSSES = 5  # final train loss = mean of the logged losses of the last 5 steps
 LORA = {"r": 8, "alpha": 16.0, "dropout": 0.05, "target_modules": "all-linear"}
-
-
-def encode(tokenizer: Any, row: dict[str, str]) -> dict[str, list[int]]:
-    """A row as the user's script tokenises it: chat template, loss only on the answer's tokens."""
-    prompt = [{"role": "user", "content": row["prompt"]}]
-    full = [*prompt, {"role": "assistant", "content": row["completion"]}]
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(tokenizer.apply_chat_template(full, tokenize=False), add_special_tokens=False)["input_ids"]
-    masked = len(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * masked + ids[masked:]}
 
 
 def hand_job(rows: list[dict[str, str]], steps: int, batch_size: int, meter: StepMeter) -> tuple[Any, Any]:
