@@ -141,8 +141,8 @@ def detect() -> Device:
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability(0)
         props = torch.cuda.get_device_properties(0)
-        return Device("cuda", name=props.name, bf16=bool(torch.cuda.is_bf16_supported(including_emulation=False))
-                      if _takes_emulation_flag() else major >= 8, fp16=major >= 7, capability=(major, minor),
+        # Native bf16 tensor cores from Ampere (8.0) on; torch's is_bf16_supported also counts emulation.
+        return Device("cuda", name=props.name, bf16=major >= 8, fp16=major >= 7, capability=(major, minor),
                       memory_mb=props.total_memory / 2**20, flash_attention=major >= 8 and _installed("flash_attn"),
                       liger=_installed("liger_kernel"))
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -161,14 +161,6 @@ def current() -> DevicePolicy:
 def with_changes(policy: DevicePolicy, **changes: Any) -> DevicePolicy:
     """`policy` with some choices changed (benchmarks measure one speed-up at a time this way)."""
     return dataclasses.replace(policy, **changes)
-
-
-def _takes_emulation_flag() -> bool:
-    import inspect
-
-    import torch
-
-    return "including_emulation" in inspect.signature(torch.cuda.is_bf16_supported).parameters
 
 
 def _installed(package: str) -> bool:

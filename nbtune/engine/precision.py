@@ -23,11 +23,6 @@ from torch import nn
 from nbtune.engine import device
 
 
-def bf16_runs_fast() -> bool:
-    """Whether this machine runs bf16 matmuls natively: a GPU with bf16, or a CPU with AVX512-BF16 or AMX."""
-    return device.current().device.bf16
-
-
 def default_precision(quantization: str) -> str:
     """The device policy's precision (engine/device.py): bf16 where it is native, fp16 on GPUs without
     bf16, else fp32; a quantized base as bitsandbytes computes it on this device (fp32 on CPUs)."""
@@ -223,5 +218,5 @@ def _sdpa_configs(model: nn.Module) -> list[Any]:
     return [c for c in configs.values() if getattr(c, "_attn_implementation", None) == "sdpa"]
 
 
-__all__ = ["FastDropout", "bf16_runs_fast", "default_dtype", "default_precision", "inference_precision",
+__all__ = ["FastDropout", "default_dtype", "default_precision", "inference_precision",
            "training_speedups"]
