@@ -107,15 +107,13 @@ def base_answers(runs: Sequence[Run], prompts: list[Any], *, max_new_tokens: int
     """The unmodified base model's answers: from a run whose adapter, switched off, leaves exactly its base
     (not a 4-bit or 8-bit one, nor one PiSSA rewrote), else from the process's cached base of the first
     run's model, loaded unquantized. None when that base was passed in memory and no run can show it."""
-    from nbtune.engine.models import ALIASES
-
     for run in runs:
         if run.method.shares_base(run.config.options) and not run._ctx.quantized:
             with run.base_disabled():
                 return generate_texts(run.model, run.tokenizer, prompts, max_new_tokens=max_new_tokens)
     first = runs[0]
-    if first._base_name is not None and first._base_name != ALIASES.get(first.config.model, first.config.model):
-        return None  # a model passed in memory: loading `config.model` could give another model
+    if first.trained_on_a_base_in_memory:
+        return None  # loading `config.model` could give another model
     import dataclasses
 
     from nbtune.engine.workbench import WORKBENCH

@@ -169,12 +169,18 @@ class Run:
             self.tokenizer.save_pretrained(str(tmp))
         return Path(path)
 
+    @property
+    def trained_on_a_base_in_memory(self) -> bool:
+        """Whether the base it trained on was passed in memory, not loaded from `config.model` (which may
+        then be another model entirely)."""
+        from nbtune.engine.models import ALIASES
+
+        return self._base_name is not None and self._base_name != ALIASES.get(self.config.model, self.config.model)
+
     def _check_base_reloadable(self) -> None:
         """Merging a low-precision run reloads its base in fp32 from `config.model`: only if that is the model
         it trained on (a base passed in memory may be any model; merging into another would be wrong)."""
-        from nbtune.engine.models import ALIASES
-
-        if self._base_name is not None and self._base_name != ALIASES.get(self.config.model, self.config.model):
+        if self.trained_on_a_base_in_memory:
             raise NbtuneError(
                 f"run {self.name!r} trained on a base passed in memory ({self._base_name}), in low precision; "
                 "merging needs that base's fp32 weights. Load them yourself and merge there: "
