@@ -115,13 +115,13 @@ def reclaim(target: Any = "all") -> dict[str, float]:
 
         chosen = resolve_runs([target], WORKBENCH.runs)
     for run in chosen:  # all checked before anything is freed: a refusal leaves every run as it was
-        if run._thread is not None and run._thread.is_alive():
+        if run.training_in_background:
             raise NbtuneError(f"run {run.name!r} is still training; stop it before reclaiming its memory.")
     if target == "all":
         WORKBENCH.bases.clear()
         tokenize._CACHE.clear()
     for run in chosen:  # a stopped run's checkpoint is on disk: it stays, and resume() builds the model again
-        run.model, run._datasets = None, None
+        run.release_model()
     _forget_notebook_references()
     gc.collect()
     _give_back_to_os()

@@ -113,7 +113,7 @@ def test_the_trainer_a_run_builds_reads_the_policy(on, llama_base, demo_rows, mo
         seen["args"], seen["collator"] = trainer.args, trainer.data_collator
         return trainer
 
-    monkeypatch.setattr("nbtune.engine.run.make_trainer", spy)
+    monkeypatch.setattr("nbtune.engine.trainer.make_trainer", spy)  # the objective builds it from there
     run = nbtune.finetune(data=demo_rows, base=llama_base, steps=1, batch_size=4, metric="none", save=False)
     assert run.status == "finished"
     assert seen["args"].use_cpu and not seen["args"].bf16 and not seen["args"].fp16

@@ -108,7 +108,7 @@ def test_a_stopped_multi_process_run_resumes_on_every_rank_exactly(chat_tokenize
     run = nbtune.finetune(data=demo_rows, base=(tiny_llama(chat_tokenizer), chat_tokenizer),
                           observers=[StopAt()], **settings)
     assert run.status == "stopped" and 3 <= len(run.history) < 8
-    checkpoint = Path(run._checkpoint)
+    checkpoint = Path(run.checkpoint)
     assert {p.name for p in checkpoint.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
     run.resume()
     assert run.status == "finished" and [r["step"] for r in run.history] == list(range(1, 9))
@@ -125,7 +125,7 @@ def test_a_kernel_interrupt_stops_every_rank_at_the_same_step(chat_tokenizer, de
     run = finetune_interrupted(data=demo_rows, base=(tiny_llama(chat_tokenizer), chat_tokenizer), batch_size=4,
                                num_processes=2, observers=[Interrupt()], **{**EXACT, "steps": 40})
     assert run.status == "stopped" and 2 <= len(run.history) < 40
-    assert run._checkpoint and run.model is not None  # learned weights kept, resumable
+    assert run.checkpoint and run.model is not None  # learned weights kept, resumable
 
 
 def test_a_second_interrupt_ends_the_processes(demo_rows):

@@ -197,7 +197,7 @@ def test_the_step_count_rounds_up_a_last_partial_accumulation(llama_base, demo_r
     run = nbtune.finetune(data=demo_rows[:10], base=llama_base, epochs=1, batch_size=4, grad_accum=2, lr=1e-2,
                           metric="none", save=False)
     assert len(run.history) == run.total_steps == 2
-    assert run._ctx.total_steps == 2  # what AdaLoRA would schedule on
+    assert run.context.total_steps == 2  # what AdaLoRA would schedule on
 
 
 @pytest.mark.parametrize(("settings", "match"), [

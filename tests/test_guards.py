@@ -68,9 +68,14 @@ def test_skip_still_stops_when_every_step_is_bad(chat_tokenizer, demo_rows):
     assert run.status == "failed" and len(run.history) == 10
 
 
-def test_the_optimizer_gets_its_own_step_back(chat_tokenizer, demo_rows):
-    run = nbtune.finetune(data=demo_rows, base=(tiny_llama(chat_tokenizer), chat_tokenizer), **SETTINGS)
-    assert run._guard._restore is None
+def test_the_optimizer_gets_its_own_step_back(chat_tokenizer, demo_rows, monkeypatch):
+    from nbtune.engine import guards
+
+    made, install = [], guards.NonFiniteGuard.on_train_begin
+    monkeypatch.setattr(guards.NonFiniteGuard, "on_train_begin",
+                        lambda self, *args, **kwargs: (made.append(self), install(self, *args, **kwargs))[1])
+    nbtune.finetune(data=demo_rows, base=(tiny_llama(chat_tokenizer), chat_tokenizer), **SETTINGS)
+    assert made and all(guard._restore is None for guard in made)
 
 
 class InterruptAt:
@@ -87,7 +92,7 @@ def test_a_keyboard_interrupt_stops_keeps_state_and_resumes_exactly(chat_tokeniz
     whole = nbtune.finetune(data=demo_rows, base=(tiny_llama(chat_tokenizer), chat_tokenizer), **SETTINGS)
     part = finetune_interrupted(data=demo_rows, base=(tiny_llama(chat_tokenizer), chat_tokenizer),
                                 observers=[InterruptAt(at)], **SETTINGS)
-    assert part.status == "stopped" and len(part.history) == at and part._checkpoint
+    assert part.status == "stopped" and len(part.history) == at and part.checkpoint
     part.resume()
     assert [r["loss"] for r in part.history] == [r["loss"] for r in whole.history]
     for (name, a), b in zip(part.model.named_parameters(), whole.model.parameters(), strict=True):

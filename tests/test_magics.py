@@ -321,7 +321,7 @@ def test_a_background_cells_run_line_updates_when_the_run_ends(ip, monkeypatch):
     first, last = published[0], published[-1]
     assert "<Run 'bg'" in first[0] and "finished" not in first[0] and not first[2]  # shown as the cell returned
     assert last[2] and last[1] == first[1] and "finished" in last[0]  # the same line, updated in place
-    assert not any(type(o).__name__ == "_Refresh" for o in runs()["bg"]._observers.observers)  # detached
+    assert not any(type(o).__name__ == "_Refresh" for o in runs()["bg"].observers)  # detached
 
 
 def test_a_finished_run_is_shown_once_and_not_watched(ip, monkeypatch):
@@ -329,7 +329,7 @@ def test_a_finished_run_is_shown_once_and_not_watched(ip, monkeypatch):
     monkeypatch.setattr(ip.display_pub, "publish", lambda data, **kw: published.append(data.get("text/plain", "")))
     ip.run_cell("%%finetune fg --no-panel\n" + CELL)
     assert len([p for p in published if "<Run 'fg'" in p]) == 1 and "finished" in published[-1]
-    assert len(runs()["fg"]._observers.observers) == 1  # just the cell's own progress observer
+    assert len(runs()["fg"].observers) == 1  # just the cell's own progress observer
 
 
 def test_reclaim_all_refused_for_a_training_run_frees_nothing(ip):

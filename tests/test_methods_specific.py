@@ -36,7 +36,7 @@ def test_loraplus_puts_the_b_matrices_on_a_higher_learning_rate(llama_base, demo
     class Args:  # the two TrainingArguments fields the optimizer factory reads
         learning_rate, weight_decay = 1e-3, 0.0
 
-    groups = _loraplus_optimizer(run.model, Args(), run._ctx).param_groups
+    groups = _loraplus_optimizer(run.model, Args(), run.context).param_groups
     lrs = sorted({g["lr"] for g in groups if g["params"]})
     assert lrs == [pytest.approx(1e-3), pytest.approx(8e-3)]
     b_ids = {id(p) for n, p in run.model.named_parameters() if "lora_B" in n}

@@ -82,7 +82,7 @@ def test_an_interrupt_keeps_the_stopped_run_and_stops_a_loop_of_runs(llama_base,
 
 def test_an_interrupt_before_the_first_step_trains_nothing_and_keeps_the_earlier_run(tiny_model_dir, demo_rows,
                                                                                      monkeypatch):
-    import nbtune.engine.run as engine_run
+    import nbtune.data
 
     common = {**FAST, "model": str(tiny_model_dir), "data": demo_rows, "name": "same"}
     earlier = nbtune.finetune(common)
@@ -90,7 +90,7 @@ def test_an_interrupt_before_the_first_step_trains_nothing_and_keeps_the_earlier
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine_run, "tokenize_dataset", interrupted)
+    monkeypatch.setattr(nbtune.data, "tokenize_dataset", interrupted)  # the objective's tokenising step
     with pytest.raises(nbtune.errors.RunInterrupted, match="before its first step"):
         nbtune.finetune(common)
     assert nbtune.runs["same"] is earlier and earlier.model is not None
@@ -190,8 +190,10 @@ def test_the_ledger_says_a_run_still_loading_is_loading(tiny_model_dir, demo_row
     from nbtune.engine.run import start_run
     from nbtune.engine.workbench import WORKBENCH
 
+    from nbtune.engine.result import set_status
+
     run = start_run({**FAST, "model": str(tiny_model_dir), "data": demo_rows, "name": "arriving"})
-    run.status = "running"
+    set_status(run, "running")
     WORKBENCH.runs["arriving"] = run
     assert nbtune.ledger()[-1] == {"holder": "arriving", "kind": "loading", "mb": 0.0}
 
@@ -229,7 +231,7 @@ def test_stop_then_wait_always_returns(tiny_model_dir, demo_rows):
         time.sleep(chance.choice([0.0, 0.05, 0.3, 1.0]))
         run.stop()
         _wait_or_dump(run, f"cycle {cycle}")
-        if run.status == "stopped" and run._checkpoint:
+        if run.status == "stopped" and run.checkpoint:
             nbtune.engine.workbench.WORKBENCH.resume(run.name, background=True)
             run.stop()  # at once, as a user pressing Stop right after resuming
             _wait_or_dump(run, f"cycle {cycle}, after resume")
@@ -238,7 +240,7 @@ def test_stop_then_wait_always_returns(tiny_model_dir, demo_rows):
 
 def _wait_or_dump(run, what):
     run.wait(60)
-    if run._thread is not None and run._thread.is_alive():
+    if run.training_in_background:
         frames = "\n".join(f"--- {t.name}\n{_stack(t)}" for t in threading.enumerate())
         run.stop()
         pytest.fail(f"{what}: run.wait(60) did not return ({run.status}, {len(run.history)} steps)\n{frames}")

@@ -27,7 +27,7 @@ def is_plain_lora(run: Run) -> bool:
     config = getattr(run.model, "peft_config", {}).get("default")
     return (config is not None and getattr(config, "peft_type", None) is not None
             and config.peft_type.value == "LORA" and not config.use_dora
-            and run.method.shares_base(run.config.options) and not run._ctx.quantized)
+            and run.method.shares_base(run.config.options) and not run.context.quantized)
 
 
 def adapter_name(index: int) -> str:
@@ -73,7 +73,7 @@ def _why_not_plain(run: Run) -> str:
     config = getattr(run.model, "peft_config", {}).get("default")
     if getattr(config, "use_dora", False):
         return "dora"
-    if run._ctx.quantized:
+    if run.context.quantized:
         return f"on a {run.config.quantization} base"
     if not run.method.shares_base(run.config.options):
         return f"{run.method.name} with an init that rewrites the base"
@@ -83,7 +83,7 @@ def _why_not_plain(run: Run) -> str:
 def _refuse_mixed_bases(runs: Sequence[Run]) -> None:
     # Every adapter is loaded onto the first run's base: one trained on another model would combine
     # without complaint (same shapes) or fail inside torch (other shapes).
-    bases = {r.name: f"{r._base_name or r.config.model} in {r.config.dtype}" for r in runs}
+    bases = {r.name: f"{r.base_name or r.config.model} in {r.config.dtype}" for r in runs}
     if len(set(bases.values())) > 1:
         listed = ", ".join(f"{name!r} on {base}" for name, base in bases.items())
         raise NbtuneError(f"combine needs runs of one base, and these trained on different ones ({listed}).")
@@ -91,7 +91,7 @@ def _refuse_mixed_bases(runs: Sequence[Run]) -> None:
 
 def _unwrapped_base(run: Run) -> Any:
     """The run's base model without its LoRA layers: a view with the adapter modules taken out."""
-    from nbtune.engine.workbench import shared_view
+    from nbtune.engine.models import shared_view
 
     view = shared_view(run.model)
     return view.unload()  # peft: replace each LoRA layer by its base layer (weights shared, not merged)
@@ -186,14 +186,11 @@ def combine(runs: Sequence[Run], weights: Sequence[float], *, how: str = "linear
         stack.delete_adapter(adapter)
     _adapter_in_fp32(stack)
     stack.eval()  # peft adds the combined adapter's dropout in training mode
-    from nbtune.engine.events import Broadcast, NullObserver
-
     first = runs[0]
     # Its own name and folder: with the first run's config it would save over that run's adapter.
     config = dataclasses.replace(first.config, name=name, output_dir=None)
-    combined = Run(config, first.method, first._ctx, Broadcast([NullObserver()]))
-    combined.status = "combined"
-    combined._base_name = first._base_name
+    combined = Run(config, first.method, first.context, status="combined")
+    combined.base_name = first.base_name
     combined.model, combined.tokenizer = stack, first.tokenizer
     combined.metrics = {"combined_from": [r.name for r in runs], "weights": list(weights), "how": how,
                         "trainable_params": first.metrics.get("trainable_params")}

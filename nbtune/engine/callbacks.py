@@ -53,7 +53,7 @@ class RunCallback(TrainerCallback):
             "elapsed_seconds": now - self._started,
             "rss_mb": self.sampler.observe(),
             **cuda_mb(),
-            **self.run._ctx.step_metrics,
+            **self.run.context.step_metrics,
         }
         self.run.history.append(record)
         self._last_time, self._last_tokens = now, state.num_input_tokens_seen

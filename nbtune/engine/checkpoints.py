@@ -153,21 +153,29 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def resume_checkpoint(run: Run, where: str | Path) -> str:
+def checkpoint_root(config: Any, scratch: Path) -> Path:
+    """Where the Trainer's checkpoints go: beside the run's output when they are periodic (they must
+    outlive the process), else the run's `scratch` folder (a Stop's checkpoint is for `resume()` here)."""
+    if config.checkpoint_steps:  # beside the output folder, which the final save replaces whole
+        out = config.resolved_output_dir
+        return out.with_name(out.name + "-checkpoints")
+    return scratch / "trainer"  # all ranks of a run write into one
+
+
+def resume_checkpoint(run: Run, where: str | Path, scratch: Path | None = None) -> str:
     """The verified checkpoint to resume `run` from: the newest good one under its checkpoint folder
     ("latest"), or `where` itself, or, when `where` is damaged, the newest good one before it; refused
-    when the run's settings cannot continue it (see `check_compatible`)."""
-    folder = _find_checkpoint(run, where)
+    when the run's settings cannot continue it (see `check_compatible`). `scratch`: the run's scratch
+    folder (its method's by default), where checkpoints go when they are not periodic."""
+    folder = _find_checkpoint(run, where, scratch or run.context.workdir)
     for warning in check_compatible(folder, run.config):
         warnings.warn(warning, NbtuneWarning, stacklevel=3)
     return str(folder)
 
 
-def _find_checkpoint(run: Run, where: str | Path) -> Path:
-    from nbtune.engine.trainer import checkpoint_root
-
+def _find_checkpoint(run: Run, where: str | Path, scratch: Path) -> Path:
     if str(where) == "latest":
-        root = checkpoint_root(run)
+        root = checkpoint_root(run.config, scratch)
         found = latest_good(root) if root.is_dir() else None
         if found is None:
             hint = "" if run.config.checkpoint_steps else " (set `checkpoint_steps` so that runs leave some)"
@@ -235,5 +243,5 @@ def run_trainer_class() -> type:
     return type("RunTrainer", (AtomicCheckpoints, DataOrder, AnswerOnlyLossTrainer), {})
 
 
-__all__ = ["AtomicCheckpoints", "check_compatible", "latest_good", "prune", "publish", "resume_checkpoint",
-           "run_trainer_class", "verify"]
+__all__ = ["AtomicCheckpoints", "check_compatible", "checkpoint_root", "latest_good", "prune", "publish",
+           "resume_checkpoint", "run_trainer_class", "verify"]

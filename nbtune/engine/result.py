@@ -11,21 +11,58 @@ import contextlib
 import json
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nbtune.engine.events import Broadcast
 from nbtune.engine.generation import Prompt, exact_match, generate_texts
 from nbtune.engine.quiet import no_hf_progress_bars
 from nbtune.engine.saving import atomic_directory, write_json
-from nbtune.errors import NbtuneError
+from nbtune.errors import NbtuneError, RunInterrupted
 
 if TYPE_CHECKING:
     from nbtune.config import RunConfig
-    from nbtune.engine.events import Broadcast
     from nbtune.methods.registry import MethodContext, MethodSpec
 
-STATUSES = ("pending", "running", "finished", "stopped", "failed")
+STATUSES = ("pending", "running", "finished", "stopped", "failed", "combined")
+
+
+def set_status(run: Run, status: str, error: str | None = None) -> None:
+    """The one way a run's status changes (the pipeline's steps, a launch's outcome); `error` says why a
+    failed run failed."""
+    run._status = _checked(status)
+    if error is not None:
+        run.error = error
+
+
+def fail(run: Run, exc: BaseException, error: str | None = None) -> None:
+    """Mark `run` failed (with `error`, else the exception's one line), let its training state go (nothing is
+    left to continue), and tell its observers."""
+    said = str(exc) if isinstance(exc, NbtuneError) else f"{type(exc).__name__}: {exc}"  # ours name the fix
+    set_status(run, "failed", error or said)
+    run._session = None
+    run.emit("on_error", exc)
+
+
+@contextlib.contextmanager
+def failure_recorded(run: Run) -> Iterator[None]:
+    """Inside: an exception that ends a pending or running run marks it failed, then goes on up. An interrupt
+    that kept the run (`RunInterrupted`) is no failure."""
+    try:
+        yield
+    except RunInterrupted:
+        raise
+    except BaseException as exc:
+        if run.status in ("pending", "running"):
+            fail(run, exc)
+        raise
+
+
+def _checked(status: str) -> str:
+    if status not in STATUSES:
+        raise ValueError(f"unknown run status {status!r}; one of {', '.join(STATUSES)}")
+    return status
 
 
 class History(list):
@@ -39,14 +76,24 @@ class History(list):
 
 
 class Run:
-    """A fine-tuning run: config, status, history, metrics, and the trained model."""
+    """A fine-tuning run: config, status, history, metrics, and the trained model.
 
-    def __init__(self, config: RunConfig, method: MethodSpec, ctx: MethodContext, observers: Broadcast) -> None:
+    A record: what it says stays true after training ends, and it is all public. What exists only while a
+    run trains or may resume (data, tokenised sets, the Trainer's checkpoint, the divergence guard) lives in
+    the pipeline's training session (`engine/run.py`), which the run merely holds on to.
+    """
+
+    def __init__(self, config: RunConfig, method: MethodSpec, context: MethodContext, *,
+                 observers: Iterable[Any] = (), status: str = "pending") -> None:
         self.name: str = str(config.name)
         self.id = uuid.uuid4().hex  # which run a saved folder holds: a newer run of the same name overwrites it
         self.config = config
         self.method = method
-        self.status = "pending"
+        # What the method sees: options, its scratch folder (PiSSA's initial adapter, needed to save), whether
+        # the base is quantized. Saving and merging need it as long as the run lives.
+        self.context = context
+        self.base_name: str | None = None  # the Base it trained on ("in-memory" for a caller's model)
+        self._status = _checked(status)
         self.history = History()
         self.eval_history: list[dict[str, Any]] = []
         self.metrics: dict[str, Any] = {}
@@ -56,22 +103,44 @@ class Run:
         self.model: Any = None
         self.tokenizer: Any = None
         self.eval_pairs: list[tuple[list[dict[str, str]], str]] = []
-        self._ctx = ctx
-        self._base_name: str | None = None  # the Base's name it trained on ("in-memory" for a caller's model)
-        self._observers = observers
+        self._observers = Broadcast(list(observers))
         self._stop = threading.Event()
-        self._data: Any = None  # (train, eval, format) between start and training
-        self._thread: threading.Thread | None = None  # set when training in the background
-        self._datasets: Any = None  # tokenised (train, eval), kept while the run may resume
-        self._checkpoint: str | None = None  # the Trainer checkpoint a stopped run resumes from
-        self._guard: Any = None  # the divergence guard of the current Trainer (engine/guards.py)
-        # Several processes (engine/distributed.py): the scratch folder all ranks share, the kernel's Stop
-        # as every rank sees it, and how the kernel gets a pristine base to relaunch on (resume).
-        self._shared_dir: Path | None = None
-        self._cross_process_stop: Any = None
-        self._base_factory: Any = None
+        self._thread: threading.Thread | None = None  # set by the pipeline when training in the background
+        self._session: Any = None  # the pipeline's training session (engine/run.py), while it trains or may resume
 
-    # ------------------------------------------------------------ control
+    # ------------------------------------------------------------ state
+    @property
+    def status(self) -> str:
+        """pending, running, finished, stopped, failed, or combined (`nbtune.combine`); see `set_status`."""
+        return self._status
+
+    @property
+    def checkpoint(self) -> str | None:
+        """The Trainer checkpoint a stopped run resumes from (None when there is none to resume from)."""
+        return getattr(self._session, "checkpoint", None)
+
+    @property
+    def training_in_background(self) -> bool:
+        """True while a background thread trains (or resumes) this run."""
+        return self._thread is not None and self._thread.is_alive()
+
+    # ------------------------------------------------------------ observers and control
+    def observe(self, *observers: Any, replace: bool = False) -> None:
+        """Send this run's events to `observers` too (or only to them: `replace=True`); see engine/events.py."""
+        self._observers.observers[:] = [*([] if replace else self._observers.observers), *observers]
+
+    def unobserve(self, observer: Any) -> None:
+        """Stop sending events to `observer` (no error if it was not observing)."""
+        if observer in self._observers.observers:
+            self._observers.observers.remove(observer)
+
+    @property
+    def observers(self) -> tuple[Any, ...]:
+        return tuple(self._observers.observers)
+
+    def emit(self, event: str, *args: Any) -> None:
+        self._observers.emit(event, self, *args)
+
     def stop(self) -> None:
         """Ask training to end after the current step (thread-safe: a Stop button may call it)."""
         self._stop.set()
@@ -82,9 +151,12 @@ class Run:
 
     def resume(self) -> Run:
         """Continue a stopped run where it stopped (weights, optimizer, schedule, data order) to its end."""
-        from nbtune.engine.run import resume_run
-
-        return resume_run(self)
+        if self._session is None:  # finished, failed, loaded from a folder or combined: nothing to continue
+            loaded = (" (a run loaded from a folder continues with nbtune.finetune(run.config, "
+                      "resume_from=CHECKPOINT_FOLDER))" if self.status == "stopped" else "")
+            raise NbtuneError(f"run {self.name!r} is {self.status}; only a stopped run of this kernel with steps left "
+                              f"can resume{loaded}.")
+        return self._session.resume()
 
     def wait(self, timeout: float | None = None) -> Run:
         """Block until a background run ends (or `timeout` seconds pass); returns the run."""
@@ -92,14 +164,17 @@ class Run:
             self._thread.join(timeout)
         return self
 
-    def emit(self, event: str, *args: Any) -> None:
-        self._observers.emit(event, self, *args)
+    def release_model(self) -> None:
+        """Let the model go (what `nbtune.reclaim` does); a stopped run resumes by building it again."""
+        self.model = None
+        if self._session is not None:
+            self._session.release()
 
     # ------------------------------------------------------------ using the model
     def generate(self, prompt: Prompt | Sequence[Prompt], *, max_new_tokens: int = 128,
                  **generate_kwargs: Any) -> str | list[str]:
         """Answer a prompt (string or chat messages), or a list of prompts, with the trained model."""
-        self._need_model()
+        self.require_model()
         single = not isinstance(prompt, (list, tuple)) or (bool(prompt) and isinstance(prompt[0], dict))
         prompts = [prompt] if single else list(prompt)
         answers = generate_texts(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
@@ -108,7 +183,7 @@ class Run:
 
     def evaluate(self, *, samples: int | None = None, use_adapter: bool = True) -> dict[str, float]:
         """Exact match of generated answers on the eval examples; `use_adapter=False` scores the base."""
-        self._need_model()
+        self.require_model()
         if not self.eval_pairs:
             raise NbtuneError("this run has no eval data with answers; set `eval_data` or `eval_split`.",
                               field="eval_data")
@@ -122,7 +197,7 @@ class Run:
 
     def base_disabled(self) -> contextlib.AbstractContextManager[Any]:
         """`with run.base_disabled():` the model computes what the base model computes."""
-        self._need_model()
+        self.require_model()
         return self.method.disabled(self.model)
 
     def merge(self) -> Any:
@@ -134,8 +209,8 @@ class Run:
         """
         import copy
 
-        self._need_model()
-        if self._ctx.quantized and self.method.adapter:
+        self.require_model()
+        if self.context.quantized and self.method.adapter:
             raise NbtuneError(
                 f"run {self.name!r} has a {self.config.quantization} base: merging would re-quantize the "
                 "update away. Save the adapter, load the base unquantized (nbtune.load(path, "
@@ -150,7 +225,7 @@ class Run:
         A run on a 4-bit, 8-bit or bf16 base is merged into its base loaded afresh in fp32 (dequantise,
         then merge), since merging into the low-precision weights would round much of the update away.
         """
-        self._need_model()
+        self.require_model()
         target = Path(path).expanduser()
         if target.exists() and (not (target / "config.json").is_file() or (target / "run.json").exists()):
             what = "a saved run" if (target / "run.json").exists() else "not a model nbtune exported"
@@ -158,7 +233,7 @@ class Run:
                               "(nbtune only replaces an earlier export).", field="path")
         if not self.method.adapter:
             model = self.model  # full/freeze/bitfit: the weights are already the merged model
-        elif self._ctx.quantized or _holds_low_precision(self.model):
+        elif self.context.quantized or _holds_low_precision(self.model):
             self.method.check_mergeable()  # before loading a base to merge into
             self._check_base_reloadable()
             model = self.method.merged(self._full_precision_copy())
@@ -175,14 +250,14 @@ class Run:
         then be another model entirely)."""
         from nbtune.engine.models import ALIASES
 
-        return self._base_name is not None and self._base_name != ALIASES.get(self.config.model, self.config.model)
+        return self.base_name is not None and self.base_name != ALIASES.get(self.config.model, self.config.model)
 
     def _check_base_reloadable(self) -> None:
         """Merging a low-precision run reloads its base in fp32 from `config.model`: only if that is the model
         it trained on (a base passed in memory may be any model; merging into another would be wrong)."""
         if self.trained_on_a_base_in_memory:
             raise NbtuneError(
-                f"run {self.name!r} trained on a base passed in memory ({self._base_name}), in low precision; "
+                f"run {self.name!r} trained on a base passed in memory ({self.base_name}), in low precision; "
                 "merging needs that base's fp32 weights. Load them yourself and merge there: "
                 "nbtune.load(run.save(path), base=(fp32_model, tokenizer)).merge_and_export(...).",
                 field="model")
@@ -194,7 +269,7 @@ class Run:
 
         base = load_base(self.config.model, quantization="none", dtype="float32")
         with tempfile.TemporaryDirectory(prefix="nbtune-merge-") as folder:
-            self.method.save(self.model, Path(folder), self._ctx) if self.method.save else \
+            self.method.save(self.model, Path(folder), self.context) if self.method.save else \
                 self.model.save_pretrained(folder)
             return self.method.load_trained(base.model, Path(folder))
 
@@ -253,11 +328,11 @@ class Run:
     # ------------------------------------------------------------ saving
     def save(self, path: str | Path | None = None) -> Path:
         """Write the adapter (or weights), tokenizer and run.json to `path` atomically; returns the path."""
-        self._need_model()
+        self.require_model()
         target = Path(path).expanduser() if path is not None else self.config.resolved_output_dir
         with atomic_directory(target, replaceable="run.json") as tmp, no_hf_progress_bars():
             if self.method.save is not None:
-                self.method.save(self.model, tmp, self._ctx)
+                self.method.save(self.model, tmp, self.context)
             else:
                 self.model.save_pretrained(str(tmp))
             self.tokenizer.save_pretrained(str(tmp))
@@ -294,7 +369,8 @@ class Run:
         return "<" + ", ".join(parts) + ">"
 
     # ------------------------------------------------------------ helpers
-    def _need_model(self) -> None:
+    def require_model(self) -> None:
+        """Raise a one-line `NbtuneError` saying why, and what to do, unless the run holds its model."""
         if self.model is not None:
             return
         if self.status in ("pending", "running"):

@@ -10,32 +10,67 @@ missing data file fails in milliseconds, before a single weight is read.
 
 from __future__ import annotations
 
-import math
 import shutil
 import tempfile
 import threading
 import time
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from nbtune.config import RunConfig
-from nbtune.data import prepare_tokenizer, prompts_and_answers, tokenize_dataset
-from nbtune.data.splits import data_key, read_data
+from nbtune.data import prepare_tokenizer, prompts_and_answers
+from nbtune.data.splits import read_data
 from nbtune.engine.callbacks import remove_neftune
 from nbtune.engine.checkpoints import resume_checkpoint
 from nbtune.engine.distributed import is_main_process
-from nbtune.engine.events import Broadcast, NullObserver, ProgressObserver
+from nbtune.engine.events import NullObserver, ProgressObserver
+from nbtune.engine.guards import NonFiniteGuard
 from nbtune.engine.memory import PeakSampler, count_parameters, cuda_peak
-from nbtune.engine.models import Base, load_base, norms_in_fp32
+from nbtune.engine.models import Base, as_base, check_callers_base, load_base, norms_in_fp32
+from nbtune.engine.objectives import objective_for
 from nbtune.engine.precision import training_speedups
 from nbtune.engine.preflight import check_fits, is_allocator_failure, out_of_memory
-from nbtune.engine.result import Run
-from nbtune.engine.trainer import collect_run_garbage, make_trainer, older_objects_frozen
-from nbtune.errors import ConfigError, NbtuneError, NbtuneWarning, RunInterrupted
+from nbtune.engine.result import Run, fail, failure_recorded, set_status
+from nbtune.engine.trainer import collect_run_garbage, expected_steps, older_objects_frozen, release_from_trainer
+from nbtune.errors import NbtuneError, NbtuneWarning, RunInterrupted
 from nbtune.methods import MethodContext, get_method
+
+
+@dataclass
+class TrainingSession:
+    """What exists only while a run trains or may resume, owned by this module (as torchtune's recipe owns
+    its training state): `start_run` creates it, a run that ends finished or failed drops it, a stopped run
+    keeps it to resume from. The `Run` itself is the record the user keeps."""
+
+    run: Run
+    data: tuple[Any, Any, str] | None  # (train records, eval records, format), until tokenised
+    datasets: tuple[Any, Any] | None = None  # tokenised (train, eval), kept while the run may resume in memory
+    checkpoint: str | None = None  # the Trainer checkpoint a stopped run resumes from
+    guard: NonFiniteGuard | None = None  # the current Trainer's divergence guard (engine/guards.py)
+    rebuild_base: Callable[[], Base] | None = None  # a pristine base, to build the model again after a reclaim
+    shared_dir: Path | None = None  # several processes: the folder all ranks write Trainer checkpoints into
+    shared_stop: Any = None  # several processes: the kernel's Stop as every rank sees it
+
+    @property
+    def scratch(self) -> Path:
+        return self.shared_dir or self.run.context.workdir
+
+    def resume(self) -> Run:
+        return resume_run(self.run)
+
+    def release(self) -> None:
+        self.datasets = None  # a resume after a reclaim tokenises again
+
+
+def session_of(run: Run) -> TrainingSession:
+    """`run`'s training session; a run without one (finished, loaded, combined) has nothing to train."""
+    if run._session is None:
+        raise NbtuneError(f"run {run.name!r} is {run.status}; it has no training to start or continue.")
+    return run._session
 
 
 def start_run(config: RunConfig | dict[str, Any] | str | None = None, *, observers: Iterable[Any] = (),
@@ -50,49 +85,52 @@ def start_run(config: RunConfig | dict[str, Any] | str | None = None, *, observe
     workdir = Path(tempfile.mkdtemp(prefix=f"nbtune-{config.name}-"))
     ctx = MethodContext(options=config.options, config=config, workdir=workdir,
                         quantized=config.quantization != "none")
-    run = Run(config, method, ctx, Broadcast(watchers))
-    run._data = data
+    run = Run(config, method, ctx, observers=watchers)
+    run._session = TrainingSession(run, data)
     weakref.finalize(run, shutil.rmtree, workdir, True)  # PiSSA's initial adapter etc. live until the run dies
     return run
 
 
-def train_run(run: Run, *, base: Base | tuple[Any, Any] | None = None,
-              resume_from: str | Path | None = None) -> Run:
+def train_run(run: Run, *, base: Base | tuple[Any, Any] | None = None, resume_from: str | Path | None = None,
+              rebuild_base: Callable[[], Base] | None = None) -> Run:
     """Load (or take) the base, prepare the method, train with the Trainer, evaluate and save `run`.
 
+    `rebuild_base()` gives a pristine base again, for a resume after `nbtune.reclaim` let the model go.
     An interrupt (Ctrl-C, the kernel's ■) keeps what the run learned (stopped, resumable) and is then
     raised again as `RunInterrupted`: a loop of runs, a script, or a notebook's queued cells stop too.
     """
     from nbtune.engine import distributed
 
-    train_records, eval_records, fmt = run._data
-    checkpoint = resume_checkpoint(run, resume_from) if resume_from is not None else None  # before any load
-    run.status = "running"
+    session = session_of(run)
+    session.rebuild_base = rebuild_base or session.rebuild_base
+    with failure_recorded(run):
+        checkpoint = (resume_checkpoint(run, resume_from, session.scratch) if resume_from is not None
+                      else None)  # before any load
+    set_status(run, "running")
     if run.config.num_processes > 1 and not distributed.launched():
         return _launch(run, base, checkpoint)
-    interrupted, peak_mb = _guarded(run, lambda memory: _train(run, base, train_records, eval_records, fmt,
-                                                                memory, checkpoint))
-    run._data = None  # the tokenised data is not needed any more
+    interrupted, peak_mb = _guarded(run, lambda memory: _train(run, session, base, memory, checkpoint))
+    session.data = None  # the records are tokenised by now
     run.metrics["peak_rss_mb"] = round(peak_mb, 1)
     run.metrics.update(cuda_peak())
     return _finish_or_interrupted(run, interrupted)
 
 
-def _guarded(run: Run, train: Any) -> tuple[bool, float]:
+def _guarded(run: Run, train: Callable[[PeakSampler], bool]) -> tuple[bool, float]:
     """`train(memory)` with its failure recorded on the run: (interrupted, peak memory in MB)."""
     try:
         with PeakSampler() as memory:
             interrupted = train(memory)
     except KeyboardInterrupt as exc:
         if not run.history:  # while loading or tokenising: nothing learned, nothing to keep
-            _fail(run, exc, "interrupted before its first step")
+            fail(run, exc, "interrupted before its first step")
             raise RunInterrupted(f"run {run.name!r} was interrupted before its first step; nothing trained.",
                                  run) from None
         # after training, in the loss evaluation or a Stop's checkpoint: what it learned stays
-        run.status = "finished" if run.history[-1]["step"] >= run.total_steps else "stopped"
+        set_status(run, "finished" if run.history[-1]["step"] >= run.total_steps else "stopped")
         interrupted = True
     except BaseException as exc:
-        _fail(run, exc)
+        fail(run, exc)
         raise
     return interrupted, memory.peak_mb
 
@@ -103,14 +141,11 @@ def _finish_or_interrupted(run: Run, interrupted: bool) -> Run:
     except KeyboardInterrupt:  # during the final evaluation or save: the training itself is complete
         run.emit("on_run_end")
         interrupted = True
+    if run.status != "stopped":  # finished or failed: nothing left to continue
+        run._session = None
     if interrupted:
         raise interrupted_error(run)
     return run
-
-
-def _fail(run: Run, exc: BaseException, error: str | None = None) -> None:
-    run.status, run.error = "failed", error or f"{type(exc).__name__}: {exc}"
-    run.emit("on_error", exc)
 
 
 def interrupted_error(run: Run) -> RunInterrupted:
@@ -128,53 +163,53 @@ def _launch(run: Run, base: Base | tuple[Any, Any] | None, checkpoint: str | Non
     """Train in `num_processes` processes (engine/distributed.py) on `base`, or on the run's own base."""
     from nbtune.engine import distributed
 
-    base = _as_base(base)
-    if base is None:
-        config = run.config
-        base = load_base(config.model, quantization=config.quantization, dtype=config.dtype,
-                         trust_remote_code=config.trust_remote_code)
-    try:
-        return distributed.launch(run, base, checkpoint)
-    except RunInterrupted:
-        raise  # stopped in every process and brought home: the run is kept
-    except BaseException as exc:
-        _fail(run, exc, str(exc))
-        raise
+    session = session_of(run)
+    with failure_recorded(run):
+        base = as_base(base)
+        if base is None:
+            config = run.config
+            base = load_base(config.model, quantization=config.quantization, dtype=config.dtype,
+                             trust_remote_code=config.trust_remote_code)
+        interrupted = distributed.launch(run, session, base,
+                                         train=lambda: train_run(run, base=base, resume_from=checkpoint))
+    if run.status != "stopped":
+        run._session = None
+    if interrupted:  # the run is home, stopped: now the interrupt goes on to stop what was queued after it
+        raise interrupted_error(run)
+    return run
 
 
-
-def _train(run: Run, base: Any, train_records: Any, eval_records: Any, fmt: str, memory: PeakSampler,
+def _train(run: Run, session: TrainingSession, base: Any, memory: PeakSampler,
            checkpoint: str | None = None) -> bool:
     import transformers
 
     config = run.config
+    train_records, eval_records, fmt = session.data
     # 2. The base model: the caller's, or loaded (from cache, hub or the shipped GGUF).
     started = time.perf_counter()
-    base = _as_base(base)
+    base = as_base(base)
     if base is not None:
-        _check_callers_base(base.model, run)
+        run.context.quantized = check_callers_base(base.model, run.name, run.config)
         norms_in_fp32(base.model)  # as load_base does for a bf16 base (fp32 norms are left as they are)
     else:
         base = load_base(config.model, quantization=config.quantization, dtype=config.dtype,
                          trust_remote_code=config.trust_remote_code)
     tokenizer = prepare_tokenizer(base.tokenizer)
-    run._ctx.tokenizer = tokenizer
-    run._base_name = base.name
+    run.context.tokenizer = tokenizer
+    run.base_name = base.name
     run.metrics["load_seconds"] = round(time.perf_counter() - started, 2)
 
-    # 3. Tokenise: chat template, answer-only labels, lengths for grouping batches of similar length.
-    key = data_key(config)
-    tokenize = dict(tokenizer=tokenizer, fmt=fmt, max_length=config.max_length,
-                    train_on_prompt=config.train_on_prompt, cache_key=key)
-    train_set = tokenize_dataset(train_records, field="data", **tokenize)
-    eval_set = tokenize_dataset(eval_records, field="eval_data", **tokenize) if eval_records is not None else None
+    # 3. Tokenise as the objective wants it (supervised fine-tuning: chat template, answer-only labels,
+    # lengths for grouping batches of similar length).
+    objective = objective_for(config)
+    train_set, eval_set = objective.tokenize(train_records, eval_records, fmt, tokenizer, config)
     run.eval_pairs = prompts_and_answers(eval_records, fmt) if eval_records is not None and fmt != "text" else []
 
     # 4. The method turns the base into something trainable (seeded: adapter init draws random numbers).
-    run.total_steps = run._ctx.total_steps = _expected_steps(config, len(train_set))
+    run.total_steps = run.context.total_steps = expected_steps(config, len(train_set))
     transformers.set_seed(config.seed)
-    model = run.method.prepare(base.model, run._ctx)
-    base.model._nbtune_trained_by = run.name  # see _check_callers_base
+    model = run.method.prepare(base.model, run.context)
+    base.model._nbtune_trained_by = run.name  # see check_callers_base
     run.model, run.tokenizer = model, tokenizer
     run.metrics.update(count_parameters(model))
 
@@ -186,37 +221,33 @@ def _train(run: Run, base: Any, train_records: Any, eval_records: Any, fmt: str,
                       "(slower steps); set `gradient_checkpointing: false` to refuse that.", NbtuneWarning,
                       stacklevel=5)
 
-    # 6. The loop is transformers' Trainer; RunCallback records history and relays events.
-    run._datasets = (train_set, eval_set)
-    return _fit(run, memory, resume_from=checkpoint)
+    # 6. The loop is the objective's Trainer; RunCallback records history and relays events.
+    session.datasets = (train_set, eval_set)
+    return _fit(run, session, memory, resume_from=checkpoint)
 
 
-def _fit(run: Run, memory: PeakSampler, resume_from: str | None = None) -> bool:
+def _fit(run: Run, session: TrainingSession, memory: PeakSampler, resume_from: str | None = None) -> bool:
     """Run the Trainer (from a checkpoint when resuming); a stopped run keeps a checkpoint to resume from.
     True when an interrupt stopped it."""
-    train_set, eval_set = run._datasets
-    trainer = make_trainer(run, run.model, run.tokenizer, train_set, eval_set, memory)
+    train_set, eval_set = session.datasets
+    session.guard = NonFiniteGuard(run.config.on_nonfinite)
+    trainer = objective_for(run.config).trainer(run, train_set, eval_set, memory, guard=session.guard,
+                                                scratch=session.scratch, shared_stop=session.shared_stop)
     try:
-        return _train_and_evaluate(run, trainer, eval_set, resume_from)
+        return _train_and_evaluate(run, session, trainer, eval_set, resume_from)
     finally:
-        _release_from_trainer(trainer)
+        release_from_trainer(trainer)
+        session.guard = None
 
 
-def _release_from_trainer(trainer: Any) -> None:
-    """Mixed precision wraps the model's forward in an autocast; afterwards the run's model must compute in
-    its own dtypes (generation, comparison, saving) as a freshly loaded copy would, and a later Trainer
-    (resume) must wrap it again: accelerate refuses to re-prepare a model it marked as prepared."""
-    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
-    for module in {id(m): m for m in (model, trainer.model)}.values():
-        module.__dict__.pop("_is_accelerate_prepared", None)
-
-
-def _train_and_evaluate(run: Run, trainer: Any, eval_set: Any, resume_from: str | None) -> bool:
+def _train_and_evaluate(run: Run, session: TrainingSession, trainer: Any, eval_set: Any,
+                        resume_from: str | None) -> bool:
     """Train, then evaluate the loss; True when the interrupt stopped training (the run is then stopped,
     with a checkpoint to resume from, as a Stop would leave it)."""
     run.emit("on_run_start")
     started = time.perf_counter()
     ran_out = interrupted = False
+    guard = session.guard
     try:
         with training_speedups(run.model), older_objects_frozen():
             output = trainer.train(resume_from_checkpoint=resume_from)
@@ -230,28 +261,28 @@ def _train_and_evaluate(run: Run, trainer: Any, eval_set: Any, resume_from: str 
         ran_out = True  # raised below, outside this block: the failed step's tensors must not stay referenced
     finally:
         remove_neftune(run.model)  # an interrupt skips the Trainer's own clean-up
-        run._guard.release()
+        guard.release()
         run.model.eval()  # the Trainer leaves dropout on; `run.model(...)` should answer the same twice
     run.metrics["train_seconds"] = round(time.perf_counter() - started + run.metrics.get("train_seconds", 0), 2)
     if ran_out:
         raise out_of_memory(run.config, trainer.state.global_step)
-    if run._guard.skipped:
-        run.metrics["skipped_steps"] = list(run._guard.skipped)
-    if run._guard.message:  # diverged: the weights are the last good step's; no evaluation of NaN weights
-        run.status, run.error = "failed", run._guard.message
-        run._checkpoint = run._datasets = None
+    if guard.skipped:
+        run.metrics["skipped_steps"] = list(guard.skipped)
+    if guard.message:  # diverged: the weights are the last good step's; no evaluation of NaN weights
+        set_status(run, "failed", guard.message)
+        session.checkpoint = session.datasets = None
         warnings.warn(f"run {run.name!r}: {run.error}", NbtuneWarning, stacklevel=4)
         return interrupted
     if run.stop_requested and trainer.state.global_step < trainer.state.max_steps:
-        run._checkpoint = _resumable_checkpoint(trainer, run)
-        run.status = "stopped"
+        session.checkpoint = _resumable_checkpoint(trainer, run)
+        set_status(run, "stopped")
         return interrupted
     run._stop.clear()  # a Stop that came with the last step changes nothing: the run is complete
-    run._checkpoint, run._datasets = None, None
+    session.checkpoint, session.datasets = None, None
     if eval_set is not None:
         with training_speedups(run.model, dropout=False, attention=False):  # the training numerics
             run.metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
-    run.status = "finished"
+    set_status(run, "finished")
     return interrupted
 
 
@@ -267,18 +298,19 @@ def _resumable_checkpoint(trainer: Any, run: Run) -> str | None:
 def not_resumable(run: Run) -> str | None:
     """Why `run` cannot resume (None if it can): it is not stopped, its method keeps no checkpoint, or the
     model to rebuild after a reclaim came from the caller."""
-    if run.status != "stopped":
-        return f"run {run.name!r} is {run.status}; only a stopped run with steps left can resume."
+    if run.status != "stopped" or run._session is None:
+        return f"run {run.name!r} is {run.status}; only a stopped run of this kernel with steps left can resume."
+    session = run._session
     if not run.method.resumable(run.config.options):
         return (f"run {run.name!r} is stopped, but method {run.method.name!r} cannot resume: peft checkpoints "
                 "only its inference form. Start it again with more `steps` instead.")
-    if not run._checkpoint:
+    if not session.checkpoint:
         return (f"run {run.name!r} is stopped, but no checkpoint of it was kept (its stop came before the "
                 "Trainer could save one); start it again.")
-    if run.model is None and run._base_factory is None:
+    if run.model is None and session.rebuild_base is None:
         return (f"run {run.name!r} was reclaimed, and it trained on a model passed in memory, which nbtune "
                 "cannot rebuild; continue it with nbtune.finetune(run.config, base=(model, tokenizer), "
-                f"resume_from={run._checkpoint!r}).")
+                f"resume_from={session.checkpoint!r}).")
     return None
 
 
@@ -295,20 +327,43 @@ def resume_run(run: Run, *, stop_cleared: bool = False) -> Run:
     refusal = not_resumable(run)
     if refusal:
         raise NbtuneError(refusal)
+    session = session_of(run)
     if not stop_cleared:
         run._stop.clear()
     if run.config.num_processes > 1 and not distributed.launched():  # the processes start afresh: relaunch
-        run.status = "running"
-        base = run._base_factory() if run._base_factory is not None else None
-        return _launch(run, base, resume_checkpoint(run, run._checkpoint))
+        set_status(run, "running")
+        base = session.rebuild_base() if session.rebuild_base is not None else None
+        return _launch(run, base, resume_checkpoint(run, session.checkpoint, session.scratch))
     if run.model is None:  # reclaimed: the model is built again, the checkpoint brings back its state
-        run._data = read_data(run.config)
-        return train_run(run, base=run._base_factory(), resume_from=run._checkpoint)
-    run.status = "running"
-    interrupted, peak_mb = _guarded(run, lambda memory: _fit(run, memory, resume_from=resume_checkpoint(
-        run, run._checkpoint)))
+        session.data = read_data(run.config)
+        return train_run(run, base=session.rebuild_base(), resume_from=session.checkpoint)
+    set_status(run, "running")
+    interrupted, peak_mb = _guarded(run, lambda memory: _fit(run, session, memory, resume_from=resume_checkpoint(
+        run, session.checkpoint, session.scratch)))
     run.metrics["peak_rss_mb"] = max(run.metrics.get("peak_rss_mb", 0.0), round(peak_mb, 1))
     return _finish_or_interrupted(run, interrupted)
+
+
+def in_background(run: Run, work: Callable[[], Any]) -> threading.Thread:
+    """Start `work` (training `run`) on a daemon thread that `run.wait()` joins. The run records its status
+    and error; a thread has nobody to raise to."""
+
+    def quietly() -> None:
+        try:
+            work()
+        except BaseException:
+            pass
+
+    run._thread = threading.Thread(target=quietly, daemon=True, name=f"nbtune-{run.name}")
+    run._thread.start()
+    return run._thread
+
+
+def resume_in_background(run: Run) -> threading.Thread:
+    """`resume_run` on a thread. The earlier Stop is cleared here, before the thread: a Stop pressed as soon
+    as this returns must hold."""
+    run._stop.clear()
+    return in_background(run, lambda: resume_run(run, stop_cleared=True))
 
 
 def _finish(run: Run) -> None:
@@ -343,41 +398,3 @@ def _wants_metric(config: RunConfig) -> bool:
     if config.metric == "auto":
         return isinstance(config.data, str) and config.data == "demo"
     return config.metric == "exact_match"
-
-
-
-def _expected_steps(config: RunConfig, examples: int) -> int:
-    """The optimizer steps the Trainer will take (its own arithmetic: a last partial accumulation counts)."""
-    if config.steps:
-        return config.steps
-    batches = math.ceil(examples / config.batch_size)
-    per_epoch = max(batches // config.grad_accum + int(batches % config.grad_accum > 0), 1)
-    return math.ceil((config.epochs or 1.0) * per_epoch)
-
-
-
-def _check_callers_base(model: Any, run: Run) -> None:
-    """Refuse a base another run already changed, and a quantization the base does not have."""
-    earlier = getattr(model, "_nbtune_trained_by", None)
-    if earlier is not None or hasattr(model, "peft_config"):
-        raise NbtuneError(
-            f"this base model already carries run {earlier or 'another'}'s changes; training run {run.name!r} "
-            "on it would overwrite them. Load a fresh base for each run.",
-            field="model",
-        )
-    quantized = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
-    if quantized != (run.config.quantization != "none"):
-        raise ConfigError(
-            f"`quantization: {run.config.quantization}` but the base model passed in is "
-            f"{'quantized' if quantized else 'not quantized'}; make them agree (a base is quantized when "
-            "it is loaded).",
-            field="quantization",
-        )
-    run._ctx.quantized = quantized
-
-
-def _as_base(base: Any) -> Base | None:
-    if base is None or isinstance(base, Base):
-        return base
-    model, tokenizer = base
-    return Base(model=model, tokenizer=tokenizer, name=getattr(model, "name_or_path", "") or "in-memory")

@@ -7,32 +7,35 @@ so that the pipeline in `run.py` reads top to bottom.
 from __future__ import annotations
 
 import gc
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from nbtune.engine.guards import NonFiniteGuard
     from nbtune.engine.memory import PeakSampler
     from nbtune.engine.result import Run
 
 
-def make_trainer(run: Run, model: Any, tokenizer: Any, train_set: Any, eval_set: Any,
-                  memory: PeakSampler) -> Any:
+def make_trainer(run: Run, train_set: Any, eval_set: Any, memory: PeakSampler, *, guard: NonFiniteGuard,
+                 scratch: Path, shared_stop: Any = None) -> Any:
+    """The Trainer for `run.model`: `guard` keeps NaN steps out of the weights, `scratch` is where a Stop's
+    checkpoint goes, `shared_stop` is the kernel's Stop as every rank of a multi-process run sees it."""
     from transformers import DataCollatorForSeq2Seq, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from nbtune.engine import device
     from nbtune.engine.callbacks import NEFTuneCallback, RunCallback
-    from nbtune.engine.checkpoints import run_trainer_class
+    from nbtune.engine.checkpoints import checkpoint_root, run_trainer_class
     from nbtune.engine.distributed import StopTogether
-    from nbtune.engine.guards import NonFiniteGuard
 
-    config = run.config
+    config, model, tokenizer = run.config, run.model, run.tokenizer
     policy = device.current()
     periodic_eval = bool(config.eval_steps and eval_set is not None)
     args = TrainingArguments(
-        output_dir=str(checkpoint_root(run)),
+        output_dir=str(checkpoint_root(config, scratch)),
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
@@ -66,13 +69,13 @@ def make_trainer(run: Run, model: Any, tokenizer: Any, train_set: Any, eval_set:
     )
     collator = _WithoutLength(DataCollatorForSeq2Seq(tokenizer, padding=True,
                                                      pad_to_multiple_of=policy.pad_to_multiple_of))
-    extra = run.method.make_callbacks(run._ctx, run.total_steps) if run.method.make_callbacks else []
+    extra = run.method.make_callbacks(run.context, run.total_steps) if run.method.make_callbacks else []
     if config.neftune_alpha:
         extra.append(NEFTuneCallback(config.neftune_alpha))
-    run._guard = NonFiniteGuard(config.on_nonfinite)
-    extra.append(run._guard)
-    optimizer = run.method.make_optimizer(model, args, run._ctx) if run.method.make_optimizer else None
-    first = [StopTogether(run)] if args.world_size > 1 else []  # before RunCallback: same-step stop on all ranks
+    extra.append(guard)
+    optimizer = run.method.make_optimizer(model, args, run.context) if run.method.make_optimizer else None
+    # Before RunCallback, so that every rank stops at the same step.
+    first = [StopTogether(run, shared_stop)] if args.world_size > 1 else []
     trainer = run_trainer_class()(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                                   processing_class=tokenizer, data_collator=collator,
                                   callbacks=[*first, RunCallback(run, memory), *extra], optimizers=(optimizer, None),
@@ -90,13 +93,25 @@ def _may_skip_parameters(model: Any) -> bool:
     return any(getattr(config, key, None) for key in ("num_local_experts", "num_experts", "n_routed_experts"))
 
 
-def checkpoint_root(run: Run) -> Path:
-    """Where the Trainer's checkpoints go: beside the run's output when they are periodic (they must
-    outlive the process), else the run's scratch folder (a Stop's checkpoint is for `resume()` here)."""
-    if run.config.checkpoint_steps:  # beside the output folder, which the final save replaces whole
-        out = run.config.resolved_output_dir
-        return out.with_name(out.name + "-checkpoints")
-    return (run._shared_dir or run._ctx.workdir) / "trainer"  # all ranks of a run write into one
+def release_from_trainer(trainer: Any) -> None:
+    """Mixed precision wraps the model's forward in an autocast; afterwards the run's model must compute in
+    its own dtypes (generation, comparison, saving) as a freshly loaded copy would, and a later Trainer
+    (resume) must wrap it again: accelerate refuses to re-prepare a model it marked as prepared."""
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    for module in {id(m): m for m in (model, trainer.model)}.values():
+        module.__dict__.pop("_is_accelerate_prepared", None)
+
+
+
+def expected_steps(config: Any, examples: int) -> int:
+    """The optimizer steps the Trainer will take (its own arithmetic: a last partial accumulation counts)."""
+    if config.steps:
+        return config.steps
+    batches = math.ceil(examples / config.batch_size)
+    per_epoch = max(batches // config.grad_accum + int(batches % config.grad_accum > 0), 1)
+    return math.ceil((config.epochs or 1.0) * per_epoch)
+
+
 
 
 @contextmanager
@@ -132,4 +147,4 @@ class _WithoutLength:
         return self.collator([{k: v for k, v in f.items() if k != "length"} for f in features])
 
 
-__all__ = ["checkpoint_root", "collect_run_garbage", "make_trainer", "older_objects_frozen"]
+__all__ = ["collect_run_garbage", "expected_steps", "make_trainer", "older_objects_frozen", "release_from_trainer"]

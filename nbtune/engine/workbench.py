@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from nbtune.config import RunConfig
-from nbtune.engine.models import Base, load_base
-from nbtune.engine.result import Run
+from nbtune.engine.models import Base, load_base, shared_view, tokenizer_view
+from nbtune.engine.result import Run, failure_recorded
+from nbtune.engine.run import in_background, not_resumable, resume_in_background, start_run, train_run
 from nbtune.errors import NbtuneError
 from nbtune.methods import get_method
 
@@ -105,8 +106,6 @@ class Workbench:
         `on_ready(run)` is called once the config and data passed their checks, before any weight moves
         (the notebook shows its panel then, so a typo never leaves an empty panel behind).
         """
-        from nbtune.engine.run import start_run
-
         self._refuse_while_training()
         run = start_run(config, observers=observers, progress=progress, **overrides)  # checks config and data
         old = self.runs.get(run.name)
@@ -115,27 +114,17 @@ class Workbench:
             on_ready(run)
         if not background:
             return self._train(run, old, base, resume_from)
-        thread = threading.Thread(target=self._quietly, args=(lambda: self._train(run, old, base, resume_from),),
-                                  daemon=True, name=f"nbtune-{run.name}")
-        self._threads[run.name] = run._thread = thread
-        thread.start()
+        self._threads[run.name] = in_background(run, lambda: self._train(run, old, base, resume_from))
         return run
 
     def _train(self, run: Run, old: Run | None, base: Any = None, resume_from: str | Path | None = None) -> Run:
         """Train `run`. The earlier run of its name is let go once the new one has trained a step; until
         then (a mistake found while loading, an interrupt) it stays, as if the new run never happened."""
-        from nbtune.engine.run import train_run
-
-        if base is None:
-            run._base_factory = lambda: self.view_for(run.config)  # a resume after reclaim builds it again
+        rebuild = None if base is not None else (lambda: self.view_for(run.config))  # a resume after reclaim
         try:
-            view = base if base is not None else self.view_for(run.config)
-            return train_run(run, base=view, resume_from=resume_from)
-        except BaseException as exc:
-            if run.status in ("pending", "running"):  # failed outside train_run (loading the base): say so on the run
-                run.status, run.error = "failed", f"{type(exc).__name__}: {exc}"
-                run.emit("on_error", exc)
-            raise
+            with failure_recorded(run):  # loading the base may fail before the pipeline starts
+                view = base if base is not None else self.view_for(run.config)
+            return train_run(run, base=view, resume_from=resume_from, rebuild_base=rebuild)
         finally:
             self._settle(run, old)
 
@@ -156,32 +145,17 @@ class Workbench:
         if name not in self.runs:
             raise NbtuneError(f"there is no run {name!r} to resume; runs: {', '.join(self.runs) or 'none'}.")
         run = self.runs[name]
-        from nbtune.engine.run import not_resumable
-
         refusal = not_resumable(run)
         if refusal:
             raise NbtuneError(refusal)
         if observers is not None:
-            run._observers.observers = list(observers)
+            run.observe(*observers, replace=True)
         if on_ready is not None:
             on_ready(run)
         if not background:
             return run.resume()
-        from nbtune.engine.run import resume_run
-
-        run._stop.clear()  # here, not in the thread: a Stop pressed as soon as this returns must hold
-        thread = threading.Thread(target=self._quietly, args=(lambda: resume_run(run, stop_cleared=True),),
-                                  daemon=True, name=f"nbtune-{name}")
-        self._threads[name] = run._thread = thread
-        thread.start()
+        self._threads[name] = resume_in_background(run)
         return run
-
-    @staticmethod
-    def _quietly(work: Callable[[], Any]) -> None:
-        try:
-            work()
-        except BaseException:  # the run records status and error; a thread has nobody to raise to
-            pass
 
     def _refuse_while_training(self) -> None:
         busy = [n for n, t in self._threads.items() if t.is_alive()]
@@ -193,26 +167,6 @@ class Workbench:
         """Drop a run and its model from the kernel."""
         run = self.runs.pop(name)
         run.model = None
-
-
-def shared_view(model: Any) -> Any:
-    """A copy of `model`'s module tree that shares every parameter and buffer tensor with it (no weight copy).
-
-    Hand-written because neither transformers nor peft offers "same weights, separate modules": peft's
-    multi-adapter API keeps all adapters in one model, which cannot mix tuner types.
-    """
-    memo: dict[int, Any] = {id(t): t for t in model.parameters()}
-    memo.update({id(t): t for t in model.buffers()})
-    return copy.deepcopy(model, memo)
-
-
-def tokenizer_view(tokenizer: Any) -> Any:
-    """A copy of `tokenizer` whose settings (pad token, chat template, padding side) are its own, sharing the
-    compiled vocabulary and merges (the `tokenizers` backend): a full deep copy rebuilds that backend, 0.13 s
-    of every run's start for SmolLM2's 49k vocabulary (bench/warm_start.py), and no run changes it: nbtune
-    never adds tokens, and padding and truncation are set on the backend afresh by every call."""
-    backend = getattr(tokenizer, "_tokenizer", None)
-    return copy.deepcopy(tokenizer, {id(backend): backend} if backend is not None else None)
 
 
 WORKBENCH = Workbench()  # the kernel's one workbench; `nbtune.runs` is its runs

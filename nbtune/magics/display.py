@@ -29,7 +29,7 @@ def show_run(run: Run) -> None:
 
     handle = display({"text/plain": repr(run)}, raw=True, display_id=True)
     if run.status in ("pending", "running") and handle is not None:
-        run._observers.observers.append(_Refresh(handle))
+        run.observe(_Refresh(handle))
 
 
 class _Refresh(NullObserver):
@@ -51,8 +51,7 @@ class _Refresh(NullObserver):
         self.handle.update({"text/plain": repr(run)}, raw=True)
 
     def _detach(self, run: Run) -> None:
-        if self in run._observers.observers:
-            run._observers.observers.remove(self)
+        run.unobserve(self)
 
 
 class ProgressLine(NullObserver):

@@ -114,12 +114,13 @@ class Finetune(Magics):
         return config
 
     def _dry_run(self, config: dict[str, Any]) -> Any:
-        from nbtune.engine.run import start_run
+        from nbtune.engine.run import session_of, start_run
 
         run = start_run(config)
-        train, evaluation, fmt = run._data
+        train, evaluation, fmt = session_of(run).data
+        held_out = f", {len(evaluation)} for evaluation" if evaluation is not None else ""
         print(f"{run.name}: {run.method.name} on {run.config.model}; {len(train)} training examples ({fmt})"
-              f"{f', {len(evaluation)} for evaluation' if evaluation is not None else ''}; config OK.")
+              f"{held_out}; config OK.")
         return run.config
 
     def _train(self, config: dict[str, Any], *, background: bool, panel: bool, resume_from: str | None = None) -> Any:

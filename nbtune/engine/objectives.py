@@ -1,0 +1,70 @@
+"""What a run trains for: its objective, the one step where the pipeline picks how examples become tensors
+and which Trainer learns from them.
+
+Today there is one objective, supervised fine-tuning (`sft`): chat-templated examples, labels on the
+answers only, transformers' Trainer with nbtune's answer-only loss. Another objective (preference tuning
+with TRL's trainers, say) is one more class here, registered in `OBJECTIVES`; `engine/run.py` does not
+change. The objective gets the run, the data and the training session's pieces, and returns a Trainer:
+
+    >>> objective_for(RunConfig.parse({})).name                    # doctest: +SKIP
+    'sft'
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from nbtune.config import RunConfig
+    from nbtune.engine.guards import NonFiniteGuard
+    from nbtune.engine.memory import PeakSampler
+    from nbtune.engine.result import Run
+
+
+class Objective(Protocol):
+    """How a run turns its records into training sets, and the Trainer that learns from them."""
+
+    name: str
+
+    def tokenize(self, train_records: Any, eval_records: Any, fmt: str, tokenizer: Any,
+                 config: RunConfig) -> tuple[Any, Any]:
+        """(train set, eval set or None): `datasets.Dataset`s with a `length` column for batching."""
+        ...
+
+    def trainer(self, run: Run, train_set: Any, eval_set: Any, memory: PeakSampler, *, guard: NonFiniteGuard,
+                scratch: Path, shared_stop: Any = None) -> Any:
+        """A ready transformers `Trainer` for `run.model`, reporting into `run` (see engine/callbacks.py)."""
+        ...
+
+
+class SupervisedFineTuning:
+    """Learn to write the answers: chat template, loss on the answer tokens only (or on everything with
+    `train_on_prompt`), batches of similar length."""
+
+    name = "sft"
+
+    def tokenize(self, train_records: Any, eval_records: Any, fmt: str, tokenizer: Any,
+                 config: RunConfig) -> tuple[Any, Any]:
+        from nbtune.data import tokenize_dataset
+        from nbtune.data.splits import data_key
+
+        settings = dict(tokenizer=tokenizer, fmt=fmt, max_length=config.max_length,
+                        train_on_prompt=config.train_on_prompt, cache_key=data_key(config))
+        train_set = tokenize_dataset(train_records, field="data", **settings)
+        eval_set = tokenize_dataset(eval_records, field="eval_data", **settings) if eval_records is not None else None
+        return train_set, eval_set
+
+    def trainer(self, run: Run, train_set: Any, eval_set: Any, memory: PeakSampler, *, guard: NonFiniteGuard,
+                scratch: Path, shared_stop: Any = None) -> Any:
+        from nbtune.engine.trainer import make_trainer
+
+        return make_trainer(run, train_set, eval_set, memory, guard=guard, scratch=scratch, shared_stop=shared_stop)
+
+
+OBJECTIVES: dict[str, Objective] = {"sft": SupervisedFineTuning()}
+
+
+def objective_for(config: RunConfig) -> Objective:
+    """The objective `config` trains for. One exists today; a config key chooses once there are two."""
+    return OBJECTIVES["sft"]
