@@ -1,4 +1,5 @@
-"""nbtune: fine-tune LLMs from Python, the command line, and (soon) Jupyter.
+"""nbtune: fine-tune LLMs from Jupyter (`%%finetune`, the live panel, `nbtune.picker()`), Python and the
+command line.
 
     >>> import nbtune
     >>> run = nbtune.finetune(method="lora", r=8, steps=60)   # doctest: +SKIP

@@ -2,7 +2,8 @@
 
 A config comes as a `RunConfig`, a dict, YAML text or a YAML file path; method hyperparameters sit at the
 top level beside the run settings (`r: 8` next to `steps: 60`) and are checked against the method's own
-`Param`s. Every mistake becomes one `ConfigError` that names the key and the fix.
+`Param`s. Every mistake becomes one `ConfigError` that names the key and the fix. `to_text` writes a config
+back as the YAML `parse` reads (nbtune/config_text.py): the picker's cell, `run.to_yaml()`, launch files.
 
     >>> cfg = RunConfig.parse({"method": "lora", "r": 16, "steps": 30})
     >>> cfg.options["r"], cfg.steps
@@ -14,13 +15,14 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from nbtune.config_text import config_text
 from nbtune.errors import ConfigError, NbtuneError, did_you_mean
 from nbtune.foreign_names import foreign_name
 from nbtune.params import Param
@@ -133,6 +135,11 @@ class RunConfig:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("options", "derived")}
         out.update(self.options)
         return out
+
+    def to_text(self, omit: str | Iterable[str] = ("derived",)) -> str:
+        """YAML that `parse` reads back into an equal config (data in memory as its rows). `omit` leaves out
+        "derived" values (the default), "defaults" (`method` stays) and keys by name; see nbtune/config_text.py."""
+        return config_text(self, omit)
 
     def to_json_dict(self) -> dict[str, Any]:
         """Like `to_dict` plus `derived`, with in-memory data (lists, DataFrames) replaced by a description."""

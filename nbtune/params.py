@@ -1,7 +1,7 @@
 """Typed, documented, range-checked settings: one `Param` describes a config key or a method hyperparameter.
 
 The same description feeds validation (with one-line messages naming the key), `nbtune.methods()`,
-the CLI's help and, later, the notebook picker's widgets, so the help text lives in exactly one place.
+the CLI's help and the notebook picker's fields and tooltips, so the help text lives in exactly one place.
 
     >>> Param("r", "int", 8, "LoRA rank.", min=1).check(16)
     16

@@ -34,6 +34,31 @@ def test_the_learning_rate_follows_the_method_until_it_is_edited(picker):
     assert picker.common["lr"].value == 0.01
 
 
+def test_derived_fields_follow_the_method_and_edited_ones_stay_edited(picker):
+    def shown_and_trained(key):
+        return picker.common[key].value, getattr(picker.config(), key)
+
+    picker.method.value = "full"  # lr derived from lora before: now full's, in the field and in the config
+    assert shown_and_trained("lr") == (nbtune.methods("full").default_lr,) * 2
+    assert "lr" in picker.config().derived and "lr:" not in picker.cell.value
+    picker.common["lr"].value = 3e-5
+    picker.method.value = "lora"
+    assert shown_and_trained("lr") == (3e-5, 3e-5) and "lr: 3.0e-05" in picker.cell.value
+    picker.method.value = "qlora"
+    assert shown_and_trained("quantization") == ("4bit", "4bit") and "quantization" not in picker.cell.value
+    picker.common["quantization"].value = "8bit"
+    picker.method.value = "lora"
+    assert shown_and_trained("quantization") == ("8bit", "8bit") and "quantization: 8bit" in picker.cell.value
+
+
+def test_a_method_changed_while_the_form_is_invalid_still_brings_its_lr(picker):
+    picker.common["batch_size"].value = 0
+    picker.method.value = "full"
+    assert picker.train.disabled  # no config, so nothing derived yet
+    picker.common["batch_size"].value = 4
+    assert picker.common["lr"].value == picker.config().lr == nbtune.methods("full").default_lr
+
+
 def test_module_pickers_list_the_models_linear_modules(picker):
     allowed = picker.options["target_modules"].allowed_tags
     assert {"q_proj", "v_proj", "down_proj", "all-linear"} <= set(allowed)
@@ -75,6 +100,8 @@ def test_a_picker_reopened_from_a_run_is_prefilled(tiny_model_dir, demo_rows, mo
     reopened = nbtune.picker("seen")
     assert reopened.method.value == "ia3" and reopened.common["steps"].value == 2
     assert reopened.config().to_dict() == {**bench.runs["seen"].config.to_dict()}
+    reopened.method.value = "lora"  # the run's lr was ia3's default, not chosen: it follows the method
+    assert reopened.common["lr"].value == reopened.config().lr == nbtune.methods("lora").default_lr
 
 
 def test_the_picker_starts_from_the_notebooks_default_model(tiny_model_dir, demo_rows):
@@ -94,10 +121,45 @@ def test_a_reopened_run_keeps_its_lr_and_an_epochs_run_can_train_again(tiny_mode
     common = {"model": str(tiny_model_dir), "data": "demo", "batch_size": 4, "metric": "none", "save": False}
     bench.finetune({**common, "name": "fast", "lr": 1e-3, "steps": 1})
     bench.finetune({**common, "name": "by-epochs", "epochs": 0.01})
-    assert nbtune.picker("fast").config().lr == 1e-3
+    fast = nbtune.picker("fast")
+    assert fast.config().lr == 1e-3
+    fast.method.value = "full"  # an lr the run was given is the user's: it stays
+    assert fast.common["lr"].value == fast.config().lr == 1e-3
     reopened = nbtune.picker("by-epochs")
     assert not reopened.train.disabled and reopened.message.value == ""
     assert reopened.config().epochs == 0.01 and reopened.config().steps is None
+
+
+def test_a_run_that_trained_one_derived_epoch_reopens_ready_to_train(tiny_model_dir):
+    from types import SimpleNamespace
+
+    from nbtune.methods import get_method
+    from nbtune.widgets.picker import Picker
+
+    config = nbtune.RunConfig.parse({"name": "whole", "model": str(tiny_model_dir), "r": 4})  # epochs: 1, derived
+    reopened = Picker(SimpleNamespace(config=config, method=get_method("lora")))
+    assert reopened.message.value == "" and not reopened.train.disabled
+    assert reopened.config().to_dict() == config.to_dict()
+
+
+def test_the_cell_of_a_form_with_rows_in_memory_and_edits_runs_as_the_same_config(tiny_model_dir, demo_rows):
+    from conftest import nbtune_shell
+
+    from nbtune.config import load_yaml
+
+    with nbtune_shell(tiny_model_dir) as shell:
+        form = shell.run_cell("import nbtune\nnbtune.picker()").result
+        form._hold(demo_rows[:4])
+        form.common["data"].value = form._held[0]  # as a reopened run with a list of dicts shows it
+        form.method.value = "prefix"
+        form.options["num_virtual_tokens"].value = 4
+        form.common["lr"].value = 0.02
+        form.common["name"].value = "celled"
+        text = form.cell_text()
+        assert load_yaml(text.partition("\n")[2])["data"] == demo_rows[:4]  # the rows, written out
+        ran = shell.run_cell(text.replace("%%finetune celled", "%%finetune celled --dry-run", 1))
+        assert ran.success and ran.result.to_dict() == form.config().to_dict()
+        assert ran.result.derived == form.config().derived  # precision, dtype: derived in both
 
 
 def test_qlora_in_the_picker_brings_its_4bit_base_and_half_typed_yaml_is_explained(picker):

@@ -97,7 +97,7 @@ def write_launch_files(config: RunConfig, folder: str | Path, **options: Any) ->
     options.setdefault("processes", max(config.num_processes, 1))
     accel = accelerate_config(**options)  # checks the options for the CPU variant too
     run_file = folder / f"{config.name}.yaml"
-    run_file.write_text(config_yaml(config), encoding="utf-8")
+    run_file.write_text(config.to_text(), encoding="utf-8")
     written = {"config": run_file}
     machines = accel["num_machines"]
     if options.get("cpu"):
@@ -122,25 +122,45 @@ def write_launch_files(config: RunConfig, folder: str | Path, **options: Any) ->
     return written
 
 
-def config_yaml(config: RunConfig) -> str:
-    """The settings the user chose (not those nbtune derived), as YAML for `nbtune run`. Data held in
-    memory (a DataFrame, a list of dicts, a Dataset) is written out as its rows, so the YAML alone is
-    the whole experiment."""
-    data = {k: v for k, v in config.to_dict().items() if k not in config.derived and v is not None}
-    for key in ("data", "eval_data"):
-        if key in data:
-            data[key] = yaml_value_of_data(data[key], field=key)
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+def rerun_script(name: str, config: RunConfig) -> str:
+    """A shell script that trains run `name` (`config`) again outside the notebook (`Run.export_script`): its
+    in-memory data as JSONL files, its config, and `nbtune run` (or `accelerate launch` for several processes,
+    DDP on this machine's kind of device)."""
+    import torch
+
+    config_file = f"{name}.yaml"
+    config, data_files = _data_as_files(name, config)
+    script = f"#!/usr/bin/env bash\n# Re-run nbtune run {name!r} outside the notebook.\nset -euo pipefail\n"
+    for file, lines in data_files.items():  # JSON lines never read as the bare JSONL marker
+        script += f"cat > {file} <<'JSONL'\n{lines}JSONL\n"
+    script += f"cat > {config_file} <<'YAML'\n{config.to_text()}YAML\n"
+    if config.num_processes <= 1:
+        return script + f"nbtune run {config_file}\n"
+    accel = accelerate_config(processes=config.num_processes, precision=config.precision or "fp32",
+                              cpu=not torch.cuda.is_available())
+    return script + (f"cat > accelerate_config.yaml <<'YAML'\n{yaml.safe_dump(accel, sort_keys=False)}YAML\n"
+                     f"{launch_command(config_file, 'accelerate_config.yaml')}\n")
 
 
-def yaml_value_of_data(value: Any, *, field: str = "data") -> Any:
-    """`data` as YAML can hold it: a name or path as text, data in memory as its list of rows."""
-    if isinstance(value, (str, Path)):
-        return str(value)
+def _data_as_files(name: str, config: RunConfig) -> tuple[RunConfig, dict[str, str]]:
+    """`config` with in-memory `data` / `eval_data` (a DataFrame, a list) pointed at JSONL files, and those
+    files' text, so that an exported script trains on the same rows."""
+    import dataclasses
+    import json
+
     from nbtune.data.loading import load_records
 
-    return load_records(value, field=field).to_list()
+    changes, files = {}, {}
+    for key in ("data", "eval_data"):
+        value = getattr(config, key)
+        if value is None or isinstance(value, (str, Path)):
+            continue
+        file = f"{name}.{key}.jsonl"
+        rows = load_records(value, field=key).to_list()
+        files[file] = "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows)
+        changes[key] = file
+    return dataclasses.replace(config, **changes), files
 
 
-__all__ = ["STRATEGIES", "accelerate_config", "config_yaml", "launch_command", "torchrun_command",
+__all__ = ["STRATEGIES", "accelerate_config", "launch_command", "rerun_script", "torchrun_command",
            "write_launch_files"]

@@ -276,54 +276,18 @@ class Run:
     def to_yaml(self) -> str:
         """The run's config as YAML: the same experiment for `nbtune run config.yaml`. Data given as a
         DataFrame, list or Dataset is written out as its rows (`export_script` puts them in JSONL files)."""
-        from nbtune.engine.launch_files import config_yaml
-
-        return config_yaml(self.config)
+        return self.config.to_text()
 
     def export_script(self, path: str | Path | None = None) -> str:
         """A shell script that re-runs this experiment outside the notebook; written to `path` if given.
         A run of several processes is started with `accelerate launch` and an accelerate config (DDP on
         this machine's kind of device; `nbtune export` writes multi-machine, FSDP and DeepSpeed ones)."""
-        import torch
-        import yaml
+        from nbtune.engine.launch_files import rerun_script
 
-        from nbtune.engine.launch_files import accelerate_config, config_yaml, launch_command
-
-        config_file = f"{self.name}.yaml"
-        config, data_files = self._data_as_files()
-        script = f"#!/usr/bin/env bash\n# Re-run nbtune run {self.name!r} outside the notebook.\nset -euo pipefail\n"
-        for name, lines in data_files.items():  # JSON lines never read as the bare JSONL marker
-            script += f"cat > {name} <<'JSONL'\n{lines}JSONL\n"
-        script += f"cat > {config_file} <<'YAML'\n{config_yaml(config)}YAML\n"
-        if self.config.num_processes > 1:
-            accel = accelerate_config(processes=self.config.num_processes, precision=self.config.precision or "fp32",
-                                      cpu=not torch.cuda.is_available())
-            script += (f"cat > accelerate_config.yaml <<'YAML'\n{yaml.safe_dump(accel, sort_keys=False)}YAML\n"
-                       f"{launch_command(config_file, 'accelerate_config.yaml')}\n")
-        else:
-            script += f"nbtune run {config_file}\n"
+        script = rerun_script(self.name, self.config)
         if path is not None:
             Path(path).write_text(script, encoding="utf-8")
         return script
-
-    def _data_as_files(self) -> tuple[RunConfig, dict[str, str]]:
-        """The config with in-memory `data` / `eval_data` (a DataFrame, a list) pointed at JSONL files, and
-        those files' text, so that an exported script trains on the same rows."""
-        import dataclasses
-        import json
-
-        from nbtune.data.loading import load_records
-
-        changes, files = {}, {}
-        for key in ("data", "eval_data"):
-            value = getattr(self.config, key)
-            if value is None or isinstance(value, (str, Path)):
-                continue
-            name = f"{self.name}.{key}.jsonl"
-            rows = load_records(value, field=key).to_list()
-            files[name] = "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows)
-            changes[key] = name
-        return dataclasses.replace(self.config, **changes), files
 
     # ------------------------------------------------------------ saving
     def save(self, path: str | Path | None = None) -> Path:

@@ -1,1 +1,1 @@
-"""Notebook views of engine state: the live training panel (and, later, the picker and comparison)."""
+"""Notebook views of engine state: the live training panel, the method picker and the comparison of runs."""

@@ -1,6 +1,8 @@
 """`nbtune.picker()`: a form built from the methods registry, with live estimates and the equivalent cell.
 
 Every field comes from a `Param` (never a hand-kept list), so a new method shows up with its knobs.
+A field nbtune fills in from the method (lr, quantization) follows the method until the user edits it,
+as `RunConfig.derived` records. The cell is `RunConfig.to_text`, less defaults and derived values.
 Estimates come from a weightless (meta-device) model. "Insert cell" writes the equivalent
 `%%finetune` cell below (through ipylab's JupyterLab command bridge, when installed); "Train" starts
 the run in the background with the live panel.
@@ -8,6 +10,7 @@ the run in the background with the live panel.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +52,8 @@ class Picker:
 
         from nbtune.catalog import methods
 
-        start = run.config.to_dict() if run is not None else {**RunConfig.parse({"steps": 40}).to_dict(), "name": ""}
+        start_config = run.config if run is not None else RunConfig.parse({"steps": 40})
+        start = {**start_config.to_dict(), **({} if run is not None else {"name": ""})}
         if model:
             start["model"] = model
         # Data held in memory (a DataFrame, a list of dicts) has no text to show in a field: the field shows
@@ -59,8 +63,11 @@ class Picker:
             start["data"] = _placeholder_for(start["data"]) or self._hold(start["data"])
         # A run's settings the form has no field for (metric, save, eval_data, ...) carry over as they were.
         shown = {*COMMON, "model", "method", *(run.method.option_names() if run is not None else ())}
-        derived = run.config.derived if run is not None else {}
-        self.hidden = {k: v for k, v in start.items() if run is not None and k not in shown and k not in derived}
+        # What nbtune derived (lr and quantization from the method, ...) as the form shows it: a field still
+        # at its derived value is left out of the config, so the method derives it afresh (see `values`).
+        self._derived = dict(start_config.derived)
+        self._catching_up = False  # True while the form shows newly derived values: those are no edits
+        self.hidden = {k: v for k, v in start.items() if run is not None and k not in shown and k not in self._derived}
         self.model = start["model"]
         self._linear = _linear_names(self.model)
         self.method = w.Dropdown(options=[(f"{s.name} — {s.summary}", s.name) for s in methods()],
@@ -69,7 +76,6 @@ class Picker:
         self.common = {k: field_widget(params[k], start.get(k)) for k in COMMON}
         self.options: dict[str, Any] = {}
         self._kinds: dict[str, str] = {}
-        self._previous_lr: float | None = None
         self.options_box = w.VBox()
         self.estimates, self.message = w.HTML(), w.HTML()
         self.cell = w.Textarea(layout=w.Layout(width="720px", height="170px"), disabled=True)
@@ -79,22 +85,21 @@ class Picker:
         self.widget = w.VBox([self.method, self.options_box, w.HTML("<b>run settings</b>"),
                               w.VBox(list(self.common.values())), self.estimates, self.message, self.cell,
                               w.HBox([self.insert, self.train]), self.output])
-        # A reopened run keeps its own lr; a fresh form's lr follows the method (see _build_options).
-        self._previous_lr = None if run is not None else start.get("lr")
-        self._previous_quantization = start.get("quantization")
         self._build_options(start)
         self.method.observe(lambda change: self._build_options({}), names="value")
         for widget in self.common.values():
             widget.observe(lambda change: self.refresh(), names="value")
         self.insert.on_click(lambda _: self.insert_cell())
         self.train.on_click(lambda _: self.start_training())
-        self.refresh()
 
     # ------------------------------------------------------------------ state
     def values(self) -> dict[str, Any]:
         """The form as a config dict (what the inserted cell says)."""
         out = {**self.hidden, "model": self.model, "method": self.method.value}
         out.update({k: self._value(w) for k, w in self.common.items()})
+        for key, value in self._derived.items():  # not edited: the config derives it again, for its method
+            if key in self.common and out.get(key) == value:
+                del out[key]
         out["data"] = self._held[1] if self._held and out.get("data") == self._held[0] else \
             _from_placeholder(out.get("data"))
         if not out.get("neftune_alpha"):
@@ -104,42 +109,34 @@ class Picker:
             if self._kinds[key] == "any" and isinstance(value, str) and value.strip():
                 value = _yaml_field(key, value)  # e.g. peft_args: {r: 64}
             out[key] = value
-        if out.get("steps") == 0 and self.hidden.get("epochs"):
+        if out.get("steps") == 0 and (self.hidden.get("epochs") or "epochs" in self._derived):
             out.pop("steps")  # a run that trained by epochs: its epochs carry over, the steps field is empty
         return {k: v for k, v in out.items() if v is not None and not (isinstance(v, str) and v == "")}
 
     def config(self) -> RunConfig:
         return RunConfig.parse(self.values())
 
-    def cell_text(self) -> str:
-        """The equivalent `%%finetune` cell: every key that differs from its default."""
-        import yaml
-
-        from nbtune.engine.launch_files import yaml_value_of_data
-
-        values = self.values()
-        name = values.pop("name", None)
-        defaults = RunConfig.parse({"method": values["method"]}).to_dict()
-        body = {k: v for k, v in values.items() if k in ("data", "eval_data") or defaults.get(k) != v
-                or k == "method"}
-        placeholders = {}
-        for key in ("data", "eval_data"):  # in memory: the variable holding it, else its rows
-            if key in body and not isinstance(body[key], (str, Path)):
-                placeholder = _placeholder_for(body[key])
-                body[key] = placeholder or yaml_value_of_data(body[key], field=key)
-                if placeholder:
-                    placeholders[repr(placeholder)] = placeholder
-            elif key in body and body[key] == defaults.get(key):
-                del body[key]
-        text = yaml.safe_dump(body, sort_keys=False, allow_unicode=True).strip()
-        for quoted, placeholder in placeholders.items():  # `data: {{ df }}`, as one writes it, not quoted
-            text = text.replace(f"{quoted}", placeholder)
-        return f"%%finetune {name or ''}".rstrip() + "\n" + text
+    def cell_text(self, config: RunConfig | None = None) -> str:
+        """The equivalent `%%finetune` cell: the method and every setting that is neither its default nor
+        derived, the name on the magic's line. Data in memory is the notebook variable holding it, else its rows."""
+        config = self.config() if config is None else config
+        named = {}  # data in memory that a notebook variable holds: the cell names the variable
+        for key in ("data", "eval_data"):
+            value = getattr(config, key)
+            placeholder = None if isinstance(value, (str, Path, type(None))) else _placeholder_for(value)
+            if placeholder:
+                named[key] = placeholder
+        text = dataclasses.replace(config, **named).to_text(omit=("name", "defaults", "derived")).strip()
+        for placeholder in named.values():  # `data: {{ df }}`, as one writes it, not quoted
+            text = text.replace(repr(placeholder), placeholder)
+        return f"%%finetune {self.common['name'].value}".rstrip() + "\n" + text
 
     def refresh(self) -> None:
         """Re-check the form, update the estimates and the cell text; errors show inline."""
         from nbtune.widgets.render import memory_html
 
+        if self._catching_up:
+            return
         try:
             config = self.config()
         except NbtuneError as exc:
@@ -147,7 +144,8 @@ class Picker:
             self.cell.value, self.train.disabled, self.insert.disabled = "", True, True
             return
         self.message.value, self.train.disabled, self.insert.disabled = "", False, False
-        self.cell.value = self.cell_text()
+        self._show_derived(config)
+        self.cell.value = self.cell_text(config)
         try:
             from nbtune.engine.estimate import estimate
 
@@ -208,14 +206,19 @@ class Picker:
         for widget in self.options.values():
             widget.observe(lambda change: self.refresh(), names="value")
         self.options_box.children = tuple(_labelled(name, widget) for name, widget in self.options.items())
-        if self._previous_lr is not None and self.common["lr"].value == self._previous_lr:
-            self.common["lr"].value = spec.default_lr  # the lr was the old method's default: follow the method
-        self._previous_lr = spec.default_lr
-        quantization = spec.default_quantization or "none"
-        if self.common["quantization"].value == self._previous_quantization:
-            self.common["quantization"].value = quantization  # qlora: 4-bit; back to none after it
-        self._previous_quantization = quantization
         self.refresh()
+
+    def _show_derived(self, config: RunConfig) -> None:
+        """Fields left to nbtune show what `config` derived: the new method's lr, qlora's 4-bit base. Only
+        fields `values` left out are derived, so an edited value is never overwritten."""
+        self._derived = dict(config.derived)
+        self._catching_up = True  # one refresh (the caller's) covers all these changes
+        try:
+            for key, value in config.derived.items():
+                if key in self.common and self.common[key].value != value:
+                    self.common[key].value = value
+        finally:
+            self._catching_up = False
 
     @staticmethod
     def _value(widget: Any) -> Any:
