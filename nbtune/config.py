@@ -350,7 +350,7 @@ def _derive_precision(config: RunConfig, method: Any) -> None:
     if config.precision is None:
         config.precision = config.derived["precision"] = default_precision(str(config.quantization))
     if config.dtype is None:
-        frozen = method.shares_base(config.options)  # an adapter that leaves the base weights as they are
+        frozen = method.keeps_base(config.options)  # an adapter that leaves the base weights as they are
         config.dtype = config.derived["dtype"] = default_dtype(config.precision, frozen, str(config.quantization))
     from nbtune.engine import device
 

@@ -93,7 +93,7 @@ def ledger() -> list[dict[str, Any]]:
                                                                                                   "released")
             rows.append({"holder": name, "kind": kind, "mb": 0.0})
             continue
-        shares = run.method.shares_base(run.config.options)
+        shares = run.method.keeps_base(run.config.options)
         own = [p for p in run.model.parameters() if p.requires_grad] if shares else list(run.model.parameters())
         grads = [p.grad for p in run.model.parameters() if p.grad is not None]
         rows.append({"holder": name, "kind": "adapter on the shared base" if shares else "own copy of the weights",

@@ -331,7 +331,7 @@ def _identity(model, ctx):
 
 
 def _spec(name="zz_test", params=(), summary="A test method."):
-    return MethodSpec(name=name, summary=summary, params=params, prepare=_identity, adapter=False)
+    return MethodSpec(name=name, summary=summary, params=params, prepare=_identity)
 
 
 @pytest.mark.parametrize("name", ["Bad", "1abc", "has-dash", "", "_x", "sp ace"],
@@ -371,7 +371,7 @@ def test_register_refuses_default_failing_its_own_check(clean_registry):
 
 
 def test_register_refuses_non_callable_prepare(clean_registry):
-    spec = MethodSpec(name="zz_test", summary="x", params=(), prepare="nope", adapter=False)
+    spec = MethodSpec(name="zz_test", summary="x", params=(), prepare="nope")
     with pytest.raises(MethodError, match="prepare"):
         register_method(spec)
 

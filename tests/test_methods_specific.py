@@ -212,8 +212,8 @@ def test_elapsed_time_goes_on_across_a_resume(llama_base, demo_rows):
 
 def test_a_peft_passthrough_with_a_base_rewriting_init_does_not_share_the_base():
     spec = nbtune.methods("peft")
-    assert not spec.shares_base({"peft_type": "lora", "peft_args": {"init_lora_weights": "pissa"}})
-    assert spec.shares_base({"peft_type": "lora", "peft_args": {"r": 4}})
+    assert not spec.keeps_base({"peft_type": "lora", "peft_args": {"init_lora_weights": "pissa"}})
+    assert spec.keeps_base({"peft_type": "lora", "peft_args": {"r": 4}})
 
 
 def test_freeze_refuses_more_trainable_layers_than_the_model_has(llama_base, demo_rows):

@@ -187,10 +187,9 @@ def test_the_pickers_cell_names_the_notebook_variable_or_carries_the_rows(tiny_m
 
 # ---------------------------------------------------------------- smaller ones (item 12)
 def test_the_ledger_says_a_run_still_loading_is_loading(tiny_model_dir, demo_rows):
+    from nbtune.engine.result import set_status
     from nbtune.engine.run import start_run
     from nbtune.engine.workbench import WORKBENCH
-
-    from nbtune.engine.result import set_status
 
     run = start_run({**FAST, "model": str(tiny_model_dir), "data": demo_rows, "name": "arriving"})
     set_status(run, "running")

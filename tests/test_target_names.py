@@ -97,7 +97,7 @@ def test_a_name_matches_exactly_when_peft_matches_it(llama_base):
     from peft import LoraConfig
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    from nbtune.methods.lora import module_suffixes
+    from nbtune.methods.common import module_suffixes
 
     model, _ = llama_base
     keys = [k for k, _ in model.named_modules() if k]

@@ -27,7 +27,7 @@ def is_plain_lora(run: Run) -> bool:
     config = getattr(run.model, "peft_config", {}).get("default")
     return (config is not None and getattr(config, "peft_type", None) is not None
             and config.peft_type.value == "LORA" and not config.use_dora
-            and run.method.shares_base(run.config.options) and not run.context.quantized)
+            and run.method.keeps_base(run.config.options) and not run.context.quantized)
 
 
 def adapter_name(index: int) -> str:
@@ -75,7 +75,7 @@ def _why_not_plain(run: Run) -> str:
         return "dora"
     if run.context.quantized:
         return f"on a {run.config.quantization} base"
-    if not run.method.shares_base(run.config.options):
+    if not run.method.keeps_base(run.config.options):
         return f"{run.method.name} with an init that rewrites the base"
     return run.method.name
 

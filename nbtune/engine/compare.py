@@ -108,7 +108,7 @@ def base_answers(runs: Sequence[Run], prompts: list[Any], *, max_new_tokens: int
     (not a 4-bit or 8-bit one, nor one PiSSA rewrote), else from the process's cached base of the first
     run's model, loaded unquantized. None when that base was passed in memory and no run can show it."""
     for run in runs:
-        if run.method.shares_base(run.config.options) and not run.context.quantized:
+        if run.method.keeps_base(run.config.options) and not run.context.quantized:
             with run.base_disabled():
                 return generate_texts(run.model, run.tokenizer, prompts, max_new_tokens=max_new_tokens)
     first = runs[0]

@@ -172,7 +172,7 @@ def _copy_to_load_onto(run: Run, base: Base) -> Any:
 
     from nbtune.engine.models import shared_view
 
-    return shared_view(base.model) if run.method.shares_base(run.config.options) else copy.deepcopy(base.model)
+    return shared_view(base.model) if run.method.keeps_base(run.config.options) else copy.deepcopy(base.model)
 
 
 def _notebook_launch(processes: int, args: tuple[Any, ...]) -> None:

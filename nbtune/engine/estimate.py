@@ -36,8 +36,8 @@ def estimate(config: RunConfig) -> dict[str, Any]:
         model = AutoModelForCausalLM.from_config(model_config)
     model.tie_weights()  # tied embeddings are one tensor, as in the loaded model
     options = dict(config.options)
-    if "init" in options and options["init"] not in ("default", "random", "text"):
-        options["init"] = "default"  # an SVD on meta tensors is impossible; the counts are the same
+    if method.weightless_options is not None:  # e.g. PiSSA's SVD cannot run on meta tensors; the counts agree
+        options = method.weightless_options(options)
     with tempfile.TemporaryDirectory() as folder:
         ctx = MethodContext(options=options, config=config, workdir=Path(folder),
                             total_steps=max(config.steps or 100, 2))

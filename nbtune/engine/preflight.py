@@ -18,6 +18,7 @@ from typing import Any
 import psutil
 
 from nbtune.errors import NbtuneError
+from nbtune.methods import all_methods, get_method
 
 MB = 2**20
 # Activations kept for backward: ~34 values per token, hidden unit and layer (Korthikanti et al. 2022).
@@ -120,15 +121,20 @@ def processes_sharing_memory() -> int:
 
 
 def advice(config: Any) -> str:
+    """What to change so a run needs less memory, from the run's settings and what its method declares."""
     ideas = [f"`batch_size: {max(config.batch_size // 2, 1)}`"
              + (f" with `grad_accum: {config.grad_accum * 2}`" if config.batch_size > 1 else "")]
     if not config.gradient_checkpointing:
         ideas.append("`gradient_checkpointing: true`")
     if config.max_length > 256:
         ideas.append(f"`max_length: {config.max_length // 2}`")
-    if config.quantization == "none" and config.method in ("lora", "dora", "qlora"):
-        ideas.append("`method: qlora` (a 4-bit base)")
-    ideas.append("a lighter method (ia3, prompt)")
+    if config.quantization == "none" and "4bit" in get_method(config.method).quantization:
+        ideas.append("`quantization: 4bit` (a 4-bit base)")
+    lighter = [m.name for m in all_methods() if m.few_parameters and m.name != config.method]
+    if lighter:
+        ideas.append(f"a lighter method ({', '.join(lighter)})")
+    if len(ideas) == 1:
+        return f"Try {ideas[0]}."
     return "Try " + ", ".join(ideas[:-1]) + " or " + ideas[-1] + "."
 
 

@@ -210,14 +210,14 @@ class Run:
         import copy
 
         self.require_model()
-        if self.context.quantized and self.method.adapter:
+        if self.context.quantized and self.method.adds_modules(self.config.options):
             raise NbtuneError(
                 f"run {self.name!r} has a {self.config.quantization} base: merging would re-quantize the "
                 "update away. Save the adapter, load the base unquantized (nbtune.load(path, "
                 "quantization='none')), and merge that.",
                 field="quantization",
             )
-        return self.method.merged(copy.deepcopy(self.model))
+        return self.method.merged(copy.deepcopy(self.model), self.config.options)
 
     def merge_and_export(self, path: str | Path) -> Path:
         """Save a plain model with the adapter merged in (weights, tokenizer) to `path`, loadable anywhere.
@@ -231,12 +231,12 @@ class Run:
             what = "a saved run" if (target / "run.json").exists() else "not a model nbtune exported"
             raise NbtuneError(f"{str(path)!r} exists and is {what}; export the merged model to a new folder "
                               "(nbtune only replaces an earlier export).", field="path")
-        if not self.method.adapter:
+        if not self.method.adds_modules(self.config.options):
             model = self.model  # full/freeze/bitfit: the weights are already the merged model
         elif self.context.quantized or _holds_low_precision(self.model):
-            self.method.check_mergeable()  # before loading a base to merge into
+            self.method.check_mergeable(self.config.options)  # before loading a base to merge into
             self._check_base_reloadable()
-            model = self.method.merged(self._full_precision_copy())
+            model = self.method.merged(self._full_precision_copy(), self.config.options)
         else:
             model = self.merge()
         with atomic_directory(target, replaceable="config.json") as tmp, no_hf_progress_bars():
@@ -314,6 +314,7 @@ class Run:
             "name": self.name,
             "status": self.status,
             "method": self.method.name,
+            "save_format": self.method.save_format(self.config.options),  # methods/registry.py SAVE_FORMATS
             "error": self.error,
             "config": self.config.to_json_dict(),
             "metrics": self.metrics,

@@ -5,7 +5,9 @@
     >>> run.metrics["exact_match"], run.saved_to                  # doctest: +SKIP
 
 Everything expensive happens after everything checkable has been checked: a typo in the config or a
-missing data file fails in milliseconds, before a single weight is read.
+missing data file fails in milliseconds, before a single weight is read. The `Run` is the record the user
+keeps; what exists only while it trains lives in its `TrainingSession`, created and dropped here. How
+examples become tensors and which Trainer learns is the run's objective (engine/objectives.py).
 """
 
 from __future__ import annotations
@@ -288,7 +290,7 @@ def _train_and_evaluate(run: Run, session: TrainingSession, trainer: Any, eval_s
 
 def _resumable_checkpoint(trainer: Any, run: Run) -> str | None:
     """Save the Trainer's own checkpoint (weights, optimizer, scheduler, RNG, data position) for resume()."""
-    if not run.method.resumable(run.config.options):
+    if not run.method.can_resume(run.config.options):
         return None
     trainer._save_checkpoint(trainer.model, trial=None)  # the Trainer's format, so its resume is exact
     folder = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
@@ -301,7 +303,7 @@ def not_resumable(run: Run) -> str | None:
     if run.status != "stopped" or run._session is None:
         return f"run {run.name!r} is {run.status}; only a stopped run of this kernel with steps left can resume."
     session = run._session
-    if not run.method.resumable(run.config.options):
+    if not run.method.can_resume(run.config.options):
         return (f"run {run.name!r} is stopped, but method {run.method.name!r} cannot resume: peft checkpoints "
                 "only its inference form. Start it again with more `steps` instead.")
     if not session.checkpoint:
@@ -381,7 +383,9 @@ def _finish(run: Run) -> None:
     if not is_main_process():  # the other ranks of a multi-process run: rank 0 evaluates and writes
         run.emit("on_run_end")
         return
-    if _wants_metric(config) and run.eval_pairs and run.status == "finished":
+    demo = isinstance(config.data, str) and config.data == "demo"  # `metric: auto` scores the demo's exact dates
+    if (config.metric == "exact_match" or (config.metric == "auto" and demo)) and run.eval_pairs \
+            and run.status == "finished":
         run.metrics.update(run.evaluate())
     if config.save:
         try:
@@ -392,9 +396,3 @@ def _finish(run: Run) -> None:
                           stacklevel=3)
     run.emit("on_run_end")
     collect_run_garbage()  # after the panel shows the end; the next run's start then need not
-
-
-def _wants_metric(config: RunConfig) -> bool:
-    if config.metric == "auto":
-        return isinstance(config.data, str) and config.data == "demo"
-    return config.metric == "exact_match"

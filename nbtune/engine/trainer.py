@@ -23,18 +23,47 @@ def make_trainer(run: Run, train_set: Any, eval_set: Any, memory: PeakSampler, *
                  scratch: Path, shared_stop: Any = None) -> Any:
     """The Trainer for `run.model`: `guard` keeps NaN steps out of the weights, `scratch` is where a Stop's
     checkpoint goes, `shared_stop` is the kernel's Stop as every rank of a multi-process run sees it."""
-    from transformers import DataCollatorForSeq2Seq, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from nbtune.engine import device
     from nbtune.engine.callbacks import NEFTuneCallback, RunCallback
-    from nbtune.engine.checkpoints import checkpoint_root, run_trainer_class
+    from nbtune.engine.checkpoints import run_trainer_class
     from nbtune.engine.distributed import StopTogether
 
     config, model, tokenizer = run.config, run.model, run.tokenizer
     policy = device.current()
-    periodic_eval = bool(config.eval_steps and eval_set is not None)
-    args = TrainingArguments(
+    args = training_arguments(run, policy, periodic_eval=bool(config.eval_steps and eval_set is not None),
+                              scratch=scratch)
+    collator = _WithoutLength(DataCollatorForSeq2Seq(tokenizer, padding=True,
+                                                     pad_to_multiple_of=policy.pad_to_multiple_of))
+    extra = run.method.make_callbacks(run.context, run.total_steps) if run.method.make_callbacks else []
+    if config.neftune_alpha:
+        extra.append(NEFTuneCallback(config.neftune_alpha))
+    extra.append(guard)
+    optimizer = run.method.make_optimizer(model, args, run.context) if run.method.make_optimizer else None
+    # Before RunCallback, so that every rank stops at the same step.
+    first = [StopTogether(run, shared_stop)] if args.world_size > 1 else []
+    trainer = run_trainer_class()(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                                  processing_class=tokenizer, data_collator=collator,
+                                  callbacks=[*first, RunCallback(run, memory), *extra], optimizers=(optimizer, None),
+                                  labels_only=config.logits_on_labels_only)
+    trainer.keep_checkpoints = config.keep_checkpoints
+    trainer.checkpoint_extra = {"run": run.name, "method": run.method.name}
+    trainer.checkpoint_json = lambda: {"run.json": run.to_dict()}  # config, metrics, history so far
+    for noisy in (PrinterCallback, ProgressCallback):  # they print every log dict to stdout
+        trainer.remove_callback(noisy)
+    return trainer
+
+
+def training_arguments(run: Run, policy: Any, *, periodic_eval: bool, scratch: Path) -> Any:
+    """transformers' `TrainingArguments` for `run`, on the device and precision `policy` decided."""
+    from transformers import TrainingArguments
+
+    from nbtune.engine.checkpoints import checkpoint_root
+
+    config = run.config
+    return TrainingArguments(
         output_dir=str(checkpoint_root(config, scratch)),
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
@@ -65,27 +94,8 @@ def make_trainer(run: Run, train_set: Any, eval_set: Any, memory: PeakSampler, *
         **policy.trainer_precision(config.precision),
         use_cpu=policy.device.type == "cpu",
         # Several processes: DDP need not search for unused parameters unless experts may go unrouted.
-        ddp_find_unused_parameters=_may_skip_parameters(model),
+        ddp_find_unused_parameters=_may_skip_parameters(run.model),
     )
-    collator = _WithoutLength(DataCollatorForSeq2Seq(tokenizer, padding=True,
-                                                     pad_to_multiple_of=policy.pad_to_multiple_of))
-    extra = run.method.make_callbacks(run.context, run.total_steps) if run.method.make_callbacks else []
-    if config.neftune_alpha:
-        extra.append(NEFTuneCallback(config.neftune_alpha))
-    extra.append(guard)
-    optimizer = run.method.make_optimizer(model, args, run.context) if run.method.make_optimizer else None
-    # Before RunCallback, so that every rank stops at the same step.
-    first = [StopTogether(run, shared_stop)] if args.world_size > 1 else []
-    trainer = run_trainer_class()(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                                  processing_class=tokenizer, data_collator=collator,
-                                  callbacks=[*first, RunCallback(run, memory), *extra], optimizers=(optimizer, None),
-                                  labels_only=config.logits_on_labels_only)
-    trainer.keep_checkpoints = config.keep_checkpoints
-    trainer.checkpoint_extra = {"run": run.name, "method": run.method.name}
-    trainer.checkpoint_json = lambda: {"run.json": run.to_dict()}  # config, metrics, history so far
-    for noisy in (PrinterCallback, ProgressCallback):  # they print every log dict to stdout
-        trainer.remove_callback(noisy)
-    return trainer
 
 
 def _may_skip_parameters(model: Any) -> bool:
@@ -147,4 +157,5 @@ class _WithoutLength:
         return self.collator([{k: v for k, v in f.items() if k != "length"} for f in features])
 
 
-__all__ = ["collect_run_garbage", "expected_steps", "make_trainer", "older_objects_frozen", "release_from_trainer"]
+__all__ = ["collect_run_garbage", "expected_steps", "make_trainer", "older_objects_frozen", "release_from_trainer",
+           "training_arguments"]

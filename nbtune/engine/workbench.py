@@ -91,7 +91,7 @@ class Workbench:
         method = get_method(config.method)
         # k-bit preparation casts the unquantized weights to fp32 in place: only harmless if they already are.
         casts = config.quantization != "none" and config.dtype != "float32"
-        shares = method.shares_base(config.options) and not casts
+        shares = method.keeps_base(config.options) and not casts
         model = shared_view(base.model) if shares else copy.deepcopy(base.model)
         return Base(model=model, tokenizer=tokenizer_view(base.tokenizer), name=base.name,
                     quantization=base.quantization)

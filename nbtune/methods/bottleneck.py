@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from nbtune.errors import MethodError
+from nbtune.methods.common import decoder_layers
 from nbtune.methods.registry import MethodContext, MethodSpec, register_method
 from nbtune.params import Param
 
@@ -61,8 +62,6 @@ def _hook(adapter: Bottleneck) -> Any:
 
 
 def _blocks(model: PreTrainedModel) -> list[nn.Module]:
-    from nbtune.methods.full import decoder_layers
-
     name, _ = decoder_layers(model)
     return list(model.get_submodule(name))
 
@@ -167,5 +166,6 @@ for _name, _placements, _summary in (
     ("houlsby", ("attention", "ffn"), "Houlsby adapters: a bottleneck MLP after attention and after the FFN."),
     ("pfeiffer", ("ffn",), "Pfeiffer adapters: one bottleneck MLP after each FFN (half Houlsby's parameters)."),
 ):
+    # Adapters that add computation (a nonlinearity), not a weight delta: they do not merge.
     register_method(MethodSpec(name=_name, summary=_summary, params=PARAMS, prepare=_prepare(_placements),
-                               adapter=True, default_lr=1e-3, save=save, load=load, disable=disabled, can_merge=False))
+                               default_lr=1e-3, save=save, load=load, disable=disabled, saves_as="bottleneck"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from nbtune.errors import MethodError
+from nbtune.methods.common import as_names, decoder_layers, refuse_unmatched
 from nbtune.methods.registry import MethodContext, MethodSpec, register_method
 from nbtune.params import Param
 
@@ -17,21 +18,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from nbtune.config import RunConfig
-
-
-def decoder_layers(model: PreTrainedModel) -> tuple[str, int]:
-    """(qualified name, count) of the model's stack of decoder blocks, e.g. ('model.layers', 30)."""
-    import torch
-
-    expected = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == expected:
-            return name, len(module)
-    raise MethodError(
-        "`trainable_layers` needs the model's stack of decoder layers, and none was found; "
-        "use `trainable_modules` to name the parameters to train.",
-        field="trainable_layers",
-    )
 
 
 def _prepare_full(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedModel:
@@ -71,8 +57,6 @@ def _prepare_freeze(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedMod
 def _check_trainable_modules(model: PreTrainedModel, patterns: list[str]) -> None:
     # A name that is part of no parameter name trains nothing, silently, beside the top layers (or beside
     # the other names): refuse it, as target lists are refused.
-    from nbtune.methods.lora import refuse_unmatched
-
     names = [n for n, _ in model.named_parameters()]  # a tied lm_head is not among them: it trains as embed
     missing = [p for p in patterns if not any(p in n for n in names)]
     if missing:
@@ -81,13 +65,6 @@ def _check_trainable_modules(model: PreTrainedModel, patterns: list[str]) -> Non
                                                                for i in range(n.count(".") + 1)}
         refuse_unmatched(missing, "trainable_modules", known, f"Its parameters belong to: {', '.join(owners)} "
                          f"(names such as {names[0]}).", what="parameter name")
-
-
-def as_names(value: Any) -> list[str]:
-    """A `names` option (one name or a list) as a list; empty when unset."""
-    if not value:
-        return []
-    return [value] if isinstance(value, str) else list(value)
 
 
 def _validate_freeze(options: dict[str, Any], config: RunConfig) -> None:
@@ -104,9 +81,10 @@ register_method(MethodSpec(
     summary="Full fine-tuning: every weight trains (most memory: weights + grads + 2x Adam state).",
     params=(),
     prepare=_prepare_full,
-    adapter=False,
     default_lr=2e-5,
     quantization=("none",),
+    trains_in_place=True,
+    saves_as="transformers",
 ))
 
 register_method(MethodSpec(
@@ -118,8 +96,9 @@ register_method(MethodSpec(
               "e.g. [norm, embed_tokens]."),
     ),
     prepare=_prepare_freeze,
-    adapter=False,
     default_lr=5e-5,
     quantization=("none",),
+    trains_in_place=True,
+    saves_as="transformers",
     validate=_validate_freeze,
 ))

@@ -14,7 +14,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from nbtune.errors import MethodError
-from nbtune.methods.lora import LORA_PARAMS, prepare_lora, register_lora_family, wrap_with_peft
+from nbtune.methods.common import wrap_with_peft
+from nbtune.methods.lora import LORA_PARAMS, prepare_lora, register_lora_family
 from nbtune.methods.registry import MethodContext, MethodSpec, register_method
 from nbtune.params import Param
 
@@ -119,10 +120,9 @@ register_method(MethodSpec(
     summary="AdaLoRA: SVD-form LoRA whose rank budget is pruned to where it matters during training.",
     params=ADALORA_PARAMS,
     prepare=_prepare_adalora,
-    adapter=True,
     default_lr=2e-4,
     make_callbacks=_adalora_callbacks,
     validate=_validate_adalora,
-    can_resume=False,
-    can_merge=True,
+    resumes=False,
+    merges=True,
 ))

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from nbtune.errors import MethodError
 from nbtune.methods import partial
-from nbtune.methods.lora import LORA_PARAMS, wrap_with_peft
+from nbtune.methods.common import wrap_with_peft
+from nbtune.methods.lora import LORA_PARAMS
 from nbtune.methods.registry import MethodContext, MethodSpec, register_method
 from nbtune.params import Param
 
@@ -90,6 +91,16 @@ def _merge(model: PreTrainedModel) -> PreTrainedModel:
     raise MethodError("moe with `moe_train: experts` or `router` trained the weights in place: nothing to merge.")
 
 
+def _in_place(options: dict[str, Any]) -> bool:
+    # experts and router train the model's own tensors; lora adds a peft adapter that leaves them as they are
+    # (peft's target_parameters applies the update through a parametrization while it computes).
+    return options["moe_train"] != "lora"
+
+
+def _format(options: dict[str, Any]) -> str:
+    return "trained_tensors" if _in_place(options) else "peft"
+
+
 register_method(MethodSpec(
     name="moe",
     summary="Mixture-of-experts tuning: experts only, router only, or LoRA on the expert weights.",
@@ -97,12 +108,13 @@ register_method(MethodSpec(
                   "on the expert weights.", choices=("lora", "experts", "router")),
             *[p for p in LORA_PARAMS if p.name in ("r", "alpha")]),
     prepare=_prepare,
-    adapter=False,
     default_lr=2e-4,
     quantization=("none",),
     save=_save,
     load=_load,
     disable=_disable,
     merge=_merge,
-    can_merge=True,
+    trains_in_place=_in_place,
+    merges=True,  # the LoRA adapter does; the in-place modes add nothing to merge (can_merge says False)
+    saves_as=_format,
 ))

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from nbtune.errors import MethodError
-from nbtune.methods.lora import wrap_with_peft
+from nbtune.methods.common import wrap_with_peft
 from nbtune.methods.registry import MethodContext, MethodSpec, register_method
 from nbtune.params import Param
 
@@ -87,23 +87,30 @@ def _validate_prompt(options: dict[str, Any], config: RunConfig) -> None:
                           "prompt from it (or drop init_text).", field="init")
 
 
+def _random_init(options: dict[str, Any]) -> dict[str, Any]:
+    # The same trained embeddings either way; text needs the tokenizer and real embedding weights.
+    return {**options, "init": "random", "init_text": ""}
+
+
 def _register(name: str, summary: str, params: tuple[Param, ...], prepare: Any, lr: float, **extra: Any) -> None:
-    register_method(MethodSpec(name=name, summary=summary, params=params, prepare=prepare, adapter=True,
-                               default_lr=lr, gradient_checkpointing=False, can_merge=False, **extra))
+    # Virtual tokens are extra inputs, not a weight delta: nothing merges (`merges` stays False).
+    register_method(MethodSpec(name=name, summary=summary, params=params, prepare=prepare, default_lr=lr,
+                               gradient_checkpointing=False, **extra))
 
 
 _register("prefix", "Prefix tuning: trained key/value prefixes in every layer (MLP-reparameterised).",
           (TOKENS, Param("prefix_projection", "bool", True, "Produce the prefixes through an MLP while "
                          "training (more stable, as in the paper)."), ENCODER_SIZE), _prepare_prefix, lr=1e-3,
-          can_resume=False)
+          resumes=False)
 _register("ptuning_v2", "P-tuning v2: deep prompts in every layer, trained directly by default.",
           (TOKENS, Param("reparameterize", "bool", False, "Produce the prompts through an MLP while training."),
-           ENCODER_SIZE), _prepare_ptuning_v2, lr=5e-3, can_resume=False)
+           ENCODER_SIZE), _prepare_ptuning_v2, lr=5e-3, resumes=False)
 _register("prompt", "Prompt tuning: trained embeddings of virtual tokens at the input only.",
           (TOKENS, Param("init", "str", "random", "Start from random vectors or from `init_text`'s embeddings.",
                          choices=("random", "text")),
            Param("init_text", "str", "", "Text whose token embeddings start the prompt (init: text).")),
-          _prepare_prompt, lr=3e-2, validate=_validate_prompt)
+          _prepare_prompt, lr=3e-2, validate=_validate_prompt, weightless_options=_random_init,
+          few_parameters=True)
 _register("ptuning", "P-tuning (v1): input prompts produced by a small MLP or LSTM prompt encoder.",
           (TOKENS, ENCODER_SIZE, Param("encoder", "str", "mlp", "Prompt encoder network.",
-                                       choices=("mlp", "lstm"))), _prepare_ptuning, lr=1e-3, can_resume=False)
+                                       choices=("mlp", "lstm"))), _prepare_ptuning, lr=1e-3, resumes=False)

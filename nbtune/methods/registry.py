@@ -1,13 +1,17 @@
 """The methods registry: every fine-tuning method is one `MethodSpec`, registered by name.
 
 A method supplies what the engine needs from it (how to prepare the model, and optionally its own
-optimizer, Trainer callbacks and save routine), so adding a method never touches the engine. The idea
-follows peft's `register_peft_method`: registration is validated and refuses bad or duplicate names
-with a message that says how to fix them.
+optimizer, Trainer callbacks and save routine) and declares what it can do (keep the base, merge,
+resume, what it saves), so adding a method never touches the engine: the engine asks the spec and
+never tests a method's name. The idea follows peft's `register_peft_method`: registration is validated
+and refuses bad or duplicate names with a message that says how to fix them.
 
     >>> from nbtune.methods import get_method
     >>> get_method("lora").param("r").default
     8
+    >>> moe = get_method("moe")
+    >>> moe.can_merge(moe.default_options()), moe.save_format({**moe.default_options(), "moe_train": "router"})
+    (True, 'trained_tensors')
 """
 
 from __future__ import annotations
@@ -52,17 +56,53 @@ Validate = Callable[[dict[str, Any], "RunConfig"], None]
 Disable = Callable[["PreTrainedModel"], AbstractContextManager[Any]]
 Load = Callable[["PreTrainedModel", Path], "PreTrainedModel"]
 Merge = Callable[["PreTrainedModel"], "PreTrainedModel"]
+Options = dict[str, Any]
+# A capability as a method declares it: one answer, or a function of the validated options (moe trains
+# LoRA modules or its own weights depending on `moe_train`).
+Flag = bool | Callable[[Options], bool]
+Format = str | Callable[[Options], str]
+
+# What `save` writes, by name: `MethodSpec.save_format` answers one of these.
+SAVE_FORMATS = {
+    "peft": "a peft adapter folder (adapter_config.json + adapter weights), applied onto the base by "
+            "PeftModel.from_pretrained",
+    "transformers": "the whole model by save_pretrained (config.json + weights), loadable on its own",
+    "bottleneck": "nbtune's bottleneck adapters (bottleneck_config.json + bottleneck_adapter.safetensors), "
+                  "attached to the base",
+    "trained_tensors": "nbtune's file of the base tensors that trained (trained_tensors.json + "
+                       "trained_tensors.safetensors), copied into the base",
+}
+
+
+def _ask(declared: Any, options: Options) -> Any:
+    return declared(options) if callable(declared) else declared
+
+
+def _is_peft(model: Any) -> bool:
+    return hasattr(model, "peft_config")  # a PeftModel; a plain transformers model has none
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A fine-tuning method: its name, knobs and the hooks the engine calls."""
+    """A fine-tuning method: its name, knobs, the hooks the engine calls and what it can do.
+
+    Capabilities are asked of the spec with the run's validated options, never inferred from a name:
+
+    - `keeps_base(options)`: training leaves every base tensor untouched, so runs may share one base.
+    - `adds_modules(options)`: the trained model is the base plus the method's own modules (a peft
+      adapter, bottleneck adapters), so there is a base to switch back to and something to save apart;
+      False when the method trained the model's own weights (full, freeze, bitfit, moe experts/router).
+    - `can_merge(options)`: the added modules fold into plain weights (`merged` gives a plain model).
+    - `can_resume(options)`: a stopped run can resume exactly from its checkpoint.
+    - `save_format(options)`: what `save` writes, a key of `SAVE_FORMATS`: "peft" (an adapter folder),
+      "transformers" (full weights by save_pretrained), "bottleneck" or "trained_tensors" (nbtune's own
+      safetensors file of the adapters, or of the few base tensors that trained).
+    """
 
     name: str
     summary: str
     params: tuple[Param, ...]
     prepare: Prepare
-    adapter: bool  # True: base weights stay untouched and the method saves a PEFT adapter
     default_lr: float = 2e-4
     default_quantization: str = "none"
     quantization: tuple[str, ...] = ("none", "4bit", "8bit")  # what the method can train on
@@ -70,19 +110,25 @@ class MethodSpec:
     make_optimizer: MakeOptimizer | None = None  # None: the Trainer's AdamW
     make_callbacks: MakeCallbacks | None = None  # called with (ctx, total_steps)
     validate: Validate | None = None  # cross-field checks after each option passed its own
-    # For PEFT methods (adapter=True) the defaults are peft's disable_adapter / from_pretrained /
-    # merge_and_unload; a method that is no PEFT tuner supplies its own.
+    # None: peft's disable_adapter / PeftModel.from_pretrained (or a whole saved model) / merge_and_unload;
+    # a method whose modules are no peft tuner supplies its own.
     disable: Disable | None = None
     load: Load | None = None  # (fresh base model, saved folder) -> trained model
     merge: Merge | None = None
-    can_merge: bool = False
     gradient_checkpointing: bool = True  # False: the engine switches it off (prompt methods)
-    # Whether an option makes an adapter write into the base weights (PiSSA's init): then a run cannot
-    # share a cached base with others. Methods that train in place (adapter=False) never share.
-    rewrites_base: Callable[[dict[str, Any]], bool] | None = None
-    # False: a stopped run cannot resume exactly, because peft checkpoints the method's inference form
-    # (prefix tuning's projected prompts, AdaLoRA's pruned ranks), not its training state.
-    can_resume: bool = True  # False: the engine switches it off (prompt methods)
+    # Options that give the same trainable parameters on a weightless (meta) model, for estimates: an
+    # initialisation that needs real weights (PiSSA's SVD, a prompt's text embeddings) cannot run there.
+    weightless_options: Callable[[Options], Options] | None = None
+    # Suggested when a run does not fit in memory: the method trains a few vectors per layer at most.
+    few_parameters: bool = False
+    # What the method can do, declared; asked through the methods below.
+    trains_in_place: Flag = False  # True: it trains the model's own weights and adds no modules
+    rewrites_base: Flag = False  # True: its modules start from part of the base weights (PiSSA's init)
+    merges: Flag = False  # True: its modules are a weight delta that folds into plain weights
+    # False: peft checkpoints the method's inference form (prefix tuning's projected prompts, AdaLoRA's
+    # pruned ranks), not its training state, so a stopped run cannot resume exactly.
+    resumes: Flag = True
+    saves_as: Format = "peft"  # a key of SAVE_FORMATS
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -93,25 +139,44 @@ class MethodSpec:
     def option_names(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.params)
 
-    def check_options(self, options: Mapping[str, Any], config: RunConfig) -> dict[str, Any]:
+    def default_options(self) -> Options:
+        """Every option at its default (each default passed its own check at registration)."""
+        return {p.name: p.check(p.default) for p in self.params}
+
+    def check_options(self, options: Mapping[str, Any], config: RunConfig) -> Options:
         """Defaults filled in, each value checked by its `Param`, then the method's own cross-checks."""
         checked = {p.name: p.check(options.get(p.name, p.default)) for p in self.params}
         if self.validate is not None:
             self.validate(checked, config)
         return checked
 
-    def shares_base(self, options: dict[str, Any]) -> bool:
+    # ------------------------------------------------------------ capabilities
+    def adds_modules(self, options: Options) -> bool:
+        """True when the trained model is the base plus the method's own modules (see the class doc)."""
+        return not _ask(self.trains_in_place, options)
+
+    def keeps_base(self, options: Options) -> bool:
         """True when training leaves every base tensor untouched, so runs may share one loaded base."""
-        return self.adapter and not (self.rewrites_base is not None and self.rewrites_base(options))
+        return self.adds_modules(options) and not _ask(self.rewrites_base, options)
 
-    def resumable(self, options: dict[str, Any]) -> bool:
-        return self.can_resume
+    def can_merge(self, options: Options) -> bool:
+        """True when the added modules fold into plain weights; False too when nothing was added."""
+        return self.adds_modules(options) and bool(_ask(self.merges, options))
 
+    def can_resume(self, options: Options) -> bool:
+        """True when a stopped run can resume exactly from its checkpoint."""
+        return bool(_ask(self.resumes, options))
+
+    def save_format(self, options: Options) -> str:
+        """What `save` writes: a key of `SAVE_FORMATS`."""
+        return str(_ask(self.saves_as, options))
+
+    # ------------------------------------------------------------ hooks on a trained model
     def disabled(self, model: PreTrainedModel) -> AbstractContextManager[Any]:
         """Context in which `model` computes exactly what the base model computes."""
         if self.disable is not None:
             return self.disable(model)
-        if self.adapter:
+        if _is_peft(model):
             return model.disable_adapter()
         raise MethodError(f"method {self.name!r} trained the base weights in place, so there is no base "
                           "to switch back to; load the base model again to compare.")
@@ -120,7 +185,7 @@ class MethodSpec:
         """The trained model from a folder `save` wrote, on a freshly loaded base."""
         if self.load is not None:
             return self.load(base_model, path)
-        if self.adapter:
+        if (Path(path) / "adapter_config.json").is_file():  # the "peft" format
             from peft import PeftModel
 
             return PeftModel.from_pretrained(base_model, str(path))
@@ -128,20 +193,21 @@ class MethodSpec:
 
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=base_model.dtype)
 
-    def merged(self, model: PreTrainedModel) -> PreTrainedModel:
-        """`model` with the method folded into plain weights (in place)."""
+    def merged(self, model: PreTrainedModel, options: Options | None = None) -> PreTrainedModel:
+        """`model` with the method folded into plain weights (in place); `options` as in `check_mergeable`."""
+        self.check_mergeable(options)
         if self.merge is not None:
             return self.merge(model)
-        self.check_mergeable()
         return model.merge_and_unload()
 
-    def check_mergeable(self) -> None:
-        """Raise `MethodError` unless `merged` can fold this method into plain weights."""
-        if self.merge is not None:
-            return
-        if not self.adapter:
+    def check_mergeable(self, options: Options | None = None) -> None:
+        """Raise `MethodError` unless `merged` can fold this method into plain weights. Pass the run's
+        options; without them the method's defaults are asked (the method's `merge` hook still refuses
+        from the model what its options cannot merge)."""
+        options = self.default_options() if options is None else options
+        if not self.adds_modules(options):
             raise MethodError(f"method {self.name!r} trained the weights in place: there is nothing to merge.")
-        if not self.can_merge:
+        if not self.can_merge(options):
             raise MethodError(f"method {self.name!r} cannot be merged into the base weights (it adds "
                               "computation, not a weight delta); keep it as an adapter.")
 
@@ -185,6 +251,9 @@ def register_method(spec: MethodSpec, *, replace: bool = False) -> MethodSpec:
         raise MethodError(f"method {spec.name!r}: option names repeat: {names}.")
     for p in spec.params:
         p.check(p.default)  # a default that fails its own check is a registration bug
+    if not callable(spec.saves_as) and spec.saves_as not in SAVE_FORMATS:
+        raise MethodError(f"method {spec.name!r}: `saves_as` is {spec.saves_as!r}; use one of "
+                          f"{', '.join(SAVE_FORMATS)} (or a function of the options that returns one).")
     _REGISTRY[spec.name] = spec
     return spec
 

@@ -12,8 +12,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from nbtune.errors import MethodError, did_you_mean
-from nbtune.methods.full import as_names
-from nbtune.methods.lora import linear_module_names, module_suffixes, refuse_unmatched, wrap_with_peft
+from nbtune.methods.common import (
+    as_names,
+    linear_module_names,
+    module_suffixes,
+    refuse_unmatched,
+    wrap_with_peft,
+)
 from nbtune.methods.registry import MethodContext, MethodSpec, register_method
 from nbtune.params import Param
 
@@ -86,10 +91,10 @@ register_method(MethodSpec(
               "empty: the architecture's default."),
     ),
     prepare=_prepare_ia3,
-    adapter=True,
     default_lr=3e-3,
     validate=_validate_ia3,
-    can_merge=True,
+    merges=True,
+    few_parameters=True,
 ))
 
 
@@ -106,9 +111,9 @@ register_method(MethodSpec(
     summary="LN tuning: only the layer-norm weights train (a copy of them, so the base stays intact).",
     params=(Param("target_modules", "names", [], "Norm modules to tune; empty: every norm of the model."),),
     prepare=_prepare_ln,
-    adapter=True,
     default_lr=1e-3,
-    can_merge=True,
+    merges=True,
+    few_parameters=True,
 ))
 
 
@@ -150,6 +155,11 @@ def _peft_rewrites_base(options: dict[str, Any]) -> bool:
     return any(isinstance(v, str) and v.lower().startswith(inits) for v in (options["peft_args"] or {}).values())
 
 
+def _peft_merges(options: dict[str, Any]) -> bool:
+    # Prompt-learning tuners (prefix_tuning, prompt_tuning, p_tuning, ...) add virtual tokens, no weight delta.
+    return not _peft_config(options).is_prompt_learning
+
+
 register_method(MethodSpec(
     name="peft",
     summary="Any peft tuner by name (vera, loha, lokr, oft, boft, ...) with its own keyword arguments.",
@@ -159,9 +169,8 @@ register_method(MethodSpec(
               "target_modules: [q_proj, v_proj]}.", nullable=True),
     ),
     prepare=_prepare_peft,
-    adapter=True,
     default_lr=1e-3,
     validate=_validate_peft,
     rewrites_base=_peft_rewrites_base,
-    can_merge=True,
+    merges=_peft_merges,
 ))

@@ -278,7 +278,7 @@ def _linear_names(model: str) -> list[str]:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from nbtune.engine.models import resolve_model
-        from nbtune.methods.lora import linear_module_names
+        from nbtune.methods.common import linear_module_names
 
         with init_empty_weights():
             meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model(model)))
