@@ -56,13 +56,18 @@ def report(result: dict[str, Any]) -> None:
     print(RESULT_MARK + json.dumps(result), flush=True)
 
 
-def run_child(script: str, args: list[str]) -> dict[str, Any]:
+def run_child(script: str, args: list[str], *, nbtune_from: str | None = None) -> dict[str, Any]:
     """Run `python <script> <args>` in a fresh process (its own peak RSS, its own oneDNN kernel cache) and
-    return the dict it `report`ed; its stderr is shown if it fails."""
+    return the dict it `report`ed; its stderr is shown if it fails. `nbtune_from`: a checkout whose nbtune
+    the child imports instead of this one (an A/B of two versions)."""
+    import os
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    env = None
+    if nbtune_from is not None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([nbtune_from, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARK)]
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"child {args} failed (rc {done.returncode}):\n{done.stderr[-4000:]}")

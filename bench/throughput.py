@@ -1,6 +1,7 @@
 """Benchmark: nbtune LoRA vs the same job written by hand with transformers' Trainer + peft, on SmolLM2.
 
     python bench/throughput.py [--pairs 2] [--steps 30] [--batch-size 8] [--no-metric]
+    python bench/throughput.py --against /tmp/before   # this checkout's nbtune vs another commit's, paired
 
 Both jobs: SmolLM2-135M-Instruct (hand: fp32, as from_pretrained and the Trainer default to; nbtune: its
 defaults, bf16 autocast and a bf16 base on CPUs with AVX512-BF16/AMX), LoRA r=8 alpha=16 dropout=0.05 on
@@ -149,6 +150,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--no-metric", action="store_true", help="skip the exact-match generation")
+    parser.add_argument("--against", metavar="CHECKOUT",
+                        help="instead of the hand job, pair this checkout's nbtune with the nbtune in CHECKOUT (a "
+                             "git worktree of another commit): did a change slow training down?")
     parser.add_argument("--child", choices=("hand", "nbtune"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps <= WARMUP_STEPS:
@@ -156,6 +160,8 @@ def main() -> None:
     if args.child:
         return child(args.child, args.steps, args.batch_size, not args.no_metric)
     job = ["--steps", str(args.steps), "--batch-size", str(args.batch_size)] + (["--no-metric"] * args.no_metric)
+    if args.against:
+        return against(args.against, job, args.pairs)
     pairs = []
     for i in range(args.pairs):
         hand = run_child(sys.argv[0], ["--child", "hand", *job])
@@ -188,6 +194,28 @@ def main() -> None:
                                              "metric": not args.no_metric},
                                 "pairs": pairs, "tokens_per_second_ratio": speed, "peak_rss_ratio": memory,
                                 "versions": versions("datasets")})
+
+
+def against(checkout: str, job: list[str], pairs: int) -> None:
+    """Pairs of (nbtune from `checkout`, nbtune from here), alternating, each in a fresh process."""
+    rows = []
+    for i in range(pairs):
+        before = run_child(sys.argv[0], ["--child", "nbtune", *job], nbtune_from=checkout)
+        after = run_child(sys.argv[0], ["--child", "nbtune", *job])
+        rows.append({"pair": i + 1, "before": before, "after": after,
+                     "tokens_per_second_ratio": after["tokens_per_second"] / before["tokens_per_second"],
+                     "peak_rss_ratio": after["peak_rss_mb"] / before["peak_rss_mb"]})
+        print(f"pair {i + 1}: tok/s {checkout} {before['tokens_per_second']:.0f}, "
+              f"here {after['tokens_per_second']:.0f}; "
+              f"peak RSS {before['peak_rss_mb']:.0f} / {after['peak_rss_mb']:.0f} MB; final loss "
+              f"{before['final_loss']:.4f} / {after['final_loss']:.4f}", flush=True)
+    speed = median_min([r["tokens_per_second_ratio"] for r in rows])
+    memory = median_min([r["peak_rss_ratio"] for r in rows])
+    print(f"\nhere / {checkout}, per pair: tokens/s {[round(r['tokens_per_second_ratio'], 3) for r in rows]} "
+          f"(median {speed['median']}); peak RSS {[round(r['peak_rss_ratio'], 3) for r in rows]} "
+          f"(median {memory['median']})")
+    write_result("throughput_against", {"against": checkout, "pairs": rows, "tokens_per_second_ratio": speed,
+                                        "peak_rss_ratio": memory})
 
 
 if __name__ == "__main__":
