@@ -14,13 +14,24 @@ from nbtune.errors import NbtuneError
 
 
 def compare(*runs: Any) -> Any:
-    """Runs (objects or names in nbtune.runs) side by side: table, config diff, curves, generations."""
+    """Runs side by side: table, config diff, curves, generations. Each is a Run, a name in nbtune.runs, a
+    saved run's folder, or a row of `nbtune.history()` (a saved run loads onto the cached base only when
+    answers are asked for); none: every run of this kernel."""
     from nbtune.engine.compare import resolve_runs
     from nbtune.engine.workbench import WORKBENCH
     from nbtune.widgets.compare_view import ComparisonView
 
-    chosen = resolve_runs(runs, WORKBENCH.runs) if runs else list(WORKBENCH.runs.values())
+    chosen = resolve_runs(runs, WORKBENCH.runs, saved=True) if runs else list(WORKBENCH.runs.values())
     return ComparisonView(chosen, every_run=not runs)
+
+
+def history(root: Any = "runs") -> Any:
+    """Every run saved under `root`, from any kernel, newest first: name, method, status, when, steps, losses,
+    task metric, adapter size, and the checkpoint an interrupted run resumes from. A table (HTML in a
+    notebook); `.df` is a DataFrame; `nbtune.history()["name"]` goes into `nbtune.compare`."""
+    from nbtune.engine.history import history as saved_runs
+
+    return saved_runs(root)
 
 
 def combine(runs: list[Any], weights: list[float], *, how: str = "linear", name: str | None = None) -> Any:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from nbtune.engine.generation import generate_texts
+from nbtune.engine.history import SavedRun, saved_mb, saved_record, with_model
 from nbtune.engine.result import Run
 from nbtune.errors import NbtuneError
 
@@ -77,7 +78,7 @@ class Comparison:
             raise NbtuneError("no run in this comparison holds a model (failed or reclaimed runs); "
                               "train or load one (nbtune.load_run) first.")
         for run in answering:
-            run.require_model()
+            with_model(run).require_model()  # a saved run is loaded onto the cached base now
         loras = [r for r in answering if is_plain_lora(r)]
         columns: dict[str, list[str]] = {}
         if len(loras) > 1:
@@ -124,22 +125,35 @@ def base_answers(runs: Sequence[Run], prompts: list[Any], *, max_new_tokens: int
 
 def adapter_mb(run: Run) -> float | None:
     """Size on disk of what the run saved (adapter or weights), without tokenizer and run.json."""
-    folder = run.saved_to
-    if folder is None or not Path(folder).is_dir():
-        return None
-    skip = {"run.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-            "generation_config.json"}
-    return round(sum(f.stat().st_size for f in Path(folder).iterdir() if f.name not in skip) / 2**20, 2)
+    return saved_mb(Path(run.saved_to)) if run.saved_to is not None else None
 
 
-def resolve_runs(items: Sequence[Any], runs: dict[str, Run]) -> list[Run]:
-    """Runs from Run objects or names in `runs`; an unknown name lists the known ones."""
+def resolve_runs(items: Sequence[Any], runs: dict[str, Run], *, saved: bool = False) -> list[Run]:
+    """Runs from Run objects or names in `runs`; an unknown name lists the known ones. `saved=True` also
+    takes saved runs: a folder `Run.save` wrote, or a row of `nbtune.history()` (records whose model loads
+    when answers are asked for)."""
     out = []
     for item in items:
         if isinstance(item, Run):
             out.append(item)
-        elif item in runs:
+        elif isinstance(item, str) and item in runs:
             out.append(runs[item])
+        elif saved and (isinstance(item, SavedRun) or Path(str(item)).expanduser().joinpath("run.json").is_file()):
+            out.append(_labelled(saved_record(item), out, runs))
         else:
-            raise NbtuneError(f"no run {item!r} in nbtune.runs; runs in this kernel: {', '.join(runs) or 'none'}.")
+            also = " (or a saved run's folder)" if saved else ""
+            raise NbtuneError(f"no run {item!r} in nbtune.runs{also}; runs in this kernel: "
+                              f"{', '.join(runs) or 'none'}.")
     return out
+
+
+def _labelled(record: Run, chosen: list[Run], runs: dict[str, Run]) -> Run:
+    """A saved run named like a run of this kernel (or another one compared) says it is the saved one: the
+    comparison's rows, curves and columns are by name."""
+    taken = set(runs) | {r.name for r in chosen}
+    label, again = record.name, 1
+    while label in taken:
+        again += 1
+        label = f"{record.name} (saved {Path(record.saved_to).name}{f', {again - 1}' if again > 2 else ''})"
+    record.name = label
+    return record

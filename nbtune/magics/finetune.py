@@ -88,9 +88,17 @@ class Finetune(Magics):
 
         return picker(line.strip() or None)
 
+    @magic_arguments()
+    @argument("--all", dest="saved", nargs="?", const="runs", default=None, metavar="FOLDER",
+              help="every run saved under FOLDER (default: runs), from any kernel, not only this kernel's")
     @line_magic
     def finetune_runs(self, line: str) -> Any:
-        """The runs of this kernel, with status and key metrics."""
+        """The runs of this kernel, with status and key metrics; `--all [FOLDER]`: every saved run."""
+        args = parse_argstring(self.finetune_runs, line)
+        if args.saved is not None:
+            from nbtune.kernel import history
+
+            return history(args.saved)
         from nbtune.engine.workbench import WORKBENCH
 
         return WORKBENCH.runs
