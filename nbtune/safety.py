@@ -1,9 +1,12 @@
 """What nbtune refuses by default when a config or a folder comes from someone else.
 
-A config file or a saved run downloaded from the internet must not be able to write outside the
-workspace, run code, or unpickle objects. Here: the workspace rule for `output_dir`, and the checks on
-folders before anything is loaded from them (no pickle weights, sane safetensors headers).
-`trust_remote_code` is a per-run setting (`RunConfig.trust_remote_code`, default false).
+A config file or a saved run downloaded from the internet must not be able to overwrite the user's files,
+run code, or unpickle objects. `output_dir` may be any folder the user names (relative, absolute or `~`):
+what keeps their files safe is that a save only goes into a new folder, an empty one, or one nbtune wrote
+(nbtune/engine/saving.py). An admin who wants more can confine output to some folders with the environment
+variable `NBTUNE_WORKSPACE` (`check_output_dir`). Here too: the checks on folders before anything is loaded
+from them (no pickle weights, sane safetensors headers). `trust_remote_code` is a per-run setting
+(`RunConfig.trust_remote_code`, default false).
 """
 
 from __future__ import annotations
@@ -21,25 +24,33 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
 def workspace_roots() -> list[Path]:
-    """Where runs may write: the current folder (the notebook's), plus any folders listed in the
-    environment variable `NBTUNE_WORKSPACE` (os.pathsep-separated), set by whoever runs the kernel."""
+    """The folders runs may write in when an admin confines them: the current folder (the notebook's) plus
+    those listed in the environment variable `NBTUNE_WORKSPACE` (os.pathsep-separated), set by whoever
+    starts the kernel. Empty when `NBTUNE_WORKSPACE` is unset or empty: then `output_dir` may be anywhere."""
     extra = [Path(p).expanduser().resolve() for p in os.environ.get("NBTUNE_WORKSPACE", "").split(os.pathsep) if p]
-    return [Path.cwd().resolve(), *extra]
+    return [Path.cwd().resolve(), *extra] if extra else []
 
 
 def check_output_dir(output_dir: str | Path) -> None:
-    """Refuse an output folder that leaves the workspace: `..`, or a path (absolute, or through a symlink)
-    that resolves outside it."""
+    """Refuse an `output_dir` that names no folder (`.`, `..`, `/`); and, only while `NBTUNE_WORKSPACE` is
+    set, one that leaves the workspace: `..`, or a path (absolute, or through a symlink) that resolves
+    outside it. Whether the folder may be written (new, empty, or an earlier save) is decided when saving."""
     path = Path(output_dir).expanduser()
+    if not path.name or path.name in (".", ".."):
+        raise ConfigError(f"`output_dir` {str(output_dir)!r} names no folder to save into; give one, e.g. "
+                          "'runs/my-run' or '~/runs/my-run'.", field="output_dir")
     roots = workspace_roots()
+    if not roots:
+        return
+    allowed = ", ".join(str(root) for root in roots)
     if ".." in path.parts:
-        raise ConfigError(f"`output_dir` {str(output_dir)!r} contains '..'; give a folder inside the workspace "
-                          f"({roots[0]}).", field="output_dir")
+        raise ConfigError(f"`output_dir` {str(output_dir)!r} contains '..', which NBTUNE_WORKSPACE does not "
+                          f"allow; give a folder inside {allowed}.", field="output_dir")
     resolved = (Path.cwd() / path).resolve()  # follows symlinks, as a write would
     if not any(resolved.is_relative_to(root) for root in roots):
-        raise ConfigError(f"`output_dir` {str(output_dir)!r} resolves to {resolved}, outside the workspace "
-                          f"{roots[0]}; use a folder inside it, or add the folder to the environment variable "
-                          "NBTUNE_WORKSPACE before starting the kernel.", field="output_dir")
+        raise ConfigError(f"`output_dir` {str(output_dir)!r} resolves to {resolved}, outside the workspace that "
+                          f"NBTUNE_WORKSPACE confines output to ({allowed}); use a folder inside it, or add the "
+                          "folder to NBTUNE_WORKSPACE before starting the kernel.", field="output_dir")
 
 
 def check_loadable_folder(folder: str | Path, *, what: str = "folder") -> None:

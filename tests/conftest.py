@@ -161,11 +161,11 @@ _PROCESS_WORKBENCH = _process_workbench()
 
 
 @pytest.fixture(autouse=True)
-def _in_tmp_cwd(tmp_path, tmp_path_factory, monkeypatch):
-    # Runs save to runs/<name> by default: keep every test's files inside its own tmp dir. Module-level
-    # fixtures save under other pytest tmp dirs: those are part of the workspace too.
+def _in_tmp_cwd(tmp_path, monkeypatch):
+    # Runs save to runs/<name> by default: keep every test's files inside its own tmp dir. An
+    # NBTUNE_WORKSPACE in the environment would confine output_dir; tests that want that set it.
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("NBTUNE_WORKSPACE", str(tmp_path_factory.getbasetemp()))
+    monkeypatch.delenv("NBTUNE_WORKSPACE", raising=False)
 
 
 def training_device() -> Any:

@@ -1,5 +1,6 @@
-"""Hostile input is refused by default (issue 8, item 7): files and configs from someone else cannot
-write outside the workspace, run code, or unpickle objects."""
+"""Hostile input is refused by default (issue 8, item 7; issue 19, item 1): files and configs from someone
+else cannot overwrite or delete the user's files, save through a symlink, run code, or unpickle objects.
+`output_dir` itself may be any folder (tests/test_output_dir.py); `NBTUNE_WORKSPACE` confines it."""
 
 from __future__ import annotations
 
@@ -16,36 +17,50 @@ from nbtune.engine.models import load_base
 from nbtune.safety import check_safetensors_header
 
 
-@pytest.fixture(autouse=True)
-def _only_the_cwd_is_the_workspace(monkeypatch):
-    monkeypatch.delenv("NBTUNE_WORKSPACE", raising=False)  # conftest widens it to pytest's tmp folders
+@pytest.fixture
+def workspace(tmp_path_factory, monkeypatch):
+    """An admin's NBTUNE_WORKSPACE: the working folder plus one other folder, which it returns."""
+    allowed = tmp_path_factory.mktemp("allowed")
+    monkeypatch.setenv("NBTUNE_WORKSPACE", str(allowed))
+    return allowed
 
 
 @pytest.mark.parametrize("output_dir", ["../outside", "a/../../outside", "/etc/nbtune-run", "~/nbtune-run"])
-def test_output_dirs_outside_the_workspace_are_refused(output_dir):
-    with pytest.raises(nbtune.ConfigError, match="output_dir"):
+def test_output_dirs_outside_the_workspace_are_refused_when_nbtune_workspace_is_set(workspace, output_dir):
+    with pytest.raises(nbtune.ConfigError, match="NBTUNE_WORKSPACE") as info:
         RunConfig.parse({"output_dir": output_dir})
+    assert info.value.field == "output_dir" and "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("name", ["../escape", "/abs", "a/b", ".hidden", "x" * 101])
+@pytest.mark.parametrize("output_dir", ["../outside", "/etc/nbtune-run", "~/nbtune-run"])
+def test_without_nbtune_workspace_the_same_output_dirs_are_the_users_choice(output_dir):
+    assert RunConfig.parse({"output_dir": output_dir}).output_dir == output_dir
+
+
+@pytest.mark.parametrize("name", ["../escape", "/abs", "a/b", "a\\b", "x/../y", ".hidden", ".", "..", "",
+                                  "x" * 101])
 def test_run_names_that_would_leave_their_folder_are_refused(name):
-    with pytest.raises(nbtune.ConfigError, match="`name`"):
+    with pytest.raises(nbtune.ConfigError, match="`name`") as info:
         RunConfig.parse({"name": name})
+    assert info.value.field == "name"
 
 
-def test_a_symlink_out_of_the_workspace_is_refused(tmp_path_factory):
+def test_a_run_name_is_one_folder_under_runs():
+    assert RunConfig.parse({"name": "my.run-2_b"}).resolved_output_dir == Path("runs", "my.run-2_b")
+
+
+def test_a_symlink_out_of_the_workspace_is_refused(workspace, tmp_path_factory):
     outside = tmp_path_factory.mktemp("elsewhere")
     Path("link").symlink_to(outside, target_is_directory=True)
     with pytest.raises(nbtune.ConfigError, match="outside the workspace"):
         RunConfig.parse({"output_dir": "link/run"})
 
 
-def test_the_workspace_can_be_widened_on_purpose(tmp_path_factory, monkeypatch):
-    outside = tmp_path_factory.mktemp("allowed")
-    with pytest.raises(nbtune.ConfigError):
-        RunConfig.parse({"output_dir": str(outside / "run")})
-    monkeypatch.setenv("NBTUNE_WORKSPACE", str(outside))
-    assert RunConfig.parse({"output_dir": str(outside / "run")}).output_dir == str(outside / "run")
+def test_the_workspace_is_the_working_folder_and_the_folders_listed(workspace, tmp_path_factory):
+    assert RunConfig.parse({"output_dir": "runs/x"}).output_dir == "runs/x"
+    assert RunConfig.parse({"output_dir": str(workspace / "run")}).output_dir == str(workspace / "run")
+    with pytest.raises(nbtune.ConfigError, match="outside the workspace"):
+        RunConfig.parse({"output_dir": str(tmp_path_factory.mktemp("other") / "run")})
 
 
 @pytest.mark.parametrize("text", [

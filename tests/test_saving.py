@@ -131,10 +131,10 @@ def test_save_never_replaces_a_folder_it_did_not_write(llama_base, demo_rows, tm
     mine.mkdir()
     (mine / "train.jsonl").write_text("{}\n")
     run = nbtune.finetune(data=demo_rows, base=llama_base, save=False, **FAST)
-    with pytest.raises(nbtune.NbtuneError, match="not a saved run"):
+    with pytest.raises(nbtune.NbtuneError, match="did not write"):
         run.save(mine)
-    assert (mine / "train.jsonl").read_text() == "{}\n"
-    with pytest.raises(nbtune.NbtuneError, match="folder name"):
+    assert [p.name for p in mine.iterdir()] == ["train.jsonl"] and (mine / "train.jsonl").read_text() == "{}\n"
+    with pytest.raises(nbtune.NbtuneError, match="names no folder"):
         run.save(".")
 
 

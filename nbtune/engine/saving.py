@@ -1,4 +1,13 @@
-"""Atomic directory writes: a reader sees the old folder or the complete new one, never half of one."""
+"""Safe directory writes: a reader sees the old folder or the complete new one, never half of one, and
+nothing nbtune did not write is ever overwritten or deleted.
+
+A save goes to a new folder, into an existing empty one (one the user made, `tempfile.mkdtemp()`'s, a
+mount point), or over an earlier save of nbtune's; a folder holding anything else, a file, or a symlink
+in the folder's place is refused (`check_target`).
+
+    >>> with atomic_directory(Path("runs/demo"), replaceable="run.json") as tmp:  # doctest: +SKIP
+    ...     write_json(tmp / "run.json", {"name": "demo"})
+"""
 
 from __future__ import annotations
 
@@ -13,21 +22,50 @@ from typing import Any
 
 from nbtune.errors import NbtuneError
 
+# The hidden folder a save into an existing empty folder writes in first; one a killed process left
+# behind does not make the folder "hold files".
+_INSIDE_TMP = ".nbtune-tmp-"
+
+
+def check_target(target: Path, *, replaceable: str | None = None, field: str = "output_dir") -> None:
+    """Refuse to save to `target` unless it is new, an empty folder, or a folder nbtune may replace: with
+    `replaceable` (a run.json, say), one that holds that file, so a typo in `output_dir` never wipes out a
+    folder of the user's own files; without it, any folder (nbtune's own cache). A symlink where the
+    folder would be is refused: nbtune never saves through one into a folder elsewhere."""
+    target = Path(target).expanduser()
+    shown = str(target)
+    if not target.name or target.name in (".", ".."):
+        raise NbtuneError(f"`{field}` {shown!r} names no folder to save into; give one, e.g. 'runs/my-run'.",
+                          field=field)
+    if target.is_symlink():
+        raise NbtuneError(f"`{field}` {shown!r} is a symlink (to {os.readlink(target)}); nbtune does not save "
+                          "through one: give the folder it points to, or a new folder.", field=field)
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise NbtuneError(f"`{field}` {shown!r} is a file; give a folder (nbtune never overwrites what it did "
+                          "not write).", field=field)
+    if replaceable is not None and _holds_anything(target) and not _marker(target / replaceable):
+        raise NbtuneError(f"`{field}` {shown!r} already holds files nbtune did not write, and nbtune never "
+                          f"overwrites them; give a new or empty folder, e.g. {str(target / 'my-run')!r}.",
+                          field=field)
+
 
 @contextlib.contextmanager
-def atomic_directory(target: Path, *, replaceable: str | None = None) -> Iterator[Path]:
-    """Yield a temporary sibling of `target`; on success it replaces `target` by rename.
+def atomic_directory(target: Path, *, replaceable: str | None = None, field: str = "output_dir") -> Iterator[Path]:
+    """Yield a temporary folder; on success its files become `target`'s, all at once.
 
-    With `replaceable` set, an existing `target` is only replaced if it holds that file (a run.json,
-    say): a typo in `output_dir` must never wipe out a folder of the user's own files.
+    A new `target`, or one replaced (see `check_target` for which), is the temporary sibling renamed into
+    place. An existing empty `target` keeps being the folder it is (its permissions, the disk it is on):
+    the files are written in a hidden folder inside it and moved up, `replaceable` last, so a folder
+    that holds that file holds a complete save.
     """
     target = Path(target).expanduser()
-    if not target.name or target.name in (".", ".."):
-        raise NbtuneError(f"cannot save into {str(target)!r}: give a folder name, e.g. 'runs/my-run'.",
-                          field="output_dir")
-    if target.exists() and (not target.is_dir() or (replaceable and not (target / replaceable).exists())):
-        raise NbtuneError(f"{str(target)!r} exists and is not a saved run; choose another `output_dir` "
-                          "(nbtune only replaces folders it wrote).", field="output_dir")
+    check_target(target, replaceable=replaceable, field=field)
+    if target.is_dir() and not _holds_anything(target):
+        with _filled_in_place(target, last=replaceable, field=field) as tmp:
+            yield tmp
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any new folder
@@ -46,9 +84,43 @@ def atomic_directory(target: Path, *, replaceable: str | None = None) -> Iterato
                 os.replace(old, target)  # put the previous save back
             raise
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)  # never follows the symlinks a saved folder may hold
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _filled_in_place(target: Path, *, last: str | None, field: str) -> Iterator[Path]:
+    # Written inside `target`, so moving the files up is a rename on one filesystem, even when `target` is
+    # a mount point.
+    tmp = Path(tempfile.mkdtemp(prefix=_INSIDE_TMP, dir=target))
+    moved: list[Path] = []
+    try:
+        yield tmp
+        if _holds_anything(target, besides=tmp):  # something else wrote there meanwhile: overwrite nothing
+            raise NbtuneError(f"`{field}` {str(target)!r} got other files while nbtune saved into it; nothing was "
+                              "saved. Give a new or empty folder.", field=field)
+        for entry in sorted(tmp.iterdir(), key=lambda p: p.name == last):
+            os.replace(entry, target / entry.name)
+            moved.append(target / entry.name)
+    except BaseException:
+        for path in moved:  # ours: leave the folder empty, as it was
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _holds_anything(folder: Path, *, besides: Path | None = None) -> bool:
+    return any(p != besides and not p.name.startswith(_INSIDE_TMP) for p in folder.iterdir())
+
+
+def _marker(path: Path) -> bool:
+    """Whether `path` is a file nbtune could have written: a regular file, not a symlink to one."""
+    return path.is_file() and not path.is_symlink()
 
 
 def _umask() -> int:
