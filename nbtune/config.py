@@ -23,6 +23,8 @@ from typing import Any
 import yaml
 
 from nbtune.config_text import config_text
+from nbtune.config_yaml import load_yaml as load_yaml  # re-exported: its old home
+from nbtune.config_yaml import read_yaml
 from nbtune.errors import ConfigError, NbtuneError, did_you_mean
 from nbtune.foreign_names import foreign_name
 from nbtune.params import Param
@@ -103,8 +105,13 @@ class RunConfig:
     metric: str = _p("auto", "str", "Task metric at the end: exact match of generated answers; 'auto' uses it "
                      "for the demo task only.", choices=("auto", "exact_match", "none"))
     metric_samples: int = _p(64, "int", "Eval examples the task metric generates answers for.", min=1)
-    output_dir: str | None = _p(None, "str", "Where the final adapter or weights are saved. Default: runs/<name>.")
+    output_dir: str | None = _p(None, "str", "Where the final adapter or weights are saved: any folder (relative, "
+                                "absolute or ~), new or empty; an earlier save there is replaced, other files are "
+                                "never touched. Default: runs/<name>.")
     save: bool = _p(True, "bool", "Save the result to `output_dir` when training ends.")
+    report_to: str | list[str] = _p("none", "names", "Experiment trackers the Trainer logs to, one name or a list, "
+                                    "as transformers names them (tensorboard, trackio, mlflow, wandb, comet_ml, "
+                                    "...; 'all': every one installed). TensorBoard writes to <output_dir>-logs.")
     options: dict[str, Any] = field(default_factory=dict, metadata={"param": None})
     # Settings filled in from other settings (epochs, lr, quantization) with the value they got: a
     # re-parse drops those still at that value, so `parse(cfg, steps=5)` does not trip over an `epochs: 1`
@@ -125,7 +132,7 @@ class RunConfig:
         elif isinstance(source, Mapping):
             raw = dict(source)
         elif isinstance(source, (str, Path)):
-            raw = _read_yaml(source)
+            raw = read_yaml(source)
         else:
             raise ConfigError(f"config must be a RunConfig, dict or YAML text, got {type(source).__name__}.")
         return _build(overlay(raw, overrides))
@@ -199,52 +206,6 @@ def common_params() -> dict[str, Param]:
 
 def common_param_names() -> tuple[str, ...]:
     return (*common_params(), "options", "derived")
-
-
-class _Yaml12Loader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-4` as a float, as YAML 1.2 does (PyYAML's 1.1 rules need `1.0e-4`)."""
-
-
-_Yaml12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def load_yaml(text: str) -> Any:
-    """Parse YAML safely (never constructs Python objects), with YAML 1.2 exponent floats."""
-    return yaml.load(text, Loader=_Yaml12Loader)
-
-
-def _read_yaml(source: str | Path) -> dict[str, Any]:
-    text = str(source)
-    # A single line with no `key: value` in it that ends in .yaml or names a file is a file name, not YAML.
-    one_line = "\n" not in text and ": " not in text
-    is_file_name = one_line and (re.fullmatch(r".+\.ya?ml", text, re.IGNORECASE) is not None or Path(text).is_file())
-    path = Path(text) if isinstance(source, Path) or is_file_name else None
-    if path is not None:
-        if path.is_dir():
-            raise ConfigError(f"config file {str(path)!r} is a folder; give the YAML file in it.")
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist.")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise ConfigError(f"config file {str(path)!r} is not UTF-8 text; save it as UTF-8 YAML.") from None
-    try:
-        # safe_load: a config never constructs Python objects.
-        loaded = load_yaml(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"config is not valid YAML{where}: {problem}.") from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"config must be YAML `key: value` lines, got a {type(loaded).__name__}.")
-    return loaded
 
 
 def _build(raw: dict[str, Any]) -> RunConfig:
@@ -387,5 +348,26 @@ def _check_cross_fields(config: RunConfig, method: Any) -> None:
             field="name",
         )
     check_output_dir(config.resolved_output_dir)
+    config.report_to = _trackers(config.report_to)
     if isinstance(config.data, str) and not config.data.strip():
         raise ConfigError("`data` is empty; give 'demo', a file path or a dataset.", field="data")
+
+
+def _trackers(value: str | list[str]) -> str | list[str]:
+    """`report_to` as the Trainer takes it: 'none', 'all', one tracker's name or a list of them, each a name
+    transformers has an integration for. Whether its package is installed is checked when training starts
+    (engine/trainer.py): a saved run that named a tracker must still open where that package is missing."""
+    names = list(dict.fromkeys(n.lower() for n in ([value] if isinstance(value, str) else value)))
+    if names in ([], ["none"]):
+        return "none"
+    # transformers' integrations table (importing it costs seconds: only for a config that names a tracker)
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    known = [*INTEGRATION_TO_CALLBACK, "all", "none"]
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"`report_to` names {name!r}, which is no tracker transformers reports to."
+                              f"{did_you_mean(name, known)} Trackers: {', '.join(known)}.", field="report_to")
+    if len(names) > 1 and {"all", "none"} & set(names):
+        raise ConfigError("`report_to`: 'all' and 'none' stand alone, not in a list of trackers.", field="report_to")
+    return names[0] if len(names) == 1 else names

@@ -7,11 +7,15 @@ so that the pipeline in `run.py` reads top to bottom.
 from __future__ import annotations
 
 import gc
+import json
 import math
+import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from transformers import TrainerCallback  # loaded already: engine/callbacks.py imports it too
 
 if TYPE_CHECKING:
     from nbtune.engine.guards import NonFiniteGuard
@@ -53,6 +57,7 @@ def make_trainer(run: Run, train_set: Any, eval_set: Any, memory: PeakSampler, *
     trainer.checkpoint_json = lambda: {"run.json": run.to_dict()}  # config, metrics, history so far
     for noisy in (PrinterCallback, ProgressCallback):  # they print every log dict to stdout
         trainer.remove_callback(noisy)
+    _point_trackers(trainer, config)
     return trainer
 
 
@@ -63,6 +68,7 @@ def training_arguments(run: Run, policy: Any, *, periodic_eval: bool, scratch: P
     from nbtune.engine.checkpoints import checkpoint_root
 
     config = run.config
+    check_trackers_installed(config.report_to)  # one line now, not a traceback from the Trainer's constructor
     return TrainingArguments(
         output_dir=str(checkpoint_root(config, scratch)),
         per_device_train_batch_size=config.batch_size,
@@ -84,7 +90,9 @@ def training_arguments(run: Run, policy: Any, *, periodic_eval: bool, scratch: P
         prediction_loss_only=True,  # evaluation reports the loss; logits would only be gathered and dropped
         save_strategy="steps" if config.checkpoint_steps else "no",  # the final artefact is the run's own
         save_steps=config.checkpoint_steps or None,
-        report_to="none",
+        report_to=config.report_to,  # transformers' integrations log these arguments, then every step's logs
+        run_name=config.name,
+        project="nbtune",  # trackio's project (its runs are named by run_name)
         disable_tqdm=True,  # our observers draw progress
         include_num_input_tokens_seen="non_padding",  # for honest tokens/s
         train_sampling_strategy="group_by_length",  # batches of similar length waste little padding
@@ -96,6 +104,73 @@ def training_arguments(run: Run, policy: Any, *, periodic_eval: bool, scratch: P
         # Several processes: DDP need not search for unused parameters unless experts may go unrouted.
         ddp_find_unused_parameters=_may_skip_parameters(run.model),
     )
+
+
+# A tracker's pip package where it is not the tracker's name, and transformers' check for it where that is
+# not `is_<name>_available` (transformers.integrations.integration_utils).
+_PIP_NAME = {"azure_ml": "azureml-core", "comet_ml": "comet-ml", "dagshub": "dagshub mlflow",
+             "flyte": "flytekit flytekitplugins-deck-standard"}
+_CHECK = {"azure_ml": "is_azureml_available", "comet_ml": "is_comet_available",
+          "flyte": "is_flyte_deck_standard_available"}
+
+
+def check_trackers_installed(report_to: str | list[str]) -> None:
+    """Refuse, naming what to install, a `report_to` tracker whose package is missing; asked with
+    transformers' own checks. Kubeflow is no package (transformers enables it inside a Kubeflow TrainJob)."""
+    from transformers.integrations import integration_utils
+
+    from nbtune.errors import DependencyError
+
+    for name in [report_to] if isinstance(report_to, str) else report_to:
+        if name in ("none", "all", "kubeflow"):
+            continue
+        check = getattr(integration_utils, _CHECK.get(name, f"is_{name}_available"), None)
+        if check is not None and not check():  # None: a newer integration; the Trainer checks it itself
+            pip = _PIP_NAME.get(name, name)
+            raise DependencyError(f"`report_to: {name}` needs a package that is not installed: pip install {pip} "
+                                  f"(or leave {name} out of report_to).", field="report_to")
+
+
+def tracker_logs_dir(config: Any) -> Path:
+    """Where TensorBoard writes a run's event files: beside its output folder, which the final save
+    replaces whole (as `<output_dir>-checkpoints` is)."""
+    out = config.resolved_output_dir
+    return out.with_name(out.name + "-logs")
+
+
+def _point_trackers(trainer: Any, config: Any) -> None:
+    """TensorBoard's event files into `tracker_logs_dir` (unless TENSORBOARD_LOGGING_DIR says where), and
+    nbtune's config to the trackers next to the Trainer's arguments that they log themselves."""
+    from transformers.integrations import TensorBoardCallback
+
+    boards = [c for c in trainer.callback_handler.callbacks if isinstance(c, TensorBoardCallback)]
+    for board in boards:
+        if board.logging_dir is None:  # the Trainer's default is inside its checkpoint folder or our scratch
+            board.logging_dir = str(tracker_logs_dir(config))
+    if trainer.args.report_to:
+        trainer.add_callback(_ConfigToTrackers(config, boards))
+
+
+class _ConfigToTrackers(TrainerCallback):
+    """Logs the run's `RunConfig` (method, options, data...) once training begins, through each tracker's
+    own API: TensorBoard as text `nbtune_config`, trackio as `nbtune/<key>` entries of the run's config.
+    Other trackers get what transformers sends them: the TrainingArguments and the model's config."""
+
+    def __init__(self, config: Any, boards: list[Any]) -> None:
+        self.config, self.boards = config, boards
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        values = self.config.to_json_dict()  # data in memory as a description, not its rows
+        text = json.dumps(values, indent=2, default=str)
+        for board in self.boards:  # after the TensorBoard callback's own on_train_begin opened its writer
+            if board.tb_writer is not None:
+                board.tb_writer.add_text("nbtune_config", textwrap.indent(text, "    "))  # markdown: as code
+        if "trackio" in args.report_to:
+            import trackio
+
+            trackio.config.update({f"nbtune/{key}": value for key, value in values.items()})
 
 
 def _may_skip_parameters(model: Any) -> bool:
@@ -157,5 +232,5 @@ class _WithoutLength:
         return self.collator([{k: v for k, v in f.items() if k != "length"} for f in features])
 
 
-__all__ = ["collect_run_garbage", "expected_steps", "make_trainer", "older_objects_frozen", "release_from_trainer",
-           "training_arguments"]
+__all__ = ["check_trackers_installed", "collect_run_garbage", "expected_steps", "make_trainer",
+           "older_objects_frozen", "release_from_trainer", "tracker_logs_dir", "training_arguments"]
