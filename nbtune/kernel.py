@@ -60,7 +60,7 @@ def load_run(path: Any) -> Any:
     except (OSError, ValueError, KeyError) as exc:
         raise NbtuneError(f"{str(path)!r} is not a folder written by Run.save ({exc}).") from None
     view = WORKBENCH.view_for(config)
-    run = load(path, base=(view.model, view.tokenizer))
+    run = load(path, base=view)  # a Base: its folder lets load check the weights it trained on
     WORKBENCH.runs[run.name] = run
     return run
 

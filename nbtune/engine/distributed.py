@@ -153,6 +153,7 @@ def _take_home(run: Run, session: TrainingSession, base: Base, outcome: dict[str
     run.eval_history = list(outcome["eval_history"])
     run.total_steps = outcome["total_steps"]
     run.eval_pairs = outcome["eval_pairs"]
+    run.provenance = outcome["provenance"]
     session.checkpoint = outcome["checkpoint"]
     run.saved_to = Path(outcome["saved_to"]) if outcome["saved_to"] else None
     run.tokenizer = prepare_tokenizer(base.tokenizer)
@@ -299,7 +300,7 @@ def _outcome(run: Run, session: TrainingSession, shared: Path) -> dict[str, Any]
         run.saved_to = None
     return {"status": run.status, "error": run.error, "metrics": run.metrics, "history": list(run.history),
             "eval_history": run.eval_history, "total_steps": run.total_steps, "eval_pairs": run.eval_pairs,
-            "checkpoint": session.checkpoint, "model_dir": str(folder),
+            "checkpoint": session.checkpoint, "model_dir": str(folder), "provenance": run.provenance,
             "saved_to": str(run.saved_to) if run.saved_to else None}
 
 

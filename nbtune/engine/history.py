@@ -184,8 +184,9 @@ def with_model(run: Run) -> Run:
     from nbtune.engine.workbench import WORKBENCH
 
     view = WORKBENCH.view_for(run.config)
-    loaded = load(run.saved_to, base=(view.model, view.tokenizer))
+    loaded = load(run.saved_to, base=view)
     run.model, run.tokenizer, run.eval_pairs = loaded.model, loaded.tokenizer, loaded.eval_pairs
+    run.provenance = loaded.provenance
     run.base_name = loaded.base_name
     return run
 

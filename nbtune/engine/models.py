@@ -39,6 +39,7 @@ class Base:
     tokenizer: Any
     name: str
     quantization: str = "none"
+    path: Path | None = None  # the folder load_base read it from (None for a model passed in memory)
 
 
 def shared_view(model: Any) -> Any:
@@ -134,7 +135,7 @@ def load_base(name: str, *, quantization: str = "none", dtype: str = "float32",
         norms_in_fp32(model)
     if quantization == "none" and policy.accelerator:
         model = model.to(policy.device.type)
-    return Base(model=model, tokenizer=tokenizer, name=ALIASES.get(name, name), quantization=quantization)
+    return Base(model=model, tokenizer=tokenizer, name=ALIASES.get(name, name), quantization=quantization, path=path)
 
 
 def norms_in_fp32(model: Any) -> None:

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 from nbtune.config import RunConfig
 from nbtune.data import prepare_tokenizer, prompts_and_answers
+from nbtune.engine import provenance
 from nbtune.engine.models import Base, load_base
 from nbtune.engine.quiet import no_hf_progress_bars
 from nbtune.engine.result import History, Run
-from nbtune.errors import DataError, NbtuneError
+from nbtune.errors import DataError, NbtuneError, NbtuneWarning
 from nbtune.methods import MethodContext, get_method
 from nbtune.safety import check_loadable_folder
 
@@ -26,11 +28,12 @@ def load(path: str | Path, *, base: Base | tuple[Any, Any] | None = None, quanti
 
     `base` is an already loaded (model, tokenizer) to put the result on; otherwise the run's own base
     model is loaded (`quantization` overrides how, e.g. 'none' to merge a QLoRA adapter in full precision).
+    An `NbtuneWarning` names the data or base weights that differ from those run.json's provenance recorded.
     """
     path = Path(path)
     info = _read_run_json(path)
     given = dict(info["config"])
-    given.pop("output_dir", None)  # where it was saved is `path`; a save from here goes inside the workspace
+    given.pop("output_dir", None)  # where it was saved is `path`; a save from here goes to runs/<name>
     if quantization is not None:
         given["quantization"] = quantization
     config = RunConfig.parse(given)
@@ -64,10 +67,15 @@ def load(path: str | Path, *, base: Base | tuple[Any, Any] | None = None, quanti
     run.id = info.get("id", run.id)  # the same run as the one saved: the folder holds it
     run.history = History(info.get("history") or [])
     run.eval_history = list(info.get("eval_history") or [])
+    run.provenance = dict(info.get("provenance") or {})  # run.json files from before it have none
     run.model, run.tokenizer, run.saved_to = model, tokenizer, path
     run.base_name = base.name
     run.total_steps = run.metrics.get("steps", 0)
-    run.eval_pairs = _eval_pairs(config)
+    data = _records(config)
+    run.eval_pairs = _eval_pairs(data)
+    # The base's weights are checked where nbtune knows its folder (a (model, tokenizer) given has none).
+    _warn_of_changes(info, config, model_folder=base.path,
+                     data=data if provenance.data_recheckable(config) else None)
     return run
 
 
@@ -85,11 +93,26 @@ def _read_run_json(path: Path) -> dict[str, Any]:
     return info
 
 
-def _eval_pairs(config: RunConfig) -> list[tuple[list[dict[str, str]], str]]:
+def _records(config: RunConfig) -> tuple[Any, Any, str] | None:
+    """The run's data read again from its config: (train, eval, format); None for in-memory data, which is
+    not saved with the run."""
     from nbtune.data.splits import read_data
 
     try:
-        _, evaluation, fmt = read_data(config)
-    except DataError:  # in-memory data is not saved with the run; evaluation then needs eval data again
+        return read_data(config)
+    except DataError:
+        return None
+
+
+def _eval_pairs(data: tuple[Any, Any, str] | None) -> list[tuple[list[dict[str, str]], str]]:
+    if data is None:  # evaluation then needs eval data again
         return []
+    _, evaluation, fmt = data
     return prompts_and_answers(evaluation, fmt) if evaluation is not None and fmt != "text" else []
+
+
+def _warn_of_changes(info: dict[str, Any], config: RunConfig, **now: Any) -> None:
+    """A warning for each recorded item (data, base weights) that differs from what trained the run: its
+    metrics and adapter then describe something else. Nothing to compare in a run.json without provenance."""
+    for change in provenance.changes(info.get("provenance") or {}, **now):
+        warnings.warn(f"run {config.name!r}: {change}.", NbtuneWarning, stacklevel=3)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from nbtune.engine.events import Broadcast
 from nbtune.engine.generation import Prompt, exact_match, generate_texts
 from nbtune.engine.quiet import no_hf_progress_bars
-from nbtune.engine.saving import atomic_directory, write_json
+from nbtune.engine.saving import atomic_directory, check_target, write_json
 from nbtune.errors import NbtuneError, RunInterrupted
 
 if TYPE_CHECKING:
@@ -103,6 +103,9 @@ class Run:
         self.model: Any = None
         self.tokenizer: Any = None
         self.eval_pairs: list[tuple[list[dict[str, str]], str]] = []
+        # What repeating it takes: versions, device and precision, base weights' and data's SHA-256, seed, git
+        # commit (engine/provenance.py; filled when training starts, read back from run.json by nbtune.load).
+        self.provenance: dict[str, Any] = {}
         self._observers = Broadcast(list(observers))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None  # set by the pipeline when training in the background
@@ -227,10 +230,10 @@ class Run:
         """
         self.require_model()
         target = Path(path).expanduser()
-        if target.exists() and (not (target / "config.json").is_file() or (target / "run.json").exists()):
-            what = "a saved run" if (target / "run.json").exists() else "not a model nbtune exported"
-            raise NbtuneError(f"{str(path)!r} exists and is {what}; export the merged model to a new folder "
-                              "(nbtune only replaces an earlier export).", field="path")
+        if (target / "run.json").exists():
+            raise NbtuneError(f"{str(path)!r} exists and is a saved run; export the merged model to a new or empty "
+                              "folder (nbtune only replaces an earlier export).", field="path")
+        check_target(target, replaceable="config.json", field="path")  # before a merge that may take a while
         if not self.method.adds_modules(self.config.options):
             model = self.model  # full/freeze/bitfit: the weights are already the merged model
         elif self.context.quantized or _holds_low_precision(self.model):
@@ -239,7 +242,7 @@ class Run:
             model = self.method.merged(self._full_precision_copy(), self.config.options)
         else:
             model = self.merge()
-        with atomic_directory(target, replaceable="config.json") as tmp, no_hf_progress_bars():
+        with atomic_directory(target, replaceable="config.json", field="path") as tmp, no_hf_progress_bars():
             model.save_pretrained(str(tmp))
             self.tokenizer.save_pretrained(str(tmp))
         return Path(path)
@@ -305,7 +308,7 @@ class Run:
         return target
 
     def to_dict(self) -> dict[str, Any]:
-        """What run.json holds: name, status, method, config, metrics, history."""
+        """What run.json holds: name, status, method, config, metrics, history, provenance."""
         from nbtune import __version__
 
         return {
@@ -320,6 +323,7 @@ class Run:
             "metrics": self.metrics,
             "history": list(self.history),
             "eval_history": self.eval_history,
+            "provenance": self.provenance,
         }
 
     def __repr__(self) -> str:

@@ -26,6 +26,7 @@ from typing import Any
 from nbtune.config import RunConfig
 from nbtune.data import prepare_tokenizer, prompts_and_answers
 from nbtune.data.splits import read_data
+from nbtune.engine import provenance
 from nbtune.engine.callbacks import remove_neftune
 from nbtune.engine.checkpoints import resume_checkpoint
 from nbtune.engine.distributed import is_main_process
@@ -200,6 +201,7 @@ def _train(run: Run, session: TrainingSession, base: Any, memory: PeakSampler,
     run.context.tokenizer = tokenizer
     run.base_name = base.name
     run.metrics["load_seconds"] = round(time.perf_counter() - started, 2)
+    run.provenance = provenance.of_run(run, base, session.data)  # what repeating it takes, for run.json
 
     # 3. Tokenise as the objective wants it (supervised fine-tuning: chat template, answer-only labels,
     # lengths for grouping batches of similar length).

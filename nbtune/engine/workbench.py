@@ -94,7 +94,7 @@ class Workbench:
         shares = method.keeps_base(config.options) and not casts
         model = shared_view(base.model) if shares else copy.deepcopy(base.model)
         return Base(model=model, tokenizer=tokenizer_view(base.tokenizer), name=base.name,
-                    quantization=base.quantization)
+                    quantization=base.quantization, path=base.path)
 
     def finetune(self, config: RunConfig | dict[str, Any] | str | None = None, *, base: Any = None,
                  observers: Any = (), progress: bool = False, background: bool = False,
