@@ -142,6 +142,18 @@ def demo_rows():
 
 
 @pytest.fixture(autouse=True)
+def _no_stray_underscore():
+    # Python's default display hook (a doctest, code run in "single" mode) leaves `builtins._` behind, and
+    # IPython then never sets `_` in a shell's namespace: a later `r = _` test would fail for another's sake.
+    import builtins
+
+    had = hasattr(builtins, "_")
+    yield
+    if not had and hasattr(builtins, "_"):
+        del builtins._
+
+
+@pytest.fixture(autouse=True)
 def _fresh_workbench(monkeypatch):
     # Every run joins the process's runs (nbtune.runs): each test starts with none, and its runs and
     # cached bases go when it ends; unless a fixture of a wider scope set up a workbench for its tests.

