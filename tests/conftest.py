@@ -217,6 +217,17 @@ def memory_in_use_mb() -> float:
     return rss_mb()
 
 
+class InterruptAt:
+    """An observer that interrupts training at `step`, as Ctrl-C or the kernel's ■ would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step(self, run: Any, record: dict[str, Any]) -> None:
+        if record["step"] == self.step:
+            raise KeyboardInterrupt
+
+
 def finetune_interrupted(*args: Any, **kwargs: Any) -> Any:
     """`nbtune.finetune(...)` for a run an interrupt stops: it raises RunInterrupted (a KeyboardInterrupt,
     which pytest would take for the user's Ctrl-C); the stopped run that keeps what it learned comes with it."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import finetune_interrupted, tiny_llama
+from conftest import InterruptAt, finetune_interrupted, tiny_llama
 
 import nbtune
 
@@ -76,15 +76,6 @@ def test_the_optimizer_gets_its_own_step_back(chat_tokenizer, demo_rows, monkeyp
                         lambda self, *args, **kwargs: (made.append(self), install(self, *args, **kwargs))[1])
     nbtune.finetune(data=demo_rows, base=(tiny_llama(chat_tokenizer), chat_tokenizer), **SETTINGS)
     assert made and all(guard._restore is None for guard in made)
-
-
-class InterruptAt:
-    def __init__(self, step):
-        self.step = step
-
-    def on_step(self, run, record):
-        if record["step"] == self.step:
-            raise KeyboardInterrupt
 
 
 @pytest.mark.parametrize("at", [1, 3, 5])

@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import finetune_interrupted, nbtune_shell
+from conftest import InterruptAt, finetune_interrupted, nbtune_shell
 
 import nbtune
 from nbtune.errors import NbtuneError
@@ -71,20 +71,11 @@ def test_a_missing_root_is_one_clear_line(in_tmp):
         nbtune.history("nowhere")
 
 
-class StopAt:
-    def __init__(self, step):
-        self.step = step
-
-    def on_step(self, run, record):
-        if record["step"] == self.step:
-            raise KeyboardInterrupt
-
-
 def test_an_interrupted_run_with_checkpoints_is_listed_as_resumable(in_tmp, tiny_model_dir, demo_rows):
     common = {**SETTINGS, "steps": 8, "checkpoint_steps": 2, "model": str(tiny_model_dir), "data": demo_rows[:16]}
-    finetune_interrupted(name="died", observers=[StopAt(5)], **common)
+    finetune_interrupted(name="died", observers=[InterruptAt(5)], **common)
     shutil.rmtree(in_tmp / "runs" / "died")  # as if the process had died: only its periodic checkpoints remain
-    finetune_interrupted(name="stopped", observers=[StopAt(5)], **common)
+    finetune_interrupted(name="stopped", observers=[InterruptAt(5)], **common)
     rows = {row["name"]: row for row in nbtune.history().table()}
     assert rows["died"]["status"] == "interrupted" and rows["died"]["resume_from"].endswith("checkpoint-5")
     assert rows["stopped"]["status"] == "stopped" and rows["stopped"]["resume_from"].endswith("checkpoint-5")
