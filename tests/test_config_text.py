@@ -88,11 +88,6 @@ def test_omit_names_keys_and_refuses_unknown_words_with_a_suggestion():
         config.to_text(omit=("r",))
 
 
-def test_the_modules_example_runs(monkeypatch):
-    import builtins
-
-    # doctest's display hook leaves `builtins._` behind, and IPython then never sets `_` in a shell's
-    # namespace (tests/test_magics.py checks `r = _`): undone when this test ends.
-    monkeypatch.setattr(builtins, "_", None, raising=False)
+def test_the_modules_example_runs():  # the `builtins._` doctest leaves goes in conftest's _no_stray_underscore
     result = doctest.testmod(nbtune.config_text)
     assert result.attempted and not result.failed
