@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from nbtune.config_evaluation import check_evaluation_keys, check_metric_spec, metric_text
 from nbtune.config_text import config_text
 from nbtune.config_yaml import load_yaml as load_yaml  # re-exported: its old home
 from nbtune.config_yaml import read_yaml
@@ -102,9 +103,20 @@ class RunConfig:
     checkpoint_steps: int = _p(0, "int", "Save a verified, resumable checkpoint every N steps into "
                                "<output_dir>-checkpoints (0: only when a run is stopped).", min=0)
     keep_checkpoints: int = _p(2, "int", "How many of the newest periodic checkpoints to keep.", min=1, max=1000)
-    metric: str = _p("auto", "str", "Task metric at the end: exact match of generated answers; 'auto' uses it "
-                     "for the demo task only.", choices=("auto", "exact_match", "none"))
-    metric_samples: int = _p(64, "int", "Eval examples the task metric generates answers for.", min=1)
+    metric: Any = _p("auto", "any", "Task metrics of generated answers on the eval rows, one name or a list: "
+                     "exact_match, token_f1, rouge_l, bleu, chrf (sacrebleu), eval_loss, perplexity, a "
+                     "'module:function' path or a Python function (prediction, reference) -> float. 'auto': "
+                     "exact_match for the demo task, else none; 'none': no generation at the end.")
+    metric_samples: int = _p(64, "int", "Eval examples the task metrics generate answers for (the predictions "
+                             "table's rows).", min=1)
+    sample_every: int = _p(0, "int", "Every N steps, answer `sample_prompts` and show the answers in the live "
+                           "panel (0: never).", min=0)
+    sample_prompts: Any = _p(None, "any", "Fixed prompts (text or chat messages) answered every `sample_every` "
+                             "steps. Default: the first 3 eval prompts.")
+    cv: int = _p(0, "int", "Cross-validation: train k runs, each holding out one of k folds of `data` for "
+                 "evaluation, on the one cached base; reports each fold and mean +- std (0: off).", min=0)
+    cv_fold: int | None = _p(None, "int", "Which fold (1..cv) this run holds out; unset: every fold, one run "
+                             "each.", min=1)
     output_dir: str | None = _p(None, "str", "Where the final adapter or weights are saved: any folder (relative, "
                                 "absolute or ~), new or empty; an earlier save there is replaced, other files are "
                                 "never touched. Default: runs/<name>.")
@@ -154,6 +166,7 @@ class RunConfig:
         for key in ("data", "eval_data"):
             if out[key] is not None and not isinstance(out[key], (str, int, float, bool)):
                 out[key] = f"<{type(out[key]).__name__}>"
+        out["metric"] = metric_text(out["metric"])
         return out
 
     @property
@@ -349,6 +362,8 @@ def _check_cross_fields(config: RunConfig, method: Any) -> None:
         )
     check_output_dir(config.resolved_output_dir)
     config.report_to = _trackers(config.report_to)
+    config.metric = check_metric_spec(config.metric)
+    check_evaluation_keys(config)
     if isinstance(config.data, str) and not config.data.strip():
         raise ConfigError("`data` is empty; give 'demo', a file path or a dataset.", field="data")
 
@@ -371,3 +386,4 @@ def _trackers(value: str | list[str]) -> str | list[str]:
     if len(names) > 1 and {"all", "none"} & set(names):
         raise ConfigError("`report_to`: 'all' and 'none' stand alone, not in a list of trackers.", field="report_to")
     return names[0] if len(names) == 1 else names
+

@@ -48,6 +48,10 @@ def config_text(config: RunConfig, omit: str | Iterable[str] = ("derived",)) -> 
     for key in ("data", "eval_data"):
         if key in values:
             values[key] = yaml_value_of_data(values[key], field=key)
+    if "metric" in values:  # a function by its import path; one defined in a notebook cannot be written down
+        from nbtune.engine.metrics import metric_spec_json
+
+        values["metric"] = metric_spec_json(values["metric"])
     return yaml.safe_dump(values, sort_keys=False, allow_unicode=True)
 
 
