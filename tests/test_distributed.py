@@ -45,8 +45,11 @@ def test_two_processes_give_the_loss_curve_of_one_with_the_same_global_batch(cha
 
     two = nbtune.finetune(data=demo_rows, base=(tiny_llama(chat_tokenizer), chat_tokenizer), batch_size=4,
                           eval_split=0.25, eval_steps=3, num_processes=2, output_dir="two", observers=[SeeEvals()],
-                          **EXACT)
+                          sample_every=3, **{**EXACT, "metric": "token_f1"})
     assert two.status == "finished" and two.metrics["processes"] == 2
+    # rank 0's samples and scored rows come home to the kernel's run
+    assert [s["step"] for s in two.samples] == [3, 3, 3, 6, 6, 6]
+    assert len(two.prediction_rows) == 8 and two.metrics["token_f1"] == two.predictions().means()["token_f1"]
     assert len(losses(two)) == 6 and losses(two)[-1] < losses(two)[0]
     # Equal losses mean each step saw the same 8 rows: rank 0 four, rank 1 the other four (a rank that saw
     # its neighbour's rows, or all 8, would average a different set).

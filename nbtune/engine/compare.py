@@ -21,7 +21,8 @@ from nbtune.engine.result import Run
 from nbtune.errors import NbtuneError
 
 TABLE_KEYS = ("trainable_params", "trainable_percent", "adapter_mb", "train_seconds", "tokens_per_second",
-              "peak_rss_mb", "train_loss", "eval_loss", "exact_match")
+              "peak_rss_mb", "train_loss", "eval_loss")
+BASE_ROW = "base (reference)"
 _NOT_CONFIG = {"name", "output_dir", "derived"}
 
 
@@ -38,10 +39,47 @@ class Comparison:
 
     # ------------------------------------------------------------------ data
     def table(self) -> list[dict[str, Any]]:
-        """One row per run: method, size, speed, memory, losses and task metric."""
-        return [{"run": r.name, "method": r.method.name, "status": r.status,
-                 **{k: (adapter_mb(r) if k == "adapter_mb" else r.metrics.get(k)) for k in TABLE_KEYS}}
-                for r in self.runs]
+        """One row per run: method, size, speed, memory, losses and every task metric; first, when the runs
+        were scored, the base model's metrics on the same rows (the reference the tuned numbers are read
+        against)."""
+        metrics = self.metric_names()
+        rows = [{"run": r.name, "method": r.method.name, "status": r.status,
+                 **{k: (adapter_mb(r) if k == "adapter_mb" else r.metrics.get(k)) for k in TABLE_KEYS},
+                 **{k: r.metrics.get(k) for k in metrics}} for r in self.runs]
+        reference = next((r for r in self.runs if any(r.metrics.get(f"base_{k}") is not None for k in metrics)),
+                         None)
+        if reference is not None:
+            base = {"run": BASE_ROW, "method": "-", "status": "-", **dict.fromkeys(TABLE_KEYS),
+                    **{k: reference.metrics.get(f"base_{k}") for k in metrics}}
+            rows.insert(0, base)
+        return rows
+
+    def metric_names(self) -> list[str]:
+        """The task metrics any run was scored with, in first-seen order (the table's last columns)."""
+        from nbtune.engine.metrics import METRICS
+        from nbtune.engine.predictions import metric_columns
+
+        names: list[str] = []
+        for run in self.runs:
+            found = metric_columns(run.prediction_rows) or [k for k in METRICS if run.metrics.get(k) is not None
+                                                          and k != "eval_loss"]
+            names += [n for n in found if n not in names]
+        return names
+
+    def agreement(self, metric: str | None = None) -> list[dict[str, Any]]:
+        """Per eval row all the runs scored: prompt, reference, and the base's and each run's score on
+        `metric` (default: the first metric they share): which rows each run gets right."""
+        from nbtune.engine.significance import agreement
+
+        return agreement(self.runs, metric)
+
+    def bootstrap(self, a: str | None = None, b: str | None = None, *, metric: str | None = None,
+                  resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict[str, Any]:
+        """Paired bootstrap interval of metric(a) - metric(b) over the rows both scored: is the difference
+        real? Default: the two runs compared (or one run against its base; `b="base"` asks that of any run)."""
+        from nbtune.engine.significance import bootstrap
+
+        return bootstrap(self.runs, a, b, metric=metric, resamples=resamples, confidence=confidence, seed=seed)
 
     def config_diff(self) -> dict[str, dict[str, Any]]:
         """Only the config keys whose values differ between the runs: key -> {run: value}."""
@@ -105,22 +143,11 @@ class Comparison:
 
 
 def base_answers(runs: Sequence[Run], prompts: list[Any], *, max_new_tokens: int) -> list[str] | None:
-    """The unmodified base model's answers: from a run whose adapter, switched off, leaves exactly its base
-    (not a 4-bit or 8-bit one, nor one PiSSA rewrote), else from the process's cached base of the first
-    run's model, loaded unquantized. None when that base was passed in memory and no run can show it."""
-    for run in runs:
-        if run.method.keeps_base(run.config.options) and not run.context.quantized:
-            with run.base_disabled():
-                return generate_texts(run.model, run.tokenizer, prompts, max_new_tokens=max_new_tokens)
-    first = runs[0]
-    if first.trained_on_a_base_in_memory:
-        return None  # loading `config.model` could give another model
-    import dataclasses
+    """The unmodified base model's answers (engine/evaluation.py), from the first run that can give them."""
+    from nbtune.engine.evaluation import base_answers as answers_of_base
 
-    from nbtune.engine.workbench import WORKBENCH
-
-    base = WORKBENCH.base(dataclasses.replace(first.config, quantization="none"))
-    return generate_texts(base.model, first.tokenizer, prompts, max_new_tokens=max_new_tokens)
+    chosen = next((r for r in runs if r.method.keeps_base(r.config.options) and not r.context.quantized), runs[0])
+    return answers_of_base(chosen, prompts, max_new_tokens=max_new_tokens)
 
 
 def adapter_mb(run: Run) -> float | None:

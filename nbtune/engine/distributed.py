@@ -138,6 +138,7 @@ def _apply(run: Run, state: dict[str, Any]) -> None:
     run.total_steps = state["total_steps"]
     run.metrics.update(state["metrics"])
     run.eval_history[:] = state["eval_history"]
+    run.samples.extend(state.get("samples") or [])
     if state.get("record") is not None:
         run.history.append(state["record"])
 
@@ -151,6 +152,7 @@ def _take_home(run: Run, session: TrainingSession, base: Base, outcome: dict[str
     run.metrics = {**outcome["metrics"], "processes": run.config.num_processes}
     run.history = History(outcome["history"])
     run.eval_history = list(outcome["eval_history"])
+    run.samples, run.prediction_rows = list(outcome["samples"]), list(outcome["prediction_rows"])
     run.total_steps = outcome["total_steps"]
     run.eval_pairs = outcome["eval_pairs"]
     run.provenance = outcome["provenance"]
@@ -301,7 +303,8 @@ def _outcome(run: Run, session: TrainingSession, shared: Path) -> dict[str, Any]
     return {"status": run.status, "error": run.error, "metrics": run.metrics, "history": list(run.history),
             "eval_history": run.eval_history, "total_steps": run.total_steps, "eval_pairs": run.eval_pairs,
             "checkpoint": session.checkpoint, "model_dir": str(folder), "provenance": run.provenance,
-            "saved_to": str(run.saved_to) if run.saved_to else None}
+            "saved_to": str(run.saved_to) if run.saved_to else None, "samples": run.samples,
+            "prediction_rows": run.prediction_rows}
 
 
 class _Forward(NullObserver):
@@ -310,9 +313,10 @@ class _Forward(NullObserver):
     def __init__(self, channel: Any) -> None:
         self.channel = channel
 
-    def _send(self, name: str, run: Run, *args: Any, record: dict[str, Any] | None = None) -> None:
+    def _send(self, name: str, run: Run, *args: Any, record: dict[str, Any] | None = None,
+              samples: list[dict[str, Any]] | None = None) -> None:
         state = {"total_steps": run.total_steps, "metrics": dict(run.metrics), "record": record,
-                 "eval_history": list(run.eval_history)}
+                 "eval_history": list(run.eval_history), "samples": samples}
         self.channel.put(("event", (name, args), state))
 
     def on_run_start(self, run: Run) -> None:
@@ -326,6 +330,9 @@ class _Forward(NullObserver):
 
     def on_eval(self, run: Run, metrics: dict[str, Any]) -> None:
         self._send("on_eval", run, metrics)
+
+    def on_samples(self, run: Run, step: int, records: list[dict[str, Any]]) -> None:
+        self._send("on_samples", run, step, records, samples=records)  # the kernel's run keeps them too
 
 
 class StopTogether(TrainerCallback):

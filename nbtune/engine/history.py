@@ -21,7 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from nbtune.engine.checkpoints import MANIFEST, PREFIX
+from nbtune.engine.predictions import FILE as PREDICTIONS_FILE
+from nbtune.engine.predictions import read_rows
 from nbtune.engine.result import History, Run
+from nbtune.engine.text import cell
 from nbtune.errors import NbtuneError
 
 CHECKPOINTS_SUFFIX = "-checkpoints"  # engine/checkpoints.py checkpoint_root: `<output_dir>-checkpoints`
@@ -88,7 +91,7 @@ class RunHistory(list):
             return f"no saved runs under {self.root}"
         shown = [c for c in COLUMNS if c != "folder"]
         lines = ["  ".join(f"{c:<12}" for c in shown)]
-        lines += ["  ".join(f"{_fmt(r[c]):<12}" for c in shown) for r in rows]
+        lines += ["  ".join(f"{cell(r[c]):<12}" for c in shown) for r in rows]
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
@@ -98,7 +101,7 @@ class RunHistory(list):
         if not rows:
             return f"<i>no saved runs under {escape(str(self.root))}</i>"
         head = "".join(f"<th>{c}</th>" for c in COLUMNS)
-        body = "".join("<tr>" + "".join(f"<td>{escape(_fmt(r[c]))}</td>" for c in COLUMNS) + "</tr>" for r in rows)
+        body = "".join("<tr>" + "".join(f"<td>{escape(cell(r[c]))}</td>" for c in COLUMNS) + "</tr>" for r in rows)
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -161,7 +164,11 @@ def saved_record(where: str | Path | SavedRun) -> Run:
     if saved.problem is not None or (saved.resume_from is not None and not (saved.path / "run.json").exists()):
         why = saved.problem or "it has checkpoints only (resume it, then compare)"
         raise NbtuneError(f"{str(saved.path)!r} cannot be compared: {why}.")
-    config = RunConfig.parse({k: v for k, v in saved.info["config"].items() if k != "output_dir"})
+    from nbtune.engine.reopen import openable_metric
+
+    given = {k: v for k, v in saved.info["config"].items() if k != "output_dir"}
+    given["metric"] = openable_metric(given.get("metric", "auto"))
+    config = RunConfig.parse(given)
     context = MethodContext(options=config.options, config=config,
                             workdir=Path(tempfile.mkdtemp(prefix="nbtune-saved-")),
                             quantized=config.quantization != "none")
@@ -170,6 +177,8 @@ def saved_record(where: str | Path | SavedRun) -> Run:
     run.metrics = dict(saved.info.get("metrics") or {})
     run.history = History(saved.info.get("history") or [])
     run.eval_history = list(saved.info.get("eval_history") or [])
+    run.samples = list(saved.info.get("samples") or [])
+    run.prediction_rows = read_rows(saved.path)
     run.total_steps = run.history[-1]["step"] if run.history else run.metrics.get("steps", 0)
     run.saved_to = saved.path
     _FROM_DISK.add(run)
@@ -196,7 +205,7 @@ def saved_mb(folder: Path) -> float | None:
     if not folder.is_dir():
         return None
     skip = {"run.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-            "generation_config.json"}
+            "generation_config.json", PREDICTIONS_FILE}
     return round(sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and f.name not in skip) / 2**20, 2)
 
 
@@ -208,11 +217,6 @@ def _mtime(path: Path) -> float:
 def _when(path: Path) -> str:
     return dt.datetime.fromtimestamp(_mtime(path)).strftime("%Y-%m-%d %H:%M")
 
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 __all__ = ["RunHistory", "SavedRun", "history", "saved_mb", "saved_record", "with_model"]

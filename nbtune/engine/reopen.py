@@ -16,6 +16,7 @@ from nbtune.config import RunConfig
 from nbtune.data import prepare_tokenizer, prompts_and_answers
 from nbtune.engine import provenance
 from nbtune.engine.models import Base, load_base
+from nbtune.engine.predictions import read_rows
 from nbtune.engine.quiet import no_hf_progress_bars
 from nbtune.engine.result import History, Run
 from nbtune.errors import DataError, NbtuneError, NbtuneWarning
@@ -34,6 +35,7 @@ def load(path: str | Path, *, base: Base | tuple[Any, Any] | None = None, quanti
     info = _read_run_json(path)
     given = dict(info["config"])
     given.pop("output_dir", None)  # where it was saved is `path`; a save from here goes to runs/<name>
+    given["metric"] = openable_metric(given.get("metric", "auto"))
     if quantization is not None:
         given["quantization"] = quantization
     config = RunConfig.parse(given)
@@ -67,6 +69,8 @@ def load(path: str | Path, *, base: Base | tuple[Any, Any] | None = None, quanti
     run.id = info.get("id", run.id)  # the same run as the one saved: the folder holds it
     run.history = History(info.get("history") or [])
     run.eval_history = list(info.get("eval_history") or [])
+    run.samples = list(info.get("samples") or [])
+    run.prediction_rows = read_rows(path)  # the rows scored when it trained: shown without generating again
     run.provenance = dict(info.get("provenance") or {})  # run.json files from before it have none
     run.model, run.tokenizer, run.saved_to = model, tokenizer, path
     run.base_name = base.name
@@ -77,6 +81,24 @@ def load(path: str | Path, *, base: Base | tuple[Any, Any] | None = None, quanti
     _warn_of_changes(info, config, model_folder=base.path,
                      data=data if provenance.data_recheckable(config) else None)
     return run
+
+
+def openable_metric(spec: Any) -> Any:
+    """A saved run's `metric` with the 'module:function' paths that no longer import left out: the scores they
+    gave are in its metrics and predictions; the run must open wherever that module is missing."""
+    from nbtune.engine.metrics import check_metric_spec
+    from nbtune.errors import ConfigError
+
+    try:
+        return check_metric_spec(spec)
+    except ConfigError:
+        kept = []
+        for item in spec if isinstance(spec, list) else [spec]:
+            try:
+                kept += check_metric_spec(item) if item not in ("auto", "none") else []
+            except ConfigError:
+                continue
+        return kept or "none"
 
 
 def _read_run_json(path: Path) -> dict[str, Any]:

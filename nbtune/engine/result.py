@@ -1,7 +1,8 @@
 """`Run`: one fine-tuning run's state, readable without any display code.
 
 A run holds its config, status, per-step `history` (a list of dicts; `.df` gives a DataFrame), final
-`metrics`, and the trained model. It can `generate`, `evaluate` (exact match on held-out answers) and
+`metrics`, and the trained model. It can `generate`, `evaluate` (task metrics on held-out answers), show
+its `predictions()` and
 `save` a standard artefact: a PEFT adapter, or safetensors weights for full/freeze, plus `run.json`.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nbtune.engine.events import Broadcast
-from nbtune.engine.generation import Prompt, exact_match, generate_texts
+from nbtune.engine.generation import Prompt, generate_texts
 from nbtune.engine.quiet import no_hf_progress_bars
 from nbtune.engine.saving import atomic_directory, check_target, write_json
 from nbtune.errors import NbtuneError, RunInterrupted
@@ -103,6 +104,11 @@ class Run:
         self.model: Any = None
         self.tokenizer: Any = None
         self.eval_pairs: list[tuple[list[dict[str, str]], str]] = []
+        # The answers to `sample_prompts` every `sample_every` steps: {"step", "prompt", "answer"} per answer.
+        self.samples: list[dict[str, Any]] = []
+        # The evaluation rows the task metrics scored: prompt, reference, tuned and base answers, per-row scores
+        # (engine/evaluation.py); saved as predictions.jsonl beside run.json, so a loaded run has them too.
+        self.prediction_rows: list[dict[str, Any]] = []
         # What repeating it takes: versions, device and precision, base weights' and data's SHA-256, seed, git
         # commit (engine/provenance.py; filled when training starts, read back from run.json by nbtune.load).
         self.provenance: dict[str, Any] = {}
@@ -185,18 +191,34 @@ class Run:
         return answers[0] if single else answers
 
     def evaluate(self, *, samples: int | None = None, use_adapter: bool = True) -> dict[str, float]:
-        """Exact match of generated answers on the eval examples; `use_adapter=False` scores the base."""
-        self.require_model()
-        if not self.eval_pairs:
-            raise NbtuneError("this run has no eval data with answers; set `eval_data` or `eval_split`.",
-                              field="eval_data")
-        pairs = self.eval_pairs[: samples or self.config.metric_samples]
-        longest = max(len(self.tokenizer(answer, add_special_tokens=False)["input_ids"]) for _, answer in pairs)
-        with self._adapter(use_adapter):
-            predictions = generate_texts(self.model, self.tokenizer, [p for p, _ in pairs],
-                                         max_new_tokens=longest + 4)
-        key = "exact_match" if use_adapter else "base_exact_match"
-        return {key: exact_match(predictions, [a for _, a in pairs]), "samples": len(pairs)}
+        """Generate answers to the first `samples` eval rows (default `metric_samples`) and score them with the
+        config's task metrics (exact match when it names none): {"exact_match": 0.91, "samples": 64}. The
+        rows, with the base's answers beside them, become `run.predictions()`. `use_adapter=False` scores
+        the base model instead: {"base_exact_match": ...}."""
+        from nbtune.engine.evaluation import evaluate_run
+
+        return evaluate_run(self, samples=samples, use_adapter=use_adapter)
+
+    def predictions(self, *, wrong: bool = False, changed: bool = False, by: str | None = None,
+                    regenerate: bool = False) -> Any:
+        """The eval rows as a table, worst first: prompt, reference, base answer, tuned answer, every metric
+        for both (HTML with differences highlighted in a notebook; `.df` a DataFrame). `wrong=True` keeps the
+        rows still wrong, `changed=True` those tuning changed; `by` sorts by another metric. Rows the run
+        scored at its end (or loaded with it) are shown as they are; otherwise, or with `regenerate=True`,
+        they are generated now (and written beside the run's saved run.json)."""
+        from nbtune.engine.evaluation import predictions_table
+
+        return predictions_table(self, wrong=wrong, changed=changed, by=by, regenerate=regenerate)
+
+    def preview(self, n: int = 4) -> Any:
+        """The first training batch as this run's model sees it: chat template, tokens, which carry loss,
+        padding, truncation (see `nbtune.preview`, which needs no run)."""
+        from nbtune.data.preview import preview_batch
+        from nbtune.engine.models import load_tokenizer
+
+        tokenizer = self.tokenizer or load_tokenizer(self.config.model,
+                                                     trust_remote_code=self.config.trust_remote_code)
+        return preview_batch(self.config, tokenizer, n)
 
     def base_disabled(self) -> contextlib.AbstractContextManager[Any]:
         """`with run.base_disabled():` the model computes what the base model computes."""
@@ -234,12 +256,16 @@ class Run:
             raise NbtuneError(f"{str(path)!r} exists and is a saved run; export the merged model to a new or empty "
                               "folder (nbtune only replaces an earlier export).", field="path")
         check_target(target, replaceable="config.json", field="path")  # before a merge that may take a while
+        from nbtune.engine.merging import holds_low_precision
+
         if not self.method.adds_modules(self.config.options):
             model = self.model  # full/freeze/bitfit: the weights are already the merged model
-        elif self.context.quantized or _holds_low_precision(self.model):
+        elif self.context.quantized or holds_low_precision(self.model):
+            from nbtune.engine.merging import check_base_reloadable, full_precision_copy
+
             self.method.check_mergeable(self.config.options)  # before loading a base to merge into
-            self._check_base_reloadable()
-            model = self.method.merged(self._full_precision_copy(), self.config.options)
+            check_base_reloadable(self)
+            model = self.method.merged(full_precision_copy(self), self.config.options)
         else:
             model = self.merge()
         with atomic_directory(target, replaceable="config.json", field="path") as tmp, no_hf_progress_bars():
@@ -254,27 +280,6 @@ class Run:
         from nbtune.engine.models import ALIASES
 
         return self.base_name is not None and self.base_name != ALIASES.get(self.config.model, self.config.model)
-
-    def _check_base_reloadable(self) -> None:
-        """Merging a low-precision run reloads its base in fp32 from `config.model`: only if that is the model
-        it trained on (a base passed in memory may be any model; merging into another would be wrong)."""
-        if self.trained_on_a_base_in_memory:
-            raise NbtuneError(
-                f"run {self.name!r} trained on a base passed in memory ({self.base_name}), in low precision; "
-                "merging needs that base's fp32 weights. Load them yourself and merge there: "
-                "nbtune.load(run.save(path), base=(fp32_model, tokenizer)).merge_and_export(...).",
-                field="model")
-
-    def _full_precision_copy(self) -> Any:
-        import tempfile
-
-        from nbtune.engine.models import load_base
-
-        base = load_base(self.config.model, quantization="none", dtype="float32")
-        with tempfile.TemporaryDirectory(prefix="nbtune-merge-") as folder:
-            self.method.save(self.model, Path(folder), self.context) if self.method.save else \
-                self.model.save_pretrained(folder)
-            return self.method.load_trained(base.model, Path(folder))
 
     def to_yaml(self) -> str:
         """The run's config as YAML: the same experiment for `nbtune run config.yaml`. Data given as a
@@ -303,6 +308,10 @@ class Run:
             else:
                 self.model.save_pretrained(str(tmp))
             self.tokenizer.save_pretrained(str(tmp))
+            if self.prediction_rows:
+                from nbtune.engine.predictions import write_rows
+
+                write_rows(tmp, self.prediction_rows)
             write_json(tmp / "run.json", self.to_dict())
         self.saved_to = target
         return target
@@ -323,6 +332,7 @@ class Run:
             "metrics": self.metrics,
             "history": list(self.history),
             "eval_history": self.eval_history,
+            "samples": self.samples,
             "provenance": self.provenance,
         }
 
@@ -347,7 +357,7 @@ class Run:
         if self.status == "failed":
             raise NbtuneError(f"run {self.name!r} failed ({self.error}); it has no model. Fix the cell and run it "
                               "again.")
-        if self._saved_folder_holds_this_run():
+        if self.owns_saved_folder():
             raise NbtuneError(f"run {self.name!r} ({self.status}) no longer holds its model (nbtune.reclaim, or a "
                               f"newer run of the same name, released it); load it back with "
                               f"nbtune.load_run({str(self.saved_to)!r}).")
@@ -357,7 +367,8 @@ class Run:
                           f"run of the same name released it{overwritten}. Train it again from its config "
                           "(run.to_yaml() shows it; re-run its cell).")
 
-    def _saved_folder_holds_this_run(self) -> bool:
+    def owns_saved_folder(self) -> bool:
+        """Whether `saved_to` still holds this run (not a newer run of the same name saved over it)."""
         if self.saved_to is None:
             return False
         try:
@@ -373,10 +384,3 @@ class Run:
             return
         with self.method.disabled(self.model):
             yield
-
-
-def _holds_low_precision(model: Any) -> bool:
-    """Whether the frozen weights are bf16/fp16 (what the run trained on, whatever its config says)."""
-    import torch
-
-    return any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters() if not p.requires_grad)

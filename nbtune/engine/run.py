@@ -30,6 +30,7 @@ from nbtune.engine import provenance
 from nbtune.engine.callbacks import remove_neftune
 from nbtune.engine.checkpoints import resume_checkpoint
 from nbtune.engine.distributed import is_main_process
+from nbtune.engine.evaluation import check_metrics_on_data, score_finished_run
 from nbtune.engine.events import NullObserver, ProgressObserver
 from nbtune.engine.guards import NonFiniteGuard
 from nbtune.engine.memory import PeakSampler, count_parameters, cuda_peak
@@ -38,6 +39,7 @@ from nbtune.engine.objectives import objective_for
 from nbtune.engine.precision import training_speedups
 from nbtune.engine.preflight import check_fits, is_allocator_failure, out_of_memory
 from nbtune.engine.result import Run, fail, failure_recorded, set_status
+from nbtune.engine.samples import check_sample_prompts
 from nbtune.engine.trainer import collect_run_garbage, expected_steps, older_objects_frozen, release_from_trainer
 from nbtune.errors import NbtuneError, NbtuneWarning, RunInterrupted
 from nbtune.methods import MethodContext, get_method
@@ -82,6 +84,8 @@ def start_run(config: RunConfig | dict[str, Any] | str | None = None, *, observe
     config = RunConfig.parse(config, **overrides)
     method = get_method(config.method)
     data = read_data(config)
+    check_metrics_on_data(config, *data[1:])  # metric functions and `sample_every`'s prompts, checked
+    check_sample_prompts(config, *data[1:])  # before any weights load
     if not isinstance(observers, Iterable):
         observers = [observers]  # one observer given alone
     watchers = list(observers) + ([ProgressObserver()] if progress else []) or [NullObserver()]
@@ -371,7 +375,6 @@ def resume_in_background(run: Run) -> threading.Thread:
 
 
 def _finish(run: Run) -> None:
-    config = run.config
     losses = [r["loss"] for r in run.history if "loss" in r]
     tokens = sum(r["tokens"] for r in run.history)
     train_seconds = run.metrics.get("train_seconds") or 0.0
@@ -385,15 +388,12 @@ def _finish(run: Run) -> None:
     if not is_main_process():  # the other ranks of a multi-process run: rank 0 evaluates and writes
         run.emit("on_run_end")
         return
-    demo = isinstance(config.data, str) and config.data == "demo"  # `metric: auto` scores the demo's exact dates
-    if (config.metric == "exact_match" or (config.metric == "auto" and demo)) and run.eval_pairs \
-            and run.status == "finished":
-        run.metrics.update(run.evaluate())
-    if config.save:
+    score_finished_run(run)  # the config's task metrics, tuned and base (engine/evaluation.py)
+    if run.config.save:
         try:
             run.metrics["saved_to"] = str(run.save())
         except (OSError, NbtuneError) as exc:  # the trained model is still in memory: keep the run
-            run.error = f"saving to {config.resolved_output_dir} failed: {exc}"
+            run.error = f"saving to {run.config.resolved_output_dir} failed: {exc}"
             warnings.warn(f"run {run.name!r}: {run.error}; call run.save(path) to try elsewhere.", NbtuneWarning,
                           stacklevel=3)
     run.emit("on_run_end")

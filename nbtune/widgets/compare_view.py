@@ -6,9 +6,11 @@ import html
 from typing import Any
 
 from nbtune.engine.compare import Comparison
-from nbtune.engine.workbench import _fmt
+from nbtune.engine.text import cell as _fmt
+from nbtune.errors import NbtuneError
 from nbtune.widgets.render import HEIGHT, PAD, WIDTH, smooth
 
+AGREEMENT_ROWS = 20
 COLOURS = ("#08519c", "#e6550d", "#31a354", "#756bb1", "#636363", "#d6616b", "#3182bd", "#8c6d31")
 
 
@@ -18,9 +20,45 @@ class ComparisonView(Comparison):
     notebooks, nbconvert and GitHub."""
 
     def _repr_html_(self) -> str:
-        return (f"<div class='nbtune-compare'>{table_html(self.table())}{diff_html(self.config_diff())}"
+        return (f"<div class='nbtune-compare'>{table_html(self.table())}{self._significance_html()}"
+                f"{diff_html(self.config_diff())}"
                 f"<div style='display:flex;gap:16px'>{curves_svg(self.curves(), 'step')}"
-                f"{curves_svg(self.curves(), 'elapsed_seconds')}</div></div>")
+                f"{curves_svg(self.curves(), 'elapsed_seconds')}</div>{self._agreement_html()}</div>")
+
+    def _significance_html(self) -> str:
+        """The bootstrap interval when two runs (or one run and its base) scored the same rows."""
+        from nbtune.engine.significance import describe, scored
+
+        if not 1 <= len(scored(self.runs)) <= 2:
+            return ""
+        try:
+            return f"<p><b>is it real?</b> {html.escape(describe(self.bootstrap()))}</p>"
+        except NbtuneError as exc:  # no shared rows or metric: the table says enough
+            return f"<p><small>no bootstrap interval: {html.escape(str(exc))}</small></p>"
+
+    def _agreement_html(self, shown: int = AGREEMENT_ROWS) -> str:
+        """Which rows each run gets right (first metric they share): counts, then the rows, the ones the
+        runs disagree on first."""
+        from nbtune.engine.metrics import METRICS
+        from nbtune.engine.significance import BASE, agreement_counts, primary_metric, scored
+
+        runs = scored(self.runs)
+        if not runs:
+            return ""
+        try:
+            metric = primary_metric(runs)
+            rows = self.agreement(metric)
+        except NbtuneError:
+            return ""
+        best = METRICS[metric].best if metric in METRICS else 1.0
+        names = [r.name for r in runs]
+        counts = agreement_counts(rows, names, best)
+        disagreeing = sorted(rows, key=lambda r: len({_mark(r.get(n), best) for n in [BASE, *names]}) == 1)
+        shown_rows = [{"row": r["row"], "prompt": r["prompt"], "reference": r["reference"],
+                       **{n: _mark(r.get(n), best) for n in [BASE, *names]}} for r in disagreeing[:shown]]
+        summary = f"{metric}: " + " · ".join(f"{k}: {v}" for k, v in counts.items())
+        more = f"<p><i>{len(rows) - shown} more rows: cmp.agreement() has them all</i></p>" if len(rows) > shown else ""
+        return (f"<p><b>per-example agreement</b> ({html.escape(summary)})</p>{table_html(shown_rows)}{more}")
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
         bundle = {"text/html": self._repr_html_(), "text/plain": f"<comparison of {len(self.runs)} runs>"}
@@ -51,6 +89,13 @@ class ComparisonView(Comparison):
         from IPython.display import HTML
 
         return HTML(table_html(self.generations(prompts, **kwargs)))
+
+
+def _mark(score: Any, best: float = 1.0) -> str:
+    """✓ for a perfect row score, ✗ otherwise, '-' for none (with the score when it is partial)."""
+    if not isinstance(score, (int, float)):
+        return "-"
+    return "✓" if score >= best - 1e-9 else ("✗" if score <= 0 else f"✗ {score:.3g}")
 
 
 def table_html(rows: list[dict[str, Any]]) -> str:
