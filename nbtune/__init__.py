@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from nbtune.catalog import methods
 from nbtune.config import DEFAULT_MODEL, RunConfig
 from nbtune.errors import ConfigError, DataError, DependencyError, MethodError, ModelError, NbtuneError
-from nbtune.kernel import combine, compare, history, ledger, load_run, picker, reclaim
+from nbtune.kernel import combine, compare, history, ledger, load_run, picker, preview, reclaim
 from nbtune.methods import MethodSpec, register_method
 
 __version__ = "0.1.0"
@@ -30,7 +30,7 @@ __all__ = [
     "DEFAULT_MODEL", "ConfigError", "DataError", "DependencyError", "MethodError", "MethodSpec", "ModelError",
     "NbtuneError", "Run", "RunConfig", "combine", "compare", "finetune", "history", "ledger", "load", "load_run",
     "methods",
-    "picker", "reclaim", "register_method", "runs",
+    "picker", "preview", "reclaim", "register_method", "runs",
 ]
 
 

@@ -1,5 +1,5 @@
 """The command line: `nbtune run config.yaml [--set key=value ...] [--json] [--resume]`, `nbtune export`,
-`nbtune methods`, `nbtune demo`, `nbtune fetch`.
+`nbtune preview config.yaml [-n N]`, `nbtune methods`, `nbtune demo`, `nbtune fetch`.
 
 `nbtune run` works unchanged under `accelerate launch` and `torchrun` (every rank trains; rank 0 prints
 and writes).
@@ -70,6 +70,14 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", default="launch", help="folder to write into")
     export.set_defaults(handler=_cmd_export)
 
+    preview = sub.add_parser("preview", help="print the first training batch as the model sees it (loss tokens "
+                             "in [[...]]), loading only the tokenizer")
+    preview.add_argument("config", help="YAML file with run settings and method options")
+    preview.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a key, as for `nbtune run`")
+    preview.add_argument("-n", type=int, default=4, help="examples to show (default 4)")
+    preview.set_defaults(handler=_cmd_preview)
+
     methods = sub.add_parser("methods", help="list the methods with their options, defaults and help")
     methods.add_argument("name", nargs="?", help="one method")
     methods.set_defaults(handler=_cmd_methods)
@@ -120,6 +128,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from nbtune.engine.workbench import finetune
 
     run = finetune(config, progress=not args.json and is_main_process(), resume_from=args.resume)
+    if config.cv and config.cv_fold is None:  # a cross-validation: every fold, then mean +- std
+        return _report_cross_validation(run, as_json=args.json)
     if not is_main_process():  # under a launcher: rank 0 reports for all
         return 0 if run.status in ("finished", "stopped") else 1
     if args.json:
@@ -127,6 +137,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         _print_metrics(run.name, run.status, run.metrics)
     return 0 if run.status in ("finished", "stopped") else 1
+
+
+def _report_cross_validation(cv: Any, *, as_json: bool) -> int:
+    """Each fold and mean +- std (`--json`: `cv.to_dict()`); status 1 when a fold failed (diverged)."""
+    from nbtune.engine.distributed import is_main_process
+
+    if is_main_process():  # under a launcher: rank 0 reports for all
+        print(json.dumps(cv.to_dict(), indent=2, default=str) if as_json else repr(cv))
+    return 1 if any(run.status == "failed" for run in cv.runs) else 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -140,6 +159,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     for path in written.values():
         print(path)
     print(f"run it with: bash {written['script']}")
+    return 0
+
+
+def _cmd_preview(args: argparse.Namespace) -> int:
+    from nbtune.kernel import preview
+
+    print(preview(Path(args.config), args.n, **parse_overrides(args.overrides)))
     return 0
 
 
@@ -165,7 +191,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     RunConfig.parse(config)  # a bad --steps is refused before anything is announced
     print(f"Fine-tuning {config['method']} on the demo task (dates -> YYYY-MM-DD), {config['steps']} steps ...")
     run = finetune(config, progress=True)
-    before = run.evaluate(use_adapter=False)["base_exact_match"]
+    before = run.metrics["base_exact_match"]  # the base's answers to the same dates, scored at the end
     prompt = "Convert this date to ISO format (YYYY-MM-DD): the 4th of July, 1976"
     print()
     print(f"exact match on {run.metrics['samples']} held-out dates: "

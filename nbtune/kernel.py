@@ -25,6 +25,39 @@ def compare(*runs: Any) -> Any:
     return ComparisonView(chosen, every_run=not runs)
 
 
+def preview(config: Any = None, n: int = 4, **overrides: Any) -> Any:
+    """The first training batch as the model will see it, before anything trains: the chat template's
+    text, each token, which tokens carry loss, padding, lengths and truncation. Loads the tokenizer only
+    (or takes it from a base this kernel has loaded already); `n` examples, in the Trainer's own order.
+
+        >>> nbtune.preview({"data": "demo", "max_length": 48}, n=2)      # doctest: +SKIP
+        >>> nbtune.preview("my_run.yaml").df.query("loss")                # doctest: +SKIP
+
+    `config` and `overrides` are as for `nbtune.finetune`. Returns a `BatchPreview`: printed as text with
+    the loss tokens in [[...]], highlighted in a notebook; `.examples` and `.df` (one row per token).
+    """
+    from nbtune.config import RunConfig
+    from nbtune.data.preview import check_count, preview_batch
+    from nbtune.data.splits import read_data
+
+    n = check_count(n)  # before the config, the data and the tokenizer are read
+    config = RunConfig.parse(config, **overrides)
+    train, _, fmt = read_data(config)  # a data mistake is said before the tokenizer loads
+    return preview_batch(config, _tokenizer_for(config), n, records=(train, fmt))
+
+
+def _tokenizer_for(config: Any) -> Any:
+    """The tokenizer of a base this kernel already loaded for `config.model` (its own copy of it), else
+    loaded alone, without weights."""
+    from nbtune.engine.models import load_tokenizer, tokenizer_view
+    from nbtune.engine.workbench import WORKBENCH
+
+    for (model, _quantization, _dtype, trusted), base in WORKBENCH.bases.items():
+        if model == config.model and trusted == config.trust_remote_code:
+            return tokenizer_view(base.tokenizer)  # preparing it must not change the cached base's
+    return load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+
+
 def history(root: Any = "runs") -> Any:
     """Every run saved under `root`, from any kernel, newest first: name, method, status, when, steps, losses,
     task metric, adapter size, and the checkpoint an interrupted run resumes from. A table (HTML in a

@@ -101,7 +101,7 @@ def load_base(name: str, *, quantization: str = "none", dtype: str = "float32",
     with `trust_remote_code=True`.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from nbtune.engine import device
 
@@ -117,13 +117,7 @@ def load_base(name: str, *, quantization: str = "none", dtype: str = "float32",
         kwargs["device_map"] = {"": 0} if policy.device.type == "cuda" else "cpu"
     weights = _stored_as(path, torch_dtype) if quantization == "none" else path
     with no_hf_progress_bars():
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as exc:
-            _refuse_remote_code(name, exc)
-            raise ModelError(f"`model` {name!r} has no usable tokenizer ({str(exc).splitlines()[0][:160]}); "
-                             "save the tokenizer into the model folder (tokenizer.save_pretrained).",
-                             field="model") from None
+        tokenizer = _tokenizer_from(path, name, trust_remote_code)
         try:
             model = AutoModelForCausalLM.from_pretrained(weights, **kwargs)
         except (OSError, ValueError) as exc:
@@ -136,6 +130,33 @@ def load_base(name: str, *, quantization: str = "none", dtype: str = "float32",
     if quantization == "none" and policy.accelerator:
         model = model.to(policy.device.type)
     return Base(model=model, tokenizer=tokenizer, name=ALIASES.get(name, name), quantization=quantization, path=path)
+
+
+def load_tokenizer(name: str, *, trust_remote_code: bool = False) -> Any:
+    """`name`'s tokenizer alone, found as `load_base` finds the model (a folder, the caches, the hub, the
+    default model's shipped GGUF) but with no weights read: `nbtune.preview` shows a batch with it in a
+    second. Raw, as `load_base` gives it; training passes it through `prepare_tokenizer`. (The default
+    model's very first use still converts its GGUF once, weights included, into nbtune's cache.)
+
+        >>> load_tokenizer("smollm2").eos_token            # doctest: +SKIP
+        '<|im_end|>'
+    """
+    path = resolve_model(name)
+    check_loadable_folder(path, what="model")
+    with no_hf_progress_bars():
+        return _tokenizer_from(path, name, trust_remote_code)
+
+
+def _tokenizer_from(path: Path, name: str, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        _refuse_remote_code(name, exc)
+        raise ModelError(f"`model` {name!r} has no usable tokenizer ({str(exc).splitlines()[0][:160]}); "
+                         "save the tokenizer into the model folder (tokenizer.save_pretrained).",
+                         field="model") from None
 
 
 def norms_in_fp32(model: Any) -> None:
@@ -313,7 +334,7 @@ def _convert_gguf(gguf: Path, target: Path, name: str) -> None:
     del loaded, fresh
 
 
-__all__ = ["Base", "cache_dir", "load_base", "norms_in_fp32", "resolve_model"]
+__all__ = ["Base", "cache_dir", "load_base", "load_tokenizer", "norms_in_fp32", "resolve_model"]
 
 
 def check_callers_base(model: Any, name: str, config: Any) -> bool:

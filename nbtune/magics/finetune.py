@@ -38,6 +38,9 @@ class Finetune(Magics):
     @argument("--data", help="Training data: 'demo' or a file path.")
     @argument("--processes", type=int, help="Train in N processes (accelerate DDP; sets num_processes).")
     @argument("--dry-run", action="store_true", help="Check the config and data, train nothing.")
+    @argument("--preview", action="store_true", help="Show the first training batch as the model sees it "
+              "(template, tokens, loss, padding, truncation); loads only the tokenizer, trains nothing. "
+              "nbtune.preview(config, n=...) shows more.")
     @argument("--resume", action="store_true", help="Continue the stopped run of this name where it stopped; "
               "with a cell body, continue it from its newest verified checkpoint (checkpoint_steps), e.g. "
               "after a kernel restart.")
@@ -66,6 +69,8 @@ class Finetune(Magics):
             for key, value in vars(args).items():
                 setattr(args, key, with_values(value, values))
             config = self._config(args, cell)
+            if args.preview:
+                return self._preview(config)
             if args.dry_run:
                 return self._dry_run(config)
             background, panel = args.background or self.background, self.panel and not args.no_panel
@@ -73,6 +78,8 @@ class Finetune(Magics):
                 return self._train(config, background=background, panel=panel, resume_from="latest")
             if args.resume:
                 return self._resume(args.name, background=background, panel=panel)
+            if _cross_validation(config):  # `cv: k`: the folds train one after another in this cell
+                return self._cross_validate(config, panel=panel, background=args.background)
             return self._train(config, background=background, panel=panel)
         except NbtuneError:
             raise
@@ -131,12 +138,32 @@ class Finetune(Magics):
               f"{held_out}; config OK.")
         return run.config
 
+    def _preview(self, config: dict[str, Any]) -> Any:
+        """The first 4 examples of the first batch (a BatchPreview: highlighted in the notebook)."""
+        from nbtune.kernel import preview
+
+        return preview(config)
+
     def _train(self, config: dict[str, Any], *, background: bool, panel: bool, resume_from: str | None = None) -> Any:
         from nbtune.engine.workbench import WORKBENCH
 
         observers, show = self._watchers(background, panel)
         return WORKBENCH.finetune(config, observers=observers, background=background, on_ready=show,
                                   resume_from=resume_from)
+
+    def _cross_validate(self, config: dict[str, Any], *, panel: bool, background: bool) -> Any:
+        """k fold runs, each shown as it trains (its own panel, or a text bar), under the bar over the folds;
+        returns the `CrossValidation`. Only an explicit `--background` is refused (with its fix):
+        `%config Finetune.background` is a default for single runs."""
+        from nbtune.engine.workbench import WORKBENCH
+
+        def watch(run: Any) -> None:  # each fold, once its config and data passed, before it trains
+            observers, show = self._watchers(False, panel)
+            run.observe(*observers)
+            if show is not None:
+                show(run)
+
+        return WORKBENCH.finetune(config, on_ready=watch, background=background)
 
     def _resume(self, name: str | None, *, background: bool, panel: bool) -> Any:
         from nbtune.engine.workbench import WORKBENCH
@@ -158,6 +185,11 @@ class Finetune(Magics):
             line = ProgressLine()
             return [line], lambda run: line.show()
         return [ProgressObserver()], None
+
+
+def _cross_validation(config: dict[str, Any]) -> bool:
+    """A config whose `cv` asks for every fold (WORKBENCH.finetune then trains them all)."""
+    return bool(config.get("cv")) and config.get("cv_fold") is None
 
 
 def _in_a_notebook() -> bool:
