@@ -60,6 +60,11 @@ class RunCallback(TrainerCallback):
         if self.run.stop_requested:
             control.should_training_stop = True
 
+    def leave_out(self, seconds: float) -> None:
+        """Time spent between steps on something else (sampling answers, engine/samples.py): not counted in
+        the next step's seconds and tokens/s; `elapsed_seconds` still includes it."""
+        self._last_time += seconds
+
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
                **kwargs: Any) -> None:
         logs = dict(logs or {})

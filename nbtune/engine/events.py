@@ -1,8 +1,9 @@
 """What a run tells the world while it trains: a small observer Protocol and two observers.
 
 The engine calls every observer at run start, after each optimizer step, on each Trainer log, on each
-evaluation, at the end and on error. `NullObserver` is the headless default; `ProgressObserver` draws a
-tqdm bar (the CLI uses it); the notebook panel is just another observer.
+evaluation, on each round of sample answers (`sample_every`, engine/samples.py), at the end and on
+error. `NullObserver` is the headless default; `ProgressObserver` draws a tqdm bar (the CLI uses it) and
+prints the sample answers; the notebook panel is just another observer.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class RunObserver(Protocol):
     def on_step(self, run: Run, record: dict[str, Any]) -> None: ...
     def on_log(self, run: Run, logs: dict[str, Any]) -> None: ...
     def on_eval(self, run: Run, metrics: dict[str, Any]) -> None: ...
+    def on_samples(self, run: Run, step: int, records: list[dict[str, Any]]) -> None: ...
     def on_run_end(self, run: Run) -> None: ...
     def on_error(self, run: Run, error: BaseException) -> None: ...
 
@@ -38,6 +40,9 @@ class NullObserver:
         pass
 
     def on_eval(self, run: Run, metrics: dict[str, Any]) -> None:
+        pass
+
+    def on_samples(self, run: Run, step: int, records: list[dict[str, Any]]) -> None:
         pass
 
     def on_run_end(self, run: Run) -> None:
@@ -67,6 +72,13 @@ class ProgressObserver(NullObserver):
         if record["step"] >= run.total_steps:
             self._close()  # training is over; the final evaluation and save should not count as step time
 
+    def on_samples(self, run: Run, step: int, records: list[dict[str, Any]]) -> None:
+        # The CLI has no panel: with `sample_every` set, these lines are where its user sees the answers.
+        from tqdm.auto import tqdm
+
+        for record in records:
+            tqdm.write(sample_line(record))
+
     def on_run_end(self, run: Run) -> None:
         self._close()
 
@@ -77,6 +89,23 @@ class ProgressObserver(NullObserver):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def sample_line(record: dict[str, Any], width: int = 60) -> str:
+    """'step 20 · Convert to ISO 8601: 4 July 1976 -> 1976-07-04', prompt and answer cut to `width`."""
+    return f"step {record['step']} · {_cut(prompt_text(record['prompt']), width)} -> {_cut(record['answer'], width)}"
+
+
+def prompt_text(prompt: Any) -> str:
+    """A sample's prompt as text: itself, or the last of its chat messages (what was asked)."""
+    if isinstance(prompt, str):
+        return prompt
+    return str(prompt[-1].get("content", "")) if prompt else ""
+
+
+def _cut(text: str, width: int) -> str:
+    text = " ".join(str(text).split())  # one line
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 class Broadcast:

@@ -27,7 +27,6 @@ def make_trainer(run: Run, train_set: Any, eval_set: Any, memory: PeakSampler, *
                  scratch: Path, shared_stop: Any = None) -> Any:
     """The Trainer for `run.model`: `guard` keeps NaN steps out of the weights, `scratch` is where a Stop's
     checkpoint goes, `shared_stop` is the kernel's Stop as every rank of a multi-process run sees it."""
-    from transformers import DataCollatorForSeq2Seq
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from nbtune.engine import device
@@ -39,18 +38,22 @@ def make_trainer(run: Run, train_set: Any, eval_set: Any, memory: PeakSampler, *
     policy = device.current()
     args = training_arguments(run, policy, periodic_eval=bool(config.eval_steps and eval_set is not None),
                               scratch=scratch)
-    collator = _WithoutLength(DataCollatorForSeq2Seq(tokenizer, padding=True,
-                                                     pad_to_multiple_of=policy.pad_to_multiple_of))
+    collator = make_collator(tokenizer, policy)
     extra = run.method.make_callbacks(run.context, run.total_steps) if run.method.make_callbacks else []
     if config.neftune_alpha:
         extra.append(NEFTuneCallback(config.neftune_alpha))
     extra.append(guard)
+    recorder = RunCallback(run, memory)
+    if config.sample_every:  # answers to fixed prompts every N steps, left out of the step times
+        from nbtune.engine.samples import SampleCallback
+
+        extra.append(SampleCallback(run, config.sample_every, leave_out=recorder.leave_out))
     optimizer = run.method.make_optimizer(model, args, run.context) if run.method.make_optimizer else None
     # Before RunCallback, so that every rank stops at the same step.
     first = [StopTogether(run, shared_stop)] if args.world_size > 1 else []
     trainer = run_trainer_class()(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                                   processing_class=tokenizer, data_collator=collator,
-                                  callbacks=[*first, RunCallback(run, memory), *extra], optimizers=(optimizer, None),
+                                  callbacks=[*first, recorder, *extra], optimizers=(optimizer, None),
                                   labels_only=config.logits_on_labels_only)
     trainer.keep_checkpoints = config.keep_checkpoints
     trainer.checkpoint_extra = {"run": run.name, "method": run.method.name}
@@ -59,6 +62,14 @@ def make_trainer(run: Run, train_set: Any, eval_set: Any, memory: PeakSampler, *
         trainer.remove_callback(noisy)
     _point_trackers(trainer, config)
     return trainer
+
+
+def make_collator(tokenizer: Any, policy: Any) -> Any:
+    """What pads every training batch (and `nbtune.preview`'s, so that it shows the same): inputs with the pad
+    token, labels with -100, the length rounded up to `policy.pad_to_multiple_of` (8 on a GPU)."""
+    from transformers import DataCollatorForSeq2Seq
+
+    return _WithoutLength(DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=policy.pad_to_multiple_of))
 
 
 def training_arguments(run: Run, policy: Any, *, periodic_eval: bool, scratch: Path) -> Any:
@@ -232,5 +243,5 @@ class _WithoutLength:
         return self.collator([{k: v for k, v in f.items() if k != "length"} for f in features])
 
 
-__all__ = ["check_trackers_installed", "collect_run_garbage", "expected_steps", "make_trainer",
+__all__ = ["check_trackers_installed", "collect_run_garbage", "expected_steps", "make_collator", "make_trainer",
            "older_objects_frozen", "release_from_trainer", "tracker_logs_dir", "training_arguments"]

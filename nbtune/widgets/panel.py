@@ -1,4 +1,5 @@
-"""The live panel: an observer of a run that draws loss, memory, progress, status and a Stop button.
+"""The live panel: an observer of a run that draws loss, memory, progress, status and a Stop button, and,
+with `sample_every`, the latest answers to the sample prompts under the chart.
 
 Redraws are throttled to 4 per second whatever the step rate, and each is a few string operations
 (see `render`), so the panel costs a negligible share of a training step. When the run ends, the
@@ -30,13 +31,14 @@ class LivePanel(NullObserver):
         self.status = w.HTML("<i>starting ...</i>")
         self.chart = w.HTML(render.loss_chart([], []))
         self.memory = w.HTML(render.memory_html({}))
+        self.samples = w.HTML("")  # empty (no space taken) until the first answers come
         self.progress_bar = w.IntProgress(value=0, min=0, max=1, layout=w.Layout(width="420px"))
         self.progress = w.HTML("")
         self.stop_button = w.Button(description="Stop", icon="stop", button_style="danger",
                                     tooltip="End training after the current step; the adapter is kept.")
         hint = w.HTML("<small>to stop: interrupt the kernel (■ or I,I); the run keeps its adapter</small>")
         controls = self.stop_button if interactive_stop else hint
-        self.widget = w.VBox([self.status, w.HBox([self.chart, self.memory]),
+        self.widget = w.VBox([self.status, w.HBox([self.chart, self.memory]), self.samples,
                               w.HBox([self.progress_bar, controls]), self.progress])
         self.renders = 0
         self._last = 0.0
@@ -44,6 +46,7 @@ class LivePanel(NullObserver):
         self._split: dict[str, float] = {}
         self._peak = 0.0
         self._handle: Any = None
+        self._samples: list[dict[str, Any]] = []  # what on_samples brought, for a run whose list is not kept
         self.stop_button.on_click(self._on_stop)
 
     # --------------------------------------------------------------- display
@@ -77,6 +80,13 @@ class LivePanel(NullObserver):
     def on_eval(self, run: Any, metrics: dict[str, Any]) -> None:
         if run.history:
             self.draw(run.history[-1])
+
+    def on_samples(self, run: Any, step: int, records: list[dict[str, Any]]) -> None:
+        # Not throttled: answers come every `sample_every` steps, and each round is worth showing.
+        self._samples.extend(records)
+        kept = getattr(run, "samples", [])
+        shown = kept if records and kept[-len(records):] == records else self._samples
+        self.samples.value = render.samples_table(shown)
 
     def on_run_end(self, run: Any) -> None:
         self._finish(run)

@@ -9,9 +9,12 @@ of plotting dependencies, and costs about a millisecond per redraw.
 from __future__ import annotations
 
 import html
+import json
 import math
 from collections.abc import Sequence
 from typing import Any
+
+from nbtune.engine.events import prompt_text
 
 WIDTH, HEIGHT, PAD = 420, 180, 34
 
@@ -118,18 +121,81 @@ def status_html(name: str, method: str, status: str, detail: str = "") -> str:
             f"<span style='color:{colour}'><b>{html.escape(status)}</b></span>{extra}")
 
 
+def samples_table(samples: Sequence[dict[str, Any]], width: int = 160) -> str:
+    """The latest answer to each sample prompt, with its step and the answer before it ('' when none)."""
+    if not samples:
+        return ""
+    rows = []
+    for prompt, records in _by_prompt(samples):
+        latest = records[-1]
+        before = records[-2] if len(records) > 1 else None
+        earlier = (f"<span style='color:#888'>step {before['step']}:</span> {_text(before['answer'], width)}"
+                   if before else "")
+        rows.append(f"<tr><td>{_text(prompt, width // 2)}</td><td style='text-align:right'>{latest['step']}</td>"
+                    f"<td><b>{_text(latest['answer'], width)}</b></td><td>{earlier}</td></tr>")
+    head = "<tr><th>prompt</th><th>step</th><th>answer</th><th>before</th></tr>"
+    return f"<table class='nbtune-samples' style='text-align:left'>{head}{''.join(rows)}</table>"
+
+
+def samples_history(samples: Sequence[dict[str, Any]], width: int = 160) -> str:
+    """Each sample prompt's answers over training, one line per answer that held for a stretch of steps
+    ('steps 20-60: ...'), folded in a <details> element."""
+    if not samples:
+        return ""
+    parts = []
+    for prompt, records in _by_prompt(samples):
+        lines = [f"<li>{_steps(first, last)}: {_text(answer, width)}</li>" for first, last, answer in _runs(records)]
+        parts.append(f"<p style='margin:4px 0 0'>{_text(prompt, width)}</p><ul style='margin:0'>{''.join(lines)}</ul>")
+    return f"<details class='nbtune-samples-history'><summary>answers by step</summary>{''.join(parts)}</details>"
+
+
+def _by_prompt(samples: Sequence[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """(prompt text, its records in step order), prompts in the order they were first answered."""
+    groups: dict[str, tuple[str, list[dict[str, Any]]]] = {}
+    for record in samples:
+        key = json.dumps(record["prompt"], sort_keys=True)  # chat messages are lists: not hashable
+        groups.setdefault(key, (prompt_text(record["prompt"]), []))[1].append(record)
+    return [(text, sorted(records, key=lambda r: r["step"])) for text, records in groups.values()]
+
+
+def _runs(records: list[dict[str, Any]]) -> list[tuple[int, int, str]]:
+    """(first step, last step, answer) for each stretch of steps with the same answer."""
+    runs: list[tuple[int, int, str]] = []
+    for record in records:
+        if runs and runs[-1][2] == record["answer"]:
+            runs[-1] = (runs[-1][0], record["step"], record["answer"])
+        else:
+            runs.append((record["step"], record["step"], record["answer"]))
+    return runs
+
+
+def _steps(first: int, last: int) -> str:
+    return f"step {first}" if first == last else f"steps {first}-{last}"
+
+
+def _text(text: Any, width: int) -> str:
+    """Escaped and cut to `width` characters; the whole text in the tooltip when cut."""
+    text = str(text)
+    if len(text) <= width:
+        return html.escape(text) if text else "<i>(empty)</i>"
+    return f"<span title='{html.escape(text, quote=True)}'>{html.escape(text[: width - 1])}…</span>"
+
+
 def snapshot_html(run: Any, memory: dict[str, Any], log_scale: bool = False) -> str:
-    """The static end state of a run: status, loss chart, metrics and memory, as plain HTML."""
+    """The static end state of a run: status, loss chart, metrics and memory, sample answers (the latest
+    per prompt and their history), as plain HTML."""
     steps = [r["step"] for r in run.history if "loss" in r]
     losses = [r["loss"] for r in run.history if "loss" in r]
     evals = [e for e in run.eval_history if "eval_loss" in e]
     chart = loss_chart(steps, losses, [e["step"] for e in evals], [e["eval_loss"] for e in evals],
                        log_scale=log_scale, total=run.total_steps, empty=ended_before_a_step(run.status))
+    samples = getattr(run, "samples", [])
     reached = run.history[-1]["step"] if run.history else 0
     detail = run.error or f"step {reached}/{run.total_steps}"  # a stopped run shows how far it got
     return (f"<div class='nbtune-snapshot'>{status_html(run.name, run.method.name, run.status, detail)}"
             f"<div style='display:flex;gap:16px;align-items:flex-start'>{chart}"
-            f"{metrics_table(run.metrics)}{memory_html(memory)}</div></div>")
+            f"{metrics_table(run.metrics)}{memory_html(memory)}</div>"
+            f"{samples_table(samples)}{samples_history(samples)}</div>")
 
 
 def _finite(value: Any) -> bool:
