@@ -19,14 +19,19 @@ import copy
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nbtune.config import RunConfig
-from nbtune.engine.models import Base, load_base, shared_view, tokenizer_view
+from nbtune.engine.evaluation import use_cached_bases
+from nbtune.engine.models import Base, as_base, load_base, shared_view, tokenizer_view
 from nbtune.engine.result import Run, failure_recorded
 from nbtune.engine.run import in_background, not_resumable, resume_in_background, start_run, train_run
+from nbtune.engine.text import cell
 from nbtune.errors import NbtuneError
 from nbtune.methods import get_method
+
+if TYPE_CHECKING:
+    from nbtune.engine.crossval import CrossValidation
 
 
 class Runs(dict):
@@ -49,7 +54,7 @@ class Runs(dict):
         header = list(rows[0])
         lines = ["  ".join(f"{h:<14}" for h in header)]
         for row in rows:
-            lines.append("  ".join(f"{_fmt(row[h]):<14}" for h in header))
+            lines.append("  ".join(f"{cell(row[h]):<14}" for h in header))
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
@@ -57,16 +62,9 @@ class Runs(dict):
         if not rows:
             return "<i>no runs yet</i>"
         head = "".join(f"<th>{h}</th>" for h in rows[0])
-        body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in row.values()) + "</tr>" for row in rows)
+        body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row.values()) + "</tr>" for row in rows)
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
 
 
 class Workbench:
@@ -85,9 +83,10 @@ class Workbench:
                                         trust_remote_code=config.trust_remote_code)
         return self.bases[key]
 
-    def view_for(self, config: RunConfig) -> Base:
-        """A model for one run: a weight-sharing view of the cached base, or a real copy if weights train."""
-        base = self.base(config)
+    def view_for(self, config: RunConfig, *, base: Any = None) -> Base:
+        """A model for one run: a weight-sharing view of the cached base (or of `base`, a (model, tokenizer)
+        the caller loaded), or a real copy if weights train."""
+        base = self.base(config) if base is None else as_base(base)
         method = get_method(config.method)
         # k-bit preparation casts the unquantized weights to fp32 in place: only harmless if they already are.
         casts = config.quantization != "none" and config.dtype != "float32"
@@ -99,15 +98,23 @@ class Workbench:
     def finetune(self, config: RunConfig | dict[str, Any] | str | None = None, *, base: Any = None,
                  observers: Any = (), progress: bool = False, background: bool = False,
                  on_ready: Callable[[Run], None] | None = None, resume_from: str | Path | None = None,
-                 **overrides: Any) -> Run:
+                 **overrides: Any) -> Run | CrossValidation:
         """Train a run on a view of the cached base (or on `base`, a (model, tokenizer) the caller loaded);
         a run of the same name is replaced, never stacked. See `nbtune.finetune` for the arguments.
 
         `on_ready(run)` is called once the config and data passed their checks, before any weight moves
-        (the notebook shows its panel then, so a typo never leaves an empty panel behind).
+        (the notebook shows its panel then, so a typo never leaves an empty panel behind). A config with
+        `cv` and no `cv_fold` is a cross-validation: one run per fold (engine/crossval.py), `on_ready`
+        called for each.
         """
         self._refuse_while_training()
-        run = start_run(config, observers=observers, progress=progress, **overrides)  # checks config and data
+        config = RunConfig.parse(config, **overrides)  # parsed once: an unnamed run keeps the name it gets here
+        if config.cv and config.cv_fold is None:
+            from nbtune.engine.crossval import cross_validate
+
+            return cross_validate(config, base=base, observers=observers, progress=progress, background=background,
+                                  on_ready=on_ready, resume_from=resume_from, bench=self)
+        run = start_run(config, observers=observers, progress=progress)  # checks config and data
         old = self.runs.get(run.name)
         self.runs[run.name] = run
         if on_ready is not None:
@@ -170,11 +177,14 @@ class Workbench:
 
 
 WORKBENCH = Workbench()  # the kernel's one workbench; `nbtune.runs` is its runs
+# Base answers for evaluation come from the cached bases; looked up at call time, so a replaced WORKBENCH
+# (a test's fresh one) is the one asked.
+use_cached_bases(lambda config: WORKBENCH.base(config))
 
 
 def finetune(config: RunConfig | dict[str, Any] | str | None = None, *, base: Any = None, observers: Any = (),
              progress: bool = False, background: bool = False, resume_from: str | Path | None = None,
-             **overrides: Any) -> Run:
+             **overrides: Any) -> Run | CrossValidation:
     """Fine-tune a model as `config` says (a RunConfig, dict, YAML text or file; keyword overrides win).
 
     The run joins `nbtune.runs` (replacing one of the same name) and trains on a view of the base this
@@ -185,6 +195,9 @@ def finetune(config: RunConfig | dict[str, Any] | str | None = None, *, base: An
     verified checkpoint `checkpoint_steps` left in `<output_dir>-checkpoints`.
     Returns the `Run`, finished or stopped. A failed run raises; an interrupt (Ctrl-C, the kernel's ■)
     keeps the stopped run in `nbtune.runs` and raises `RunInterrupted`, a KeyboardInterrupt.
+    With `cv: k` (and no `cv_fold`) it cross-validates: k runs `<name>-fold<i>`, each evaluated on one fold
+    of `data`, on the one cached base; returns a `CrossValidation` (each fold, mean +- std of every metric;
+    see nbtune/engine/crossval.py).
     """
     return WORKBENCH.finetune(config, base=base, observers=observers, progress=progress, background=background,
                               resume_from=resume_from, **overrides)
