@@ -302,3 +302,53 @@ def test_notebook7_panel_and_picker(page, jupyter, tiny_model_dir):
         wait_executed(page, 0)
         check_training_panel(page, 1, "notebook7")
         check_picker(page, 3, "notebook7", tiny_model_dir)
+
+
+# ---------------------------------------------------------------------------- evaluation you can read
+# The computed background of the first element matching a selector in cell i: the highlight really shows
+# (a frontend that dropped the inline styles or the classes would leave it transparent).
+BACKGROUND_JS = """([i, selector]) => { const c = document.querySelectorAll('.jp-Notebook .jp-Cell')[i];
+                                         const el = c.querySelector(selector);
+                                         return el ? getComputedStyle(el).backgroundColor : null; }"""
+
+
+def background(page, index: int, selector: str) -> str | None:
+    return page.evaluate(BACKGROUND_JS, [index, selector])
+
+
+def test_jupyterlab_shows_the_preview_sample_answers_and_the_predictions_table(page, jupyter, tiny_model_dir):
+    """`--preview` highlights the loss tokens, a run with `sample_every` leaves its answers in the snapshot, and
+    `run.predictions()` renders its table with the differences from the reference highlighted."""
+    from playwright.sync_api import expect
+
+    config = (f"model: {tiny_model_dir}\ndata: train.jsonl\neval_split: 0.25\nsteps: 4\nbatch_size: 2\n"
+              "metric: [exact_match, token_f1]\nmetric_samples: 4\nsample_every: 2\nsave: false")
+    name = write_notebook(jupyter, "lab-evaluation.ipynb", [
+        "%load_ext nbtune\nimport nbtune", f"%%finetune ev --preview\n{config}", f"%%finetune ev\n{config}",
+        "nbtune.runs['ev'].predictions()"])
+    transparent = (None, "rgba(0, 0, 0, 0)", "transparent")
+    with jupyter.explained(page, "lab-evaluation"):
+        open_notebook(page, jupyter, jupyter.url(f"lab/tree/{name}", "reset"), name, timeout=LONG)
+        for index in range(2):
+            run_cell(page, index)
+            wait_executed(page, index)
+        # each output is checked right after its cell: JupyterLab may detach cells scrolled out of view
+        expect(cell(page, 1)).to_contain_text("carries loss", timeout=LONG)
+        assert background(page, 1, ".nbt-loss") not in transparent
+        shot(page, "lab-preview")
+        run_cell(page, 2)
+        wait_executed(page, 2)
+        no_widget_errors(page)
+        snapshot = cell(page, 2).locator(".nbtune-snapshot")
+        expect(snapshot).to_be_visible(timeout=LONG)
+        expect(snapshot).to_contain_text("finished")
+        expect(snapshot).to_contain_text("answers by step")
+        run_cell(page, 3)
+        wait_executed(page, 3)
+        table = cell(page, 3).locator(".nbtune-pred")
+        expect(table).to_contain_text("run 'ev': 4 rows")
+        expect(table).to_contain_text("base answer")
+        assert background(page, 3, ".nbtune-pred td .extra, .nbtune-pred td .same, .nbtune-pred td .miss") \
+            not in transparent
+        table.scroll_into_view_if_needed()
+        shot(page, "lab-evaluation")

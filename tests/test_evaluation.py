@@ -189,7 +189,13 @@ def test_the_html_highlights_differences_and_escapes_the_data():
     assert "1 fixed, 1 broken, 2 changed by tuning" in page
     assert "<script" not in page
     text = repr(Predictions(ROWS, ["exact_match"], run="x"))
-    assert text.startswith("3 rows of run 'x'") and "reference: 1976-07-04" in text
+    assert text.startswith("run 'x': 3 rows ·") and "reference: 1976-07-04" in text
+    assert repr(table_of_rows().broken()).startswith("run 'x': 1 of 3 rows broken by tuning")
+    assert "0 of 3 rows broken by tuning" in table_of_rows().fixed().broken()._repr_html_()
+
+
+def table_of_rows() -> Predictions:
+    return Predictions(ROWS, ["exact_match"], run="x")
 
 
 def _no_generation(*args, **kwargs):

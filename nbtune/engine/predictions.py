@@ -30,8 +30,9 @@ class Predictions:
     """Evaluation rows (dicts: row, prompt, reference, base, tuned, and per metric `name` and `base_name`)."""
 
     def __init__(self, rows: Sequence[dict[str, Any]], metrics: Sequence[str], *, run: str = "",
-                 best: dict[str, float] | None = None, title: str = "") -> None:
+                 best: dict[str, float] | None = None, title: str = "", total: int | None = None) -> None:
         self.rows = list(rows)
+        self.total = total  # rows in the table this one was filtered from (None: this is the whole table)
         self.metrics = list(metrics)  # the first one orders the rows and decides right from wrong
         self.run = run
         self.best = dict(best or {})  # a perfect answer's score per metric (1.0; 100 for bleu/chrf)
@@ -71,7 +72,7 @@ class Predictions:
     def where(self, keep: Callable[[dict[str, Any]], bool], title: str = "") -> Predictions:
         """The rows for which `keep(row)` is true (still worst first)."""
         return Predictions([r for r in self.rows if keep(r)], self.metrics, run=self.run, best=self.best,
-                           title=title or self.title)
+                           title=title or self.title, total=self.total if self.total is not None else len(self))
 
     def wrong(self) -> Predictions:
         """Rows where the tuned answer falls short of a perfect score on the first metric."""
@@ -105,10 +106,11 @@ class Predictions:
             raise NbtuneError(f"the predictions have no column {key!r}.{did_you_mean(key, columns)} Columns: "
                               f"{', '.join(columns)}.", field="by")
         return Predictions(sort_rows(self.rows, key, worst_first=worst_first), self.metrics, run=self.run,
-                           best=self.best, title=self.title)
+                           best=self.best, title=self.title, total=self.total)
 
     def head(self, n: int = 10) -> Predictions:
-        return Predictions(self.rows[:n], self.metrics, run=self.run, best=self.best, title=self.title)
+        """The first `n` rows (the worst, unless sorted otherwise)."""
+        return self.where(lambda r: r in self.rows[:n], self.title)
 
     def _right(self, row: dict[str, Any], key: str | None) -> bool | None:
         """Whether `row` scores perfectly on `key` (None when it has no such score)."""
@@ -154,9 +156,13 @@ def sort_rows(rows: Sequence[dict[str, Any]], key: str | None, *, worst_first: b
 
 
 def summary_line(table: Predictions) -> str:
-    """'64 rows of run 'a' · exact_match 0.91 (base 0.12) · 50 fixed, 2 broken, 55 changed by tuning'."""
-    parts = [f"{len(table)} {table.title + ' ' if table.title else ''}rows"
-             + (f" of run {table.run!r}" if table.run else "")]
+    """"run 'a': 64 rows · exact_match 0.91 (base 0.12) · 50 fixed, 2 broken, 55 changed by tuning"; a filtered
+    table says what it kept: "run 'a': 6 of 64 rows wrong · ..."."""
+    of = f" of {table.total}" if table.total is not None and table.total != len(table) else ""
+    what = f"{len(table)}{of} rows" + (f" {table.title}" if table.title else "")
+    parts = [(f"run {table.run!r}: " if table.run else "") + what]
+    if not table.rows:
+        return parts[0] + ": none"
     means = table.means()
     for name in table.metrics:
         tuned, base = means.get(name), means.get(f"base_{name}")

@@ -53,7 +53,9 @@ class ComparisonView(Comparison):
         best = METRICS[metric].best if metric in METRICS else 1.0
         names = [r.name for r in runs]
         counts = agreement_counts(rows, names, best)
-        disagreeing = sorted(rows, key=lambda r: len({_mark(r.get(n), best) for n in [BASE, *names]}) == 1)
+        # rows the runs disagree on first, then those where they agree and the base does not
+        disagreeing = sorted(rows, key=lambda r: (len({_mark(r.get(n), best) for n in names}) == 1,
+                                                  len({_mark(r.get(n), best) for n in [BASE, *names]}) == 1))
         shown_rows = [{"row": r["row"], "prompt": r["prompt"], "reference": r["reference"],
                        **{n: _mark(r.get(n), best) for n in [BASE, *names]}} for r in disagreeing[:shown]]
         summary = f"{metric}: " + " · ".join(f"{k}: {v}" for k, v in counts.items())

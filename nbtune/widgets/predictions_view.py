@@ -14,12 +14,16 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from nbtune.engine.predictions import Predictions
 
-SHOWN_ROWS = 50  # more rows make a notebook slow to scroll; `.df` has them all
-_STYLE = ("<style>.nbtune-pred td{vertical-align:top;text-align:left;font-family:monospace;white-space:pre-wrap}"
-          ".nbtune-pred .miss{background:#fdd;text-decoration:line-through;color:#a00}"
-          ".nbtune-pred .extra{background:#fcc}.nbtune-pred .same{background:#e5f5e0}"
-          ".nbtune-pred .right{color:#238b45;font-weight:bold}.nbtune-pred .wrong{color:#cb181d;font-weight:bold}"
-          "</style>")
+SHOWN_ROWS = 20  # the worst ones; more make a notebook long to scroll (`.head(n)` and `.df` show others)
+# Inline styles, not a <style> block: a sanitising frontend (GitHub, some viewers) drops <style> elements.
+STYLES = {"same": "background:#e5f5e0", "extra": "background:#fcc",
+          "miss": "background:#fdd;text-decoration:line-through;color:#a00",
+          "right": "color:#238b45;font-weight:bold", "wrong": "color:#cb181d;font-weight:bold"}
+CELL_STYLE = "vertical-align:top;text-align:left;font-family:monospace;white-space:pre-wrap"
+
+
+def _span(kind: str, text: str) -> str:
+    return f"<span class='{kind}' style='{STYLES[kind]}'>{text}</span>"
 
 
 def predictions_html(table: Predictions) -> str:
@@ -27,16 +31,16 @@ def predictions_html(table: Predictions) -> str:
     from nbtune.engine.predictions import summary_line
 
     if not table.rows:
-        return "<i>no prediction rows (the run has no eval data with answers, or none were scored)</i>"
+        return f"<p><i>{html.escape(summary_line(table))}</i></p>"
     has_base = any(r.get("base") is not None for r in table.rows)
     head = ["#", "prompt", "reference", *(["base answer"] if has_base else []), "tuned answer",
             *[_header(name, has_base) for name in table.metrics]]
     body = "".join(_row_html(table, row, has_base) for row in table.rows[:SHOWN_ROWS])
-    more = (f"<p><i>{len(table) - SHOWN_ROWS} more rows: .df has them all</i></p>"
+    more = (f"<p><i>{len(table) - SHOWN_ROWS} more rows, better ones: .df has them all</i></p>"
             if len(table) > SHOWN_ROWS else "")
-    legend = ("<small>answers: <span class='same'>matches the reference</span> "
-              "<span class='extra'>not in the reference</span> <span class='miss'>missing from it</span></small>")
-    return (f"<div class='nbtune-pred'>{_STYLE}<p><b>{html.escape(summary_line(table))}</b></p>{legend}"
+    legend = (f"<small>answers: {_span('same', 'matches the reference')} {_span('extra', 'not in the reference')} "
+              f"{_span('miss', 'missing from it')}</small>")
+    return (f"<div class='nbtune-pred'><p><b>{html.escape(summary_line(table))}</b></p>{legend}"
             f"<table><thead><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in head)}</tr></thead>"
             f"<tbody>{body}</tbody></table>{more}</div>")
 
@@ -52,7 +56,7 @@ def _row_html(table: Predictions, row: dict[str, Any], has_base: bool) -> str:
         cells.append(diff_html(row.get("base"), reference))
     cells.append(diff_html(row["tuned"], reference))
     cells += [_scores(table, name, row, has_base) for name in table.metrics]
-    return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
+    return "<tr>" + "".join(f"<td style='{CELL_STYLE}'>{c}</td>" for c in cells) + "</tr>"
 
 
 def diff_html(answer: str | None, reference: str) -> str:
@@ -64,12 +68,12 @@ def diff_html(answer: str | None, reference: str) -> str:
     matcher = difflib.SequenceMatcher(a=answer, b=reference, autojunk=False)
     for op, a0, a1, b0, b1 in matcher.get_opcodes():
         if op == "equal":
-            parts.append(f"<span class='same'>{html.escape(answer[a0:a1])}</span>")
+            parts.append(_span("same", html.escape(answer[a0:a1])))
             continue
         if a1 > a0:
-            parts.append(f"<span class='extra'>{html.escape(answer[a0:a1])}</span>")
+            parts.append(_span("extra", html.escape(answer[a0:a1])))
         if b1 > b0:
-            parts.append(f"<span class='miss'>{html.escape(reference[b0:b1])}</span>")
+            parts.append(_span("miss", html.escape(reference[b0:b1])))
     return "".join(parts) or "<i>(empty)</i>"
 
 
@@ -83,4 +87,4 @@ def _score(table: Predictions, name: str, value: Any) -> str:
         return "-"
     best = table.best.get(name, 1.0)
     mark = "right" if value >= best - 1e-9 else "wrong"
-    return f"<span class='{mark}'>{value:.3g}</span>"
+    return _span(mark, f"{value:.3g}")
