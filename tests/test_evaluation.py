@@ -9,10 +9,10 @@ import math
 import pytest
 
 import nbtune
+import nbtune.engine.workbench as workbench
 from nbtune.engine import evaluation
 from nbtune.engine.generation import generate_texts
 from nbtune.engine.predictions import Predictions, read_rows
-import nbtune.engine.workbench as workbench
 from nbtune.errors import ConfigError, DataError, NbtuneError, NbtuneWarning
 
 FAST = {"steps": 2, "batch_size": 4, "lr": 1e-2, "eval_split": 0.25, "precision": "fp32"}
@@ -219,12 +219,12 @@ def test_a_metric_function_is_written_by_its_import_path_and_a_notebook_one_left
 def test_a_saved_run_opens_where_its_metric_module_is_missing(tmp_path, monkeypatch, tiny_model_dir, demo_rows):
     (tmp_path / "gone_metrics.py").write_text("def close(prediction, reference):\n    return 0.5\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    run = nbtune.finetune(name="gone", model=str(tiny_model_dir), data=demo_rows, metric=["token_f1", "gone_metrics:close"],
-                          **FAST)
+    run = nbtune.finetune(name="gone", model=str(tiny_model_dir), data=demo_rows,
+                          metric=["token_f1", "gone_metrics:close"], **FAST)
     assert run.metrics["close"] == 0.5
     (tmp_path / "gone_metrics.py").unlink()
     monkeypatch.delitem(__import__("sys").modules, "gone_metrics")
     loaded = nbtune.load(run.saved_to)
     assert loaded.config.metric == ["token_f1"]
-    assert loaded.predictions().metrics == ["token_f1"]
+    assert loaded.predictions().metrics == ["token_f1", "close"]  # its scores were saved with the rows
     assert [r["close"] for r in loaded.prediction_rows] == [0.5] * 8  # the scores it gave stay

@@ -211,7 +211,8 @@ def _train_fold(bench: Workbench, fold: RunConfig, base: Any, note: str, **watch
     try:
         return bench.finetune(fold, base=view, **watching)
     except Exception as exc:
-        exc.add_note(note)  # a traceback then says what the cross-validation kept
+        if hasattr(exc, "add_note"):  # Python 3.11+: a traceback then says what the cross-validation kept
+            exc.add_note(note)
         raise
 
 

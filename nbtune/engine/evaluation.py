@@ -55,6 +55,8 @@ def evaluate_run(run: Run, *, samples: int | None = None, use_adapter: bool = Tr
     if not use_adapter:
         base = base_answers(run, prompts, max_new_tokens=budget)
         if base is None:
+            with run.base_disabled():  # the method says why it cannot switch back to its base, where it cannot
+                pass
             raise NbtuneError(f"run {run.name!r} trained on a base passed in memory that no longer exists as it "
                               "was; its base answers cannot be generated.")
         return {**_prefixed(aggregate_scores(chosen, base, references[: len(base)]), "base_"), "samples": len(base)}
@@ -110,8 +112,8 @@ def predictions_table(run: Run, *, wrong: bool = False, changed: bool = False, b
         run.metrics.update(evaluate_run(run))
         if run.owns_saved_folder():
             write_rows(Path(run.saved_to), run.prediction_rows)
-    names = [m.name for m in metrics if m.name in run.prediction_rows[0]] if run.prediction_rows else []
-    names = names or metric_columns(run.prediction_rows)  # a function of another kernel: its saved scores
+    scored = metric_columns(run.prediction_rows)  # with the scores of functions of another kernel, kept
+    names = [m.name for m in metrics if m.name in scored] + [n for n in scored if n not in {m.name for m in metrics}]
     table = Predictions(run.prediction_rows, names, run=run.name, best={m.name: m.best for m in metrics}).sort(by)
     if wrong:
         table = table.wrong()
