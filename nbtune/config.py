@@ -33,6 +33,8 @@ from nbtune.safety import check_output_dir
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 RUN_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}"  # also a folder name under runs/
+# A sweep's trials are `<sweep>/<trial>`: one level of folder under runs/<sweep>/, beside the sweep's study.
+RUN_PATH = rf"{RUN_NAME}(/{RUN_NAME})?"
 
 
 def _p(default: Any, kind: str, help: str, **limits: Any) -> Any:
@@ -117,6 +119,9 @@ class RunConfig:
                  "evaluation, on the one cached base; reports each fold and mean +- std (0: off).", min=0)
     cv_fold: int | None = _p(None, "int", "Which fold (1..cv) this run holds out; unset: every fold, one run "
                              "each.", min=1)
+    sweep: Any = _p(None, "any", "Hyperparameter search: settings and method options mapped to lists or "
+                    "distributions, plus trials, objective, sampler, pruner; trials run on the one cached base "
+                    "(see nbtune/engine/sweep_space.py).")
     output_dir: str | None = _p(None, "str", "Where the final adapter or weights are saved: any folder (relative, "
                                 "absolute or ~), new or empty; an earlier save there is replaced, other files are "
                                 "never touched. Default: runs/<name>.")
@@ -355,9 +360,10 @@ def _check_cross_fields(config: RunConfig, method: Any) -> None:
         config.lr = config.derived["lr"] = method.default_lr
     if config.name is None:
         config.name = _fresh_name(method.name)
-    if not re.fullmatch(RUN_NAME, config.name):
+    if not re.fullmatch(RUN_PATH, config.name):
         raise ConfigError(
-            f"`name` {config.name!r} must be 1-100 letters, digits, '_', '.' or '-' (it names a folder).",
+            f"`name` {config.name!r} must be 1-100 letters, digits, '_', '.' or '-' (it names a folder), or "
+            "two such names joined by '/' (a sweep's trial: `<sweep>/<trial>`).",
             field="name",
         )
     check_output_dir(config.resolved_output_dir)

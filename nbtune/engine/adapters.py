@@ -161,7 +161,7 @@ def combine(runs: Sequence[Run], weights: Sequence[float], *, how: str = "linear
     if how == "ties" and not (isinstance(density, (int, float)) and 0 < density <= 1):
         raise NbtuneError(f"combine `density` is {density!r}: the share of each adapter's largest entries "
                           "that ties keeps, above 0 and at most 1.", field="density")
-    name = name or "-".join(r.name for r in runs)[:92] + "-combined"  # a valid run (and folder) name
+    name = name or "-".join(r.name.replace("/", "-") for r in runs)[:92] + "-combined"  # a plain run (folder) name
     if not re.fullmatch(RUN_NAME, name):
         raise NbtuneError(f"combine `name` {name!r} is not a run name: letters, digits, '_', '.' or '-', "
                           "starting with a letter or digit.", field="name")

@@ -157,8 +157,9 @@ def adapter_mb(run: Run) -> float | None:
 
 def resolve_runs(items: Sequence[Any], runs: dict[str, Run], *, saved: bool = False) -> list[Run]:
     """Runs from Run objects or names in `runs`; an unknown name lists the known ones. `saved=True` also
-    takes saved runs: a folder `Run.save` wrote, or a row of `nbtune.history()` (records whose model loads
-    when answers are asked for)."""
+    takes saved runs: a folder `Run.save` wrote, a row of `nbtune.history()`, or the name of a run saved
+    where it saves by default (`runs/<name>`: a sweep's trials, `sweep/3`, after the kernel let them go);
+    records whose model loads when answers are asked for."""
     out = []
     for item in items:
         if isinstance(item, Run):
@@ -167,20 +168,35 @@ def resolve_runs(items: Sequence[Any], runs: dict[str, Run], *, saved: bool = Fa
             out.append(runs[item])
         elif saved and (isinstance(item, SavedRun) or Path(str(item)).expanduser().joinpath("run.json").is_file()):
             out.append(_labelled(saved_record(item), out, runs))
+        elif saved and isinstance(item, str) and (folder := _saved_by_name(item)) is not None:
+            out.append(_labelled(saved_record(folder), out, runs))
         else:
-            also = " (or a saved run's folder)" if saved else ""
+            also = " (or a saved run's folder or name under runs/)" if saved else ""
             raise NbtuneError(f"no run {item!r} in nbtune.runs{also}; runs in this kernel: "
                               f"{', '.join(runs) or 'none'}.")
     return out
 
 
+def _saved_by_name(name: str) -> Path | None:
+    """`runs/<name>` when a run of that name was saved there (its default place); only a valid run name is
+    looked up, so that no name reaches outside runs/."""
+    import re
+
+    from nbtune.config import RUN_PATH
+
+    folder = Path("runs") / name
+    return folder if re.fullmatch(RUN_PATH, name) and (folder / "run.json").is_file() else None
+
+
 def _labelled(record: Run, chosen: list[Run], runs: dict[str, Run]) -> Run:
     """A saved run named like a run of this kernel (or another one compared) says it is the saved one: the
-    comparison's rows, curves and columns are by name."""
+    comparison's rows, curves and columns are by name. The folder is shown as deep as the name goes (a
+    trial's `sweep/3`, not `3`)."""
     taken = set(runs) | {r.name for r in chosen}
     label, again = record.name, 1
+    folder = "/".join(Path(record.saved_to).parts[-(record.name.count("/") + 1):])
     while label in taken:
         again += 1
-        label = f"{record.name} (saved {Path(record.saved_to).name}{f', {again - 1}' if again > 2 else ''})"
+        label = f"{record.name} (saved {folder}{f', {again - 1}' if again > 2 else ''})"
     record.name = label
     return record

@@ -8,7 +8,8 @@ records that `nbtune.compare` puts next to the kernel's own.
 A row comes from the folder's `run.json` alone (no weights are read). A run whose process died while it
 trained left only its periodic checkpoints (`<output_dir>-checkpoints`): it is listed as interrupted, with
 the checkpoint `nbtune.finetune(config, resume_from="latest")` continues from. A damaged or foreign
-`run.json` is a row that says so; it never breaks the table.
+`run.json` is a row that says so; it never breaks the table. A sweep's trials (`<sweep>/<trial>`, saved
+in `runs/<sweep>/<trial>` beside the sweep's study) are rows of their own, one folder level down.
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ class SavedRun:
     info: dict[str, Any] = field(default_factory=dict, repr=False)
     problem: str | None = None
     resume_from: Path | None = None  # the newest complete checkpoint of an unfinished run
+    key: str = ""  # the run's folder under the listed root ('sweep/3' for a trial): a name when run.json has none
 
     @property
     def name(self) -> str:
-        return str(self.info.get("name") or self.path.name.removesuffix(CHECKPOINTS_SUFFIX))
+        return str(self.info.get("name") or self.key or self.path.name.removesuffix(CHECKPOINTS_SUFFIX))
 
     def row(self) -> dict[str, Any]:
         metrics, history = self.info.get("metrics") or {}, self.info.get("history") or []
@@ -111,41 +113,53 @@ def history(root: str | Path = "runs") -> RunHistory:
     if not folder.is_dir():
         raise NbtuneError(f"there is no folder {str(root)!r} (from {Path.cwd()}) to list runs from; give the "
                           "folder runs were saved in (the parent of their output_dir; 'runs' by default).")
-    found = {}
-    for path in sorted(p for p in folder.iterdir() if p.is_dir()):
-        if path.name.endswith(CHECKPOINTS_SUFFIX):
-            continue
-        if (path / "run.json").exists():
-            found[path.name] = _read(path)
-    for path in sorted(folder.glob(f"*{CHECKPOINTS_SUFFIX}")):
-        _add_checkpoints(found, path)
+    found: dict[str, SavedRun] = {}
+    for parent in [folder, *_sweep_folders(folder)]:
+        prefix = "" if parent == folder else f"{parent.name}/"  # a trial's key is `<sweep>/<trial>`, its name
+        for path in _subfolders(parent):
+            if not path.name.endswith(CHECKPOINTS_SUFFIX) and (path / "run.json").exists():
+                found[prefix + path.name] = _read(path, key=prefix + path.name)
+        for path in sorted(parent.glob(f"*{CHECKPOINTS_SUFFIX}")):
+            _add_checkpoints(found, path, prefix)
     return RunHistory(folder, sorted(found.values(), key=lambda s: _mtime(s.path), reverse=True))
 
 
-def _read(path: Path, *, json_file: Path | None = None) -> SavedRun:
+def _subfolders(parent: Path) -> list[Path]:
+    # Hidden folders are a save in progress (engine/saving.py writes `.<name>.tmp-*` and renames it).
+    return sorted(p for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _sweep_folders(root: Path) -> list[Path]:
+    """The folders under `root` that may hold a sweep's trials: any that is neither a run (no run.json) nor
+    a run's checkpoints. A sweep's own folder holds its study and trial folders, never a run.json: it is
+    looked into, not listed (nor taken for a damaged run)."""
+    return [p for p in _subfolders(root) if not p.name.endswith(CHECKPOINTS_SUFFIX) and not (p / "run.json").exists()]
+
+
+def _read(path: Path, *, json_file: Path | None = None, key: str = "") -> SavedRun:
     try:
         info = json.loads((json_file or path / "run.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        return SavedRun(path, problem=f"run.json unreadable: {str(exc).splitlines()[0][:80]}")
+        return SavedRun(path, problem=f"run.json unreadable: {str(exc).splitlines()[0][:80]}", key=key)
     if not isinstance(info, dict) or not isinstance(info.get("config"), dict) or "status" not in info:
-        return SavedRun(path, problem="run.json is not one nbtune wrote")
-    return SavedRun(path, info)
+        return SavedRun(path, problem="run.json is not one nbtune wrote", key=key)
+    return SavedRun(path, info, key=key)
 
 
-def _add_checkpoints(found: dict[str, SavedRun], folder: Path) -> None:
+def _add_checkpoints(found: dict[str, SavedRun], folder: Path, prefix: str = "") -> None:
     """An unfinished run's newest complete checkpoint: its own row when the run never saved, else the run's
-    row says where to resume from."""
+    row says where to resume from. `prefix`: `<sweep>/` for a trial's (`runs/<sweep>/<trial>-checkpoints`)."""
     complete = [p for p in folder.glob(f"{PREFIX}*") if (p / MANIFEST).is_file() and p.name[len(PREFIX):].isdigit()]
     if not complete:
         return
     newest = max(complete, key=lambda p: int(p.name[len(PREFIX):]))
-    run_folder = folder.with_name(folder.name.removesuffix(CHECKPOINTS_SUFFIX))
-    saved = found.get(run_folder.name)
+    key = prefix + folder.name.removesuffix(CHECKPOINTS_SUFFIX)
+    saved = found.get(key)
     if saved is None:
-        state = _read(folder, json_file=newest / "run.json")
-        found[run_folder.name] = SavedRun(folder, state.info, state.problem, newest)
+        state = _read(folder, json_file=newest / "run.json", key=key)
+        found[key] = SavedRun(folder, state.info, state.problem, newest, key)
     elif saved.problem is None and saved.info.get("status") != "finished":
-        found[run_folder.name] = SavedRun(saved.path, saved.info, None, newest)
+        found[key] = SavedRun(saved.path, saved.info, None, newest, key)
 
 
 # ---------------------------------------------------------------- saved runs as records, for compare

@@ -96,7 +96,7 @@ def write_launch_files(config: RunConfig, folder: str | Path, **options: Any) ->
     options.setdefault("precision", config.precision or "bf16")
     options.setdefault("processes", max(config.num_processes, 1))
     accel = accelerate_config(**options)  # checks the options for the CPU variant too
-    run_file = folder / f"{config.name}.yaml"
+    run_file = folder / f"{flat_name(config.name)}.yaml"
     run_file.write_text(config.to_text(), encoding="utf-8")
     written = {"config": run_file}
     machines = accel["num_machines"]
@@ -128,8 +128,8 @@ def rerun_script(name: str, config: RunConfig) -> str:
     DDP on this machine's kind of device)."""
     import torch
 
-    config_file = f"{name}.yaml"
-    config, data_files = _data_as_files(name, config)
+    config_file = f"{flat_name(name)}.yaml"
+    config, data_files = _data_as_files(flat_name(name), config)
     script = f"#!/usr/bin/env bash\n# Re-run nbtune run {name!r} outside the notebook.\nset -euo pipefail\n"
     for file, lines in data_files.items():  # JSON lines never read as the bare JSONL marker
         script += f"cat > {file} <<'JSONL'\n{lines}JSONL\n"
@@ -140,6 +140,12 @@ def rerun_script(name: str, config: RunConfig) -> str:
                               cpu=not torch.cuda.is_available())
     return script + (f"cat > accelerate_config.yaml <<'YAML'\n{yaml.safe_dump(accel, sort_keys=False)}YAML\n"
                      f"{launch_command(config_file, 'accelerate_config.yaml')}\n")
+
+
+def flat_name(name: str) -> str:
+    """A run name as one file name: a sweep trial's `<sweep>/<trial>` becomes `<sweep>-<trial>`, so that its
+    config and data files lie beside the launch script (the run still saves to `runs/<sweep>/<trial>`)."""
+    return name.replace("/", "-")
 
 
 def _data_as_files(name: str, config: RunConfig) -> tuple[RunConfig, dict[str, str]]:
@@ -162,5 +168,5 @@ def _data_as_files(name: str, config: RunConfig) -> tuple[RunConfig, dict[str, s
     return dataclasses.replace(config, **changes), files
 
 
-__all__ = ["STRATEGIES", "accelerate_config", "launch_command", "rerun_script", "torchrun_command",
+__all__ = ["STRATEGIES", "accelerate_config", "flat_name", "launch_command", "rerun_script", "torchrun_command",
            "write_launch_files"]

@@ -89,7 +89,7 @@ def start_run(config: RunConfig | dict[str, Any] | str | None = None, *, observe
     if not isinstance(observers, Iterable):
         observers = [observers]  # one observer given alone
     watchers = list(observers) + ([ProgressObserver()] if progress else []) or [NullObserver()]
-    workdir = Path(tempfile.mkdtemp(prefix=f"nbtune-{config.name}-"))
+    workdir = Path(tempfile.mkdtemp(prefix=f"nbtune-{config.name.replace('/', '-')}-"))  # no folder: `sweep/3`
     ctx = MethodContext(options=config.options, config=config, workdir=workdir,
                         quantized=config.quantization != "none")
     run = Run(config, method, ctx, observers=watchers)
