@@ -1,5 +1,6 @@
 """The command line: `nbtune run config.yaml [--set key=value ...] [--json] [--resume]`, `nbtune export`,
-`nbtune preview config.yaml [-n N]`, `nbtune methods`, `nbtune demo`, `nbtune fetch`.
+`nbtune preview config.yaml [-n N]`, `nbtune sweep config.yaml [--json]`, `nbtune methods`, `nbtune demo`,
+`nbtune fetch`.
 
 `nbtune run` works unchanged under `accelerate launch` and `torchrun` (every rank trains; rank 0 prints
 and writes).
@@ -53,6 +54,14 @@ def _parser() -> argparse.ArgumentParser:
                      help="continue from the newest verified checkpoint in <output_dir>-checkpoints "
                           "(or from CHECKPOINT), e.g. after the process was killed")
     run.set_defaults(handler=_cmd_run)
+
+    sweep = sub.add_parser("sweep", help="search the config's `sweep:` block (Optuna, every trial a run on one "
+                                         "loaded base) and print the trials and the best config")
+    sweep.add_argument("config", help="YAML file with run settings, method options and a `sweep:` block")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a key, as for `nbtune run`")
+    sweep.add_argument("--json", action="store_true", help="print the trials and the best as JSON")
+    sweep.set_defaults(handler=_cmd_sweep)
 
     export = sub.add_parser("export", help="write an accelerate config and launch script for several "
                                            "GPUs or machines")
@@ -124,6 +133,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from nbtune.config import RunConfig
 
     config = RunConfig.parse(Path(args.config), **parse_overrides(args.overrides))  # fail fast, before imports
+    if config.sweep is not None and args.resume is None:  # a search: the trials, then the best
+        return _cmd_sweep(args)
     from nbtune.engine.distributed import is_main_process
     from nbtune.engine.workbench import finetune
 
@@ -146,6 +157,27 @@ def _report_cross_validation(cv: Any, *, as_json: bool) -> int:
     if is_main_process():  # under a launcher: rank 0 reports for all
         print(json.dumps(cv.to_dict(), indent=2, default=str) if as_json else repr(cv))
     return 1 if any(run.status == "failed" for run in cv.runs) else 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    """Run (or continue: the study is in its folder) a sweep; several processes given the same config and a
+    shared `storage:` run its trials together. Status 1 when no trial finished."""
+    from nbtune.config import RunConfig
+
+    config = RunConfig.parse(Path(args.config), **parse_overrides(args.overrides))  # fail fast, before imports
+    if config.sweep is None:
+        raise ConfigError("`nbtune sweep` needs a `sweep:` block in the config, e.g. sweep: {r: [4, 8, 16]}; "
+                          "`nbtune run` trains a single run.", field="sweep")
+    from nbtune.engine.workbench import finetune
+
+    sweep = finetune(config)
+    if args.json:
+        print(json.dumps(sweep.to_dict(), indent=2, default=str))
+    else:
+        print(repr(sweep))
+        if sweep.best is not None:
+            print(f"\nthe best config:\n{sweep.to_cell()}")
+    return 0 if sweep.best is not None else 1
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
 """The evaluation keys of a `RunConfig`, checked with their fixes before any data is read: `metric` (names,
-'module:function' paths, functions), `cv` / `cv_fold`, `sample_prompts`."""
+'module:function' paths, functions), `cv` / `cv_fold`, `sample_prompts`, and a `sweep` block (which
+compares trials by what they evaluate; nbtune/engine/sweep_space.py)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def metric_text(spec: Any) -> Any:
 
 
 def check_evaluation_keys(config: RunConfig) -> None:
-    """cv, cv_fold and sample_prompts, each refused with its fix before any data is read."""
+    """cv, cv_fold, sample_prompts and sweep, each refused with its fix before any data is read."""
     if config.cv == 1:
         raise ConfigError("`cv: 1` is no cross-validation: it takes 2 or more folds (e.g. cv: 5), or 0 for off.",
                           field="cv")
@@ -55,3 +56,7 @@ def check_evaluation_keys(config: RunConfig) -> None:
                 as_messages(prompt)
             except NbtuneError as exc:
                 raise ConfigError(f"`sample_prompts`: {exc}", field="sample_prompts") from None
+    if config.sweep is not None:
+        from nbtune.engine.sweep_space import check_sweep_spec  # the method's options: read from its registration
+
+        check_sweep_spec(config.sweep, config)

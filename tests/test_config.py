@@ -240,7 +240,7 @@ BAD = [
      "lr_scheduler"),
     ("init-typo", {"init": "pisa"}, ConfigError, ["`init`", "Did you mean `pissa`?"], "init"),
     ("name-dotdot", {"name": "../x"}, ConfigError, ["`name`", "'../x'"], "name"),
-    ("name-slash", {"name": "a/b"}, ConfigError, ["`name`", "'a/b'"], "name"),
+    ("name-slash", {"name": "a/b/c"}, ConfigError, ["`name`", "'a/b/c'"], "name"),
     ("name-empty", {"name": ""}, ConfigError, ["`name`"], "name"),
     ("name-blank", {"name": "   "}, ConfigError, ["`name`"], "name"),
     ("name-dot-first", {"name": ".hidden"}, ConfigError, ["`name`"], "name"),

@@ -32,6 +32,7 @@ from nbtune.methods import get_method
 
 if TYPE_CHECKING:
     from nbtune.engine.crossval import CrossValidation
+    from nbtune.engine.sweep import Sweep
 
 
 class Runs(dict):
@@ -97,18 +98,22 @@ class Workbench:
 
     def finetune(self, config: RunConfig | dict[str, Any] | str | None = None, *, base: Any = None,
                  observers: Any = (), progress: bool = False, background: bool = False,
-                 on_ready: Callable[[Run], None] | None = None, resume_from: str | Path | None = None,
-                 **overrides: Any) -> Run | CrossValidation:
+                 on_ready: Callable[[Any], None] | None = None, resume_from: str | Path | None = None,
+                 **overrides: Any) -> Run | CrossValidation | Sweep:
         """Train a run on a view of the cached base (or on `base`, a (model, tokenizer) the caller loaded);
         a run of the same name is replaced, never stacked. See `nbtune.finetune` for the arguments.
 
         `on_ready(run)` is called once the config and data passed their checks, before any weight moves
         (the notebook shows its panel then, so a typo never leaves an empty panel behind). A config with
         `cv` and no `cv_fold` is a cross-validation: one run per fold (engine/crossval.py), `on_ready`
-        called for each.
+        called for each. A config with `sweep` is a hyperparameter search: one run per trial
+        (engine/sweep.py), `on_ready(sweep)` called once, before any trial.
         """
         self._refuse_while_training()
         config = RunConfig.parse(config, **overrides)  # parsed once: an unnamed run keeps the name it gets here
+        if config.sweep is not None:
+            return self._sweep(config, base=base, observers=observers, progress=progress, background=background,
+                               on_ready=on_ready, resume_from=resume_from)
         if config.cv and config.cv_fold is None:
             from nbtune.engine.crossval import cross_validate
 
@@ -123,6 +128,15 @@ class Workbench:
             return self._train(run, old, base, resume_from)
         self._threads[run.name] = in_background(run, lambda: self._train(run, old, base, resume_from))
         return run
+
+    def _sweep(self, config: RunConfig, *, resume_from: str | Path | None, **how: Any) -> Sweep:
+        from nbtune.engine.sweep import run_sweep
+        from nbtune.errors import ConfigError
+
+        if resume_from is not None:
+            raise ConfigError("`resume_from` continues one run; a sweep continues by itself: run the same config "
+                              "again, or sweep.resume().", field="sweep")
+        return run_sweep(config, bench=self, **how)
 
     def _train(self, run: Run, old: Run | None, base: Any = None, resume_from: str | Path | None = None) -> Run:
         """Train `run`. The earlier run of its name is let go once the new one has trained a step; until
@@ -165,7 +179,11 @@ class Workbench:
         return run
 
     def _refuse_while_training(self) -> None:
-        busy = [n for n, t in self._threads.items() if t.is_alive()]
+        # A background sweep's thread trains its own trials through this workbench: not refused.
+        busy = [n for n, t in self._threads.items() if t.is_alive() and t is not threading.current_thread()]
+        if busy and self._threads[busy[0]].name.startswith("nbtune-sweep-"):  # engine/sweep.py names it so
+            raise NbtuneError(f"sweep {busy[0]!r} is still running in the background; stop it (sweep.stop()) or "
+                              "wait for it (sweep.wait()) first.")
         if busy:
             raise NbtuneError(f"run {busy[0]!r} is still training in the background; stop it "
                               f"(nbtune.runs[{busy[0]!r}].stop()) or wait for it (.wait()) first.")
@@ -184,7 +202,7 @@ use_cached_bases(lambda config: WORKBENCH.base(config))
 
 def finetune(config: RunConfig | dict[str, Any] | str | None = None, *, base: Any = None, observers: Any = (),
              progress: bool = False, background: bool = False, resume_from: str | Path | None = None,
-             **overrides: Any) -> Run | CrossValidation:
+             **overrides: Any) -> Run | CrossValidation | Sweep:
     """Fine-tune a model as `config` says (a RunConfig, dict, YAML text or file; keyword overrides win).
 
     The run joins `nbtune.runs` (replacing one of the same name) and trains on a view of the base this
@@ -197,7 +215,8 @@ def finetune(config: RunConfig | dict[str, Any] | str | None = None, *, base: An
     keeps the stopped run in `nbtune.runs` and raises `RunInterrupted`, a KeyboardInterrupt.
     With `cv: k` (and no `cv_fold`) it cross-validates: k runs `<name>-fold<i>`, each evaluated on one fold
     of `data`, on the one cached base; returns a `CrossValidation` (each fold, mean +- std of every metric;
-    see nbtune/engine/crossval.py).
+    see nbtune/engine/crossval.py). With `sweep: {...}` it searches hyperparameters: one run per trial,
+    `<name>/<number>`, on the one cached base; returns a `Sweep` (see nbtune/engine/sweep.py).
     """
     return WORKBENCH.finetune(config, base=base, observers=observers, progress=progress, background=background,
                               resume_from=resume_from, **overrides)

@@ -74,6 +74,8 @@ class Finetune(Magics):
             if args.dry_run:
                 return self._dry_run(config)
             background, panel = args.background or self.background, self.panel and not args.no_panel
+            if config.get("sweep") is not None:  # a hyperparameter search (run again: it continues its study)
+                return self._sweep(config, panel=panel, background=background)
             if args.resume and (cell or "").strip():  # e.g. after a kernel restart: from its checkpoints
                 return self._train(config, background=background, panel=panel, resume_from="latest")
             if args.resume:
@@ -165,6 +167,17 @@ class Finetune(Magics):
 
         return WORKBENCH.finetune(config, on_ready=watch, background=background)
 
+    def _sweep(self, config: dict[str, Any], *, panel: bool, background: bool) -> Any:
+        """The sweep's live panel (trials table, best so far, objective by parameter, the running trial's loss;
+        Stop for a background sweep) shown once the block passed its checks; without one, a bar per trial."""
+        from nbtune.engine.events import ProgressObserver
+        from nbtune.engine.workbench import WORKBENCH
+
+        view = _sweep_panel(background, self.log_scale) if panel else None
+        if view is None:
+            return WORKBENCH.finetune(config, observers=[ProgressObserver()], background=background)
+        return WORKBENCH.finetune(config, observers=[view], background=background, on_ready=lambda sweep: view.show())
+
     def _resume(self, name: str | None, *, background: bool, panel: bool) -> Any:
         from nbtune.engine.workbench import WORKBENCH
 
@@ -209,6 +222,17 @@ def _live_panel(background: bool, log_scale: bool) -> Any:
     except ImportError:  # no ipywidgets: the text progress bar it is
         return None
     return LivePanel(interactive_stop=background, log_scale=log_scale)
+
+
+def _sweep_panel(background: bool, log_scale: bool) -> Any:
+    """The sweep panel when a frontend can show widgets; None in a terminal or plain shell."""
+    try:
+        if not _in_a_notebook():
+            return None
+        from nbtune.widgets.sweep_panel import SweepPanel
+    except ImportError:
+        return None
+    return SweepPanel(interactive_stop=background, log_scale=log_scale)
 
 
 def _name_the_layer_of_a_bad_key(config: dict[str, Any], explicit: dict[str, Any],
