@@ -1,0 +1,113 @@
+"""Benchmark: a sweep of 8 LoRA trials on the demo task in one kernel (one cached base, a view per trial) vs
+the same 8 configs as 8 fresh `nbtune run` processes; and what the median pruner saves.
+
+    python bench/sweep.py [--steps 10] [--trials 8]
+
+Reported: wall time of each way and their ratio (target <= 0.6), the in-kernel sweep's peak RSS against
+one fresh run's (target <= 1.3x; the fresh processes' peak is the largest of them, each measured by the
+kernel as its child's VmHWM), and, for a TPE sweep of the same size with `pruner: median` vs `pruner: none`
+(seeded alike, eval every 2 steps), optimizer steps trained in all, wall time, and the best eval loss found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import report, run_child, versions, vmhwm_mb, write_result
+
+LRS = (5e-4, 1e-3, 2e-3, 4e-3)
+RANKS = (4, 8)
+BASE = {"method": "lora", "data": "demo", "batch_size": 4, "metric": "none", "save": False,
+        "gradient_checkpointing": True}
+
+
+def in_kernel(steps: int, trials: int, folder: Path) -> dict[str, float]:
+    """The grid as one sweep, in a fresh child process (its own peak RSS)."""
+    return run_child(__file__, ["--child", "grid", "--steps", str(steps), "--trials", str(trials),
+                                "--folder", str(folder)])
+
+
+def fresh_processes(steps: int, trials: int, folder: Path) -> dict[str, float]:
+    """The same configs, one `nbtune run` process each, one after another."""
+    started = time.perf_counter()
+    peaks = []
+    for i, (lr, r) in enumerate(itertools.islice(itertools.product(LRS, RANKS), trials)):
+        config = folder / f"trial{i}.json"
+        config.write_text(json.dumps({**BASE, "name": f"fresh{i}", "steps": steps, "lr": lr, "r": r}))
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        done = subprocess.run([sys.executable, "-m", "nbtune", "run", str(config), "--json"], capture_output=True,
+                              text=True, cwd=folder, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr[-3000:])
+        # RUSAGE_CHILDREN's maxrss is the largest child so far: the runs are alike, so this is one run's peak
+        peaks.append(max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024)
+    return {"wall_s": round(time.perf_counter() - started, 1), "peak_rss_mb": round(max(peaks), 1)}
+
+
+def child(kind: str, steps: int, trials: int, folder: Path) -> None:
+    import warnings
+
+    import nbtune
+
+    warnings.simplefilter("ignore")
+    os.chdir(folder)
+    if kind == "grid":
+        space = {"lr": list(LRS), "r": list(RANKS), "trials": trials, "sampler": "grid",
+                 "objective": {"eval_loss": "min"}}
+    else:  # the pruner comparison: TPE over the same ranges, with or without the median pruner
+        space = {"lr": {"log_uniform": [LRS[0], LRS[-1]]}, "r": list(RANKS), "trials": trials, "sampler": "tpe",
+                 "objective": {"eval_loss": "min"}, "pruner": kind}
+    started = time.perf_counter()
+    sweep = nbtune.finetune({**BASE, "name": f"sweep-{kind}", "steps": steps, "eval_steps": 2, "sweep": space})
+    wall = time.perf_counter() - started
+    records = sweep.records
+    report({"wall_s": round(wall, 1), "peak_rss_mb": round(vmhwm_mb(), 1),
+            "steps_trained": sum(r["steps"] for r in records), "best": sweep.best["value"],
+            "statuses": [r["status"] for r in records]})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--child")
+    parser.add_argument("--folder")
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.steps, args.trials, Path(args.folder))
+        return
+    with tempfile.TemporaryDirectory(prefix="nbtune-bench-sweep-") as tmp:
+        folder = Path(tmp)
+        sweep = in_kernel(args.steps, args.trials, folder)
+        fresh = fresh_processes(args.steps, args.trials, folder)
+        pruned = run_child(__file__, ["--child", "median", "--steps", str(args.steps), "--trials",
+                                      str(args.trials), "--folder", str(folder)])
+        unpruned = run_child(__file__, ["--child", "none", "--steps", str(args.steps), "--trials",
+                                        str(args.trials), "--folder", str(folder)])
+    result = {"steps": args.steps, "trials": args.trials, "sweep": sweep, "fresh_processes": fresh,
+              "wall_ratio": round(sweep["wall_s"] / fresh["wall_s"], 3),
+              "peak_rss_ratio": round(sweep["peak_rss_mb"] / fresh["peak_rss_mb"], 3),
+              "pruner": {"median": pruned, "none": unpruned,
+                         "steps_ratio": round(pruned["steps_trained"] / unpruned["steps_trained"], 3),
+                         "wall_ratio": round(pruned["wall_s"] / unpruned["wall_s"], 3)},
+              "versions": versions("optuna")}
+    print(f"{args.trials} trials: one kernel {sweep['wall_s']} s, peak {sweep['peak_rss_mb']} MB; "
+          f"{args.trials} processes {fresh['wall_s']} s, one run's peak {fresh['peak_rss_mb']} MB; "
+          f"wall ratio {result['wall_ratio']}, peak RSS ratio {result['peak_rss_ratio']}")
+    print(f"median pruner: {pruned['steps_trained']} steps, {pruned['wall_s']} s, best {pruned['best']:.4f} "
+          f"({pruned['statuses']}); none: {unpruned['steps_trained']} steps, {unpruned['wall_s']} s, best "
+          f"{unpruned['best']:.4f}")
+    write_result("sweep", result)
+
+
+if __name__ == "__main__":
+    main()
