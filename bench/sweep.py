@@ -6,7 +6,8 @@ the same 8 configs as 8 fresh `nbtune run` processes; and what the median pruner
 Reported: wall time of each way and their ratio (target <= 0.6), the in-kernel sweep's peak RSS against
 one fresh run's (target <= 1.3x; the fresh processes' peak is the largest of them, each measured by the
 kernel as its child's VmHWM), and, for a TPE sweep of the same size with `pruner: median` vs `pruner: none`
-(seeded alike, eval every 2 steps), optimizer steps trained in all, wall time, and the best eval loss found.
+(seeded alike, evaluating at half and full steps), optimizer steps trained in all, wall time, and the best
+eval loss found.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import argparse
 import itertools
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -43,13 +43,16 @@ def fresh_processes(steps: int, trials: int, folder: Path) -> dict[str, float]:
     for i, (lr, r) in enumerate(itertools.islice(itertools.product(LRS, RANKS), trials)):
         config = folder / f"trial{i}.json"
         config.write_text(json.dumps({**BASE, "name": f"fresh{i}", "steps": steps, "lr": lr, "r": r}))
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        done = subprocess.run([sys.executable, "-m", "nbtune", "run", str(config), "--json"], capture_output=True,
+        # `nbtune run` itself, in a fresh interpreter that reports its own peak (VmHWM) when it ends: the
+        # largest-child figure of RUSAGE_CHILDREN would include the one-kernel sweep run before.
+        code = ("import sys; from nbtune.cli import main; rc = main(sys.argv[1:]); "
+                "print('PEAK_KB', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]); "
+                "sys.exit(rc)")
+        done = subprocess.run([sys.executable, "-c", code, "run", str(config), "--json"], capture_output=True,
                               text=True, cwd=folder, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if done.returncode != 0:
             raise RuntimeError(done.stderr[-3000:])
-        # RUSAGE_CHILDREN's maxrss is the largest child so far: the runs are alike, so this is one run's peak
-        peaks.append(max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024)
+        peaks.append(int(done.stdout.rsplit("PEAK_KB", 1)[1].strip().strip("[]'")) / 1024)
     return {"wall_s": round(time.perf_counter() - started, 1), "peak_rss_mb": round(max(peaks), 1)}
 
 
@@ -66,8 +69,11 @@ def child(kind: str, steps: int, trials: int, folder: Path) -> None:
     else:  # the pruner comparison: TPE over the same ranges, with or without the median pruner
         space = {"lr": {"log_uniform": [LRS[0], LRS[-1]]}, "r": list(RANKS), "trials": trials, "sampler": "tpe",
                  "objective": {"eval_loss": "min"}, "pruner": kind}
+    # The grid evaluates once at the end, as the fresh runs do; the pruner needs eval points: two per trial.
+    eval_steps = 0 if kind == "grid" else max(1, steps // 2)
     started = time.perf_counter()
-    sweep = nbtune.finetune({**BASE, "name": f"sweep-{kind}", "steps": steps, "eval_steps": 2, "sweep": space})
+    sweep = nbtune.finetune({**BASE, "name": f"sweep-{kind}", "steps": steps, "eval_steps": eval_steps,
+                             "sweep": space})
     wall = time.perf_counter() - started
     records = sweep.records
     report({"wall_s": round(wall, 1), "peak_rss_mb": round(vmhwm_mb(), 1),
@@ -87,10 +93,14 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="nbtune-bench-sweep-") as tmp:
         folder = Path(tmp)
+        # Each phase is printed when it ends: a run cut short by a timeout still says what it measured.
         sweep = in_kernel(args.steps, args.trials, folder)
+        print(f"one kernel: {sweep}", flush=True)
         fresh = fresh_processes(args.steps, args.trials, folder)
+        print(f"fresh processes: {fresh}", flush=True)
         pruned = run_child(__file__, ["--child", "median", "--steps", str(args.steps), "--trials",
                                       str(args.trials), "--folder", str(folder)])
+        print(f"median pruner: {pruned}", flush=True)
         unpruned = run_child(__file__, ["--child", "none", "--steps", str(args.steps), "--trials",
                                         str(args.trials), "--folder", str(folder)])
     result = {"steps": args.steps, "trials": args.trials, "sweep": sweep, "fresh_processes": fresh,

@@ -352,3 +352,34 @@ def test_jupyterlab_shows_the_preview_sample_answers_and_the_predictions_table(p
             not in transparent
         table.scroll_into_view_if_needed()
         shot(page, "lab-evaluation")
+
+
+def test_jupyterlab_sweep_panel_shows_trials_stops_and_leaves_a_snapshot(page, jupyter, tiny_model_dir):
+    """A `--background` sweep's panel: the running trial's loss chart gains points, the trials table fills,
+    Stop ends the sweep after the current step, and a static snapshot with the table replaces the widget."""
+    from playwright.sync_api import expect
+
+    sweep = (f"%%finetune sw --background\nmodel: {tiny_model_dir}\ndata: train.jsonl\neval_split: 0.25\n"
+             f"steps: 60\nbatch_size: 2\nmetric: none\nsave: false\n"
+             "sweep:\n  lr: [0.001, 0.002, 0.003, 0.004]\n  trials: 4")
+    name = write_notebook(jupyter, "lab-sweep.ipynb", ["%load_ext nbtune", sweep, "print(1+1)"])
+    with jupyter.explained(page, "lab-sweep"):
+        open_notebook(page, jupyter, jupyter.url(f"lab/tree/{name}", "reset"), name, timeout=LONG)
+        run_cell(page, 0)
+        wait_executed(page, 0)
+        target = cell(page, 1)
+        run_cell(page, 1)
+        stop = target.locator("button.widget-button", has_text="Stop")
+        expect(stop).to_be_visible(timeout=LONG)
+        no_widget_errors(page)
+        wait_for_points(page, 1, 3)  # the running trial's loss chart
+        expect(target.locator(".nbtune-trials").first).to_contain_text("running", timeout=LONG)
+        shot(page, "lab-sweep-running")
+        stop.click()
+        snapshot = target.locator(".nbtune-sweep-snapshot")
+        expect(snapshot).to_be_visible(timeout=LONG)
+        expect(snapshot).to_contain_text("stopped")
+        assert target.locator(".widget-button").count() == 0  # the live widget is gone, the snapshot stays
+        run_cell(page, 2)  # the kernel still answers
+        expect(cell(page, 2)).to_contain_text("2", timeout=LONG)
+        shot(page, "lab-sweep-stopped")

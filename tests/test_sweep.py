@@ -131,6 +131,7 @@ def test_a_grid_runs_each_point_as_a_trial_on_one_loaded_base(sweep_of, loads):
     first, _, text = cell.partition("\n")
     assert first == "%%finetune s-best" and "sweep" not in text
     again = RunConfig.parse(text)
+    assert "max_grad_norm" not in text and "seed" not in text  # only what this config chose
     assert (again.options["r"], again.lr, again.steps) == (best["params"]["r"], best["params"]["lr"], 2)
     assert "best" in repr(sweep) and "s/" not in repr(sweep).splitlines()[0]
     assert "nbtune-sweep-snapshot" in sweep._repr_html_() and "★" in sweep._repr_html_()

@@ -117,7 +117,8 @@ class Sweep:
         if best is None:
             raise NbtuneError(f"sweep {self.name!r} has no finished trial yet; run it (sweep.resume()) first.")
         config = self.config_for(best["params"], f"{self.name}-best", pruning=False)
-        return f"%%finetune {config.name}\n{config.to_text(omit=('derived', 'name'))}"
+        # settings at their defaults left out: the cell says what this config chose, as a person would write it
+        return f"%%finetune {config.name}\n{config.to_text(omit=('derived', 'name', 'defaults'))}"
 
     def config_for(self, params: dict[str, Any], suffix: str, *, pruning: bool = True) -> RunConfig:
         """The sweep's config with `params` set: a trial's (suffix: its number) or the best's ("<sweep>-best")."""
@@ -150,7 +151,10 @@ class Sweep:
         table = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip() for line in lines]
         return "\n".join([self.headline(), *(table if self.records else [])])
 
-    def _repr_html_(self) -> str:
+    def _repr_html_(self) -> str | None:
+        """The static snapshot once it ended; while a background sweep runs, its text (the live panel shows it)."""
+        if self.status == "running":
+            return None
         from nbtune.widgets.sweep_render import sweep_snapshot_html  # the engine never imports display code at load
 
         return sweep_snapshot_html(self)
