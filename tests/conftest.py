@@ -259,3 +259,30 @@ def nbtune_shell(model: Path | str, **user_ns: Any) -> Iterator[Any]:
         finally:
             shell.run_line_magic("unload_ext", "nbtune")
             shell.run_line_magic("config", "Finetune.defaults = {}")
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """How often a base's weights were loaded (the workbench's load_base, counted)."""
+    import nbtune.engine.workbench as wb
+
+    calls = []
+    real = wb.load_base
+
+    def counted(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(wb, "load_base", counted)
+    return calls
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Any load of a base's weights fails the test: for mistakes that must be reported before one."""
+    import nbtune.engine.workbench as wb
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a base was loaded before the mistake was reported")
+
+    monkeypatch.setattr(wb, "load_base", refuse)

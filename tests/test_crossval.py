@@ -18,28 +18,6 @@ from nbtune.errors import ConfigError, DataError, RunInterrupted
 FAST = {"steps": 2, "batch_size": 4, "lr": 1e-2, "metric": "none"}
 
 
-@pytest.fixture
-def loads(monkeypatch):
-    """How often a base's weights were loaded (the workbench's load_base, counted)."""
-    calls = []
-    real = wb.load_base
-
-    def counted(*args, **kwargs):
-        calls.append(args[0])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(wb, "load_base", counted)
-    return calls
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a base was loaded before the mistake was reported")
-
-    monkeypatch.setattr(wb, "load_base", refuse)
-
-
 def prompts(rows):
     return [r["prompt"] for r in rows]
 

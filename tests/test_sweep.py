@@ -25,28 +25,6 @@ FAST = {"steps": 2, "batch_size": 4, "lr": 1e-2, "metric": "none", "eval_split":
 
 
 @pytest.fixture
-def loads(monkeypatch):
-    """How often a base's weights were loaded (the workbench's load_base, counted)."""
-    calls = []
-    real = wb.load_base
-
-    def counted(*args, **kwargs):
-        calls.append(args[0])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(wb, "load_base", counted)
-    return calls
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a base was loaded before the mistake was reported")
-
-    monkeypatch.setattr(wb, "load_base", refuse)
-
-
-@pytest.fixture
 def sweep_of(tiny_model_dir, demo_rows):
     """nbtune.finetune of a sweep on the tiny model: FAST settings, then the test's keys."""
 
