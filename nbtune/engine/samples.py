@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 DEFAULT_PROMPTS = 3  # eval prompts answered when `sample_prompts` is not set
 UNKNOWN_LENGTH = 48  # new tokens per answer when no eval answer says how long answers are
-MARGIN = 4  # new tokens past the longest eval answer: room to see a too-long answer, as run.evaluate allows
 
 
 # ---------------------------------------------------------------- before any weights load
@@ -75,10 +74,10 @@ def sample_prompts_for(config: RunConfig, eval_pairs: Sequence[tuple[Any, str]])
 
 def answer_budget(tokenizer: Any, eval_pairs: Sequence[tuple[Any, str]], scored: int) -> int:
     """max_new_tokens: the longest of the first `scored` eval answers in tokens + 4, else 48."""
+    from nbtune.engine.evaluation import answer_budget as scoring_budget  # the same limit the metrics use
+
     answers = [answer for _, answer in eval_pairs[:scored]]
-    if not answers:
-        return UNKNOWN_LENGTH
-    return max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers) + MARGIN
+    return scoring_budget(tokenizer, answers) if answers else UNKNOWN_LENGTH
 
 
 def record_prompt(prompt: Prompt) -> str | list[dict[str, str]]:
