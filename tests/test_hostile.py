@@ -37,7 +37,7 @@ def test_without_nbtune_workspace_the_same_output_dirs_are_the_users_choice(outp
     assert RunConfig.parse({"output_dir": output_dir}).output_dir == output_dir
 
 
-@pytest.mark.parametrize("name", ["../escape", "/abs", "a/b", "a\\b", "x/../y", ".hidden", ".", "..", "",
+@pytest.mark.parametrize("name", ["../escape", "/abs", "a/b/c", "a/", "/b", "a\\b", "x/../y", ".hidden", ".", "..", "",
                                   "x" * 101])
 def test_run_names_that_would_leave_their_folder_are_refused(name):
     with pytest.raises(nbtune.ConfigError, match="`name`") as info:
@@ -47,6 +47,11 @@ def test_run_names_that_would_leave_their_folder_are_refused(name):
 
 def test_a_run_name_is_one_folder_under_runs():
     assert RunConfig.parse({"name": "my.run-2_b"}).resolved_output_dir == Path("runs", "my.run-2_b")
+
+
+def test_a_sweep_trial_name_is_one_folder_inside_its_sweeps():
+    # A trial's saved config must parse again, so `<sweep>/<trial>` is a name; nothing deeper is.
+    assert RunConfig.parse({"name": "dates/3"}).resolved_output_dir == Path("runs", "dates", "3")
 
 
 def test_a_symlink_out_of_the_workspace_is_refused(workspace, tmp_path_factory):

@@ -296,6 +296,16 @@ def test_a_study_of_another_search_space_is_refused(sweep_of, tiny_model_dir, de
     assert not wb.WORKBENCH.bases and not nbtune.runs
 
 
+def test_a_sweep_named_like_a_saved_run_is_refused_and_the_run_kept(tiny_model_dir, demo_rows, no_loading):
+    # Saving that run again would replace its folder, and with it the sweep's trials and study.
+    Path("runs/s").mkdir(parents=True)
+    Path("runs/s/run.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"holds a saved run named 's'.*give the sweep another name") as info:
+        nbtune.finetune(model=str(tiny_model_dir), data=demo_rows, name="s", **FAST, sweep={"r": [4]})
+    assert info.value.field == "name"
+    assert sorted(p.name for p in Path("runs/s").iterdir()) == ["run.json"]
+
+
 # ------------------------------------------------------------------ trial configs (no training)
 def test_a_trial_of_another_method_keeps_only_the_options_it_has():
     from nbtune.engine.sweep_space import trial_config

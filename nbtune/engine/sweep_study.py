@@ -49,6 +49,9 @@ def storage_url(config: RunConfig, spec: SweepSpec) -> str:
     if spec.storage:
         return spec.storage
     folder = config.resolved_output_dir
+    if (folder / "run.json").is_file():  # saving that run again would replace the folder, trials and study too
+        raise ConfigError(f"{str(folder)!r} holds a saved run named {config.name!r}; a sweep's trials and study "
+                          "go in its folder: give the sweep another name.", field="name")
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{(folder / 'study.db').resolve()}"  # absolute: a background thread's cwd may change
 
