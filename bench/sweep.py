@@ -1,7 +1,7 @@
 """Benchmark: a sweep of 8 LoRA trials on the demo task in one kernel (one cached base, a view per trial) vs
 the same 8 configs as 8 fresh `nbtune run` processes; and what the median pruner saves.
 
-    python bench/sweep.py [--steps 10] [--trials 8]
+    python bench/sweep.py [--steps 3 10] [--trials 8]
 
 Reported: wall time of each way and their ratio (target <= 0.6), the in-kernel sweep's peak RSS against
 one fresh run's (target <= 1.3x; the fresh processes' peak is the largest of them, each measured by the
@@ -83,41 +83,51 @@ def child(kind: str, steps: int, trials: int, folder: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, nargs="+", default=[10],
+                        help="trial length(s); the grid comparison runs at each, the pruner at the longest")
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--child")
     parser.add_argument("--folder")
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.steps, args.trials, Path(args.folder))
+        child(args.child, args.steps[0], args.trials, Path(args.folder))
         return
+    by_steps = []
     with tempfile.TemporaryDirectory(prefix="nbtune-bench-sweep-") as tmp:
         folder = Path(tmp)
         # Each phase is printed when it ends: a run cut short by a timeout still says what it measured.
-        sweep = in_kernel(args.steps, args.trials, folder)
-        print(f"one kernel: {sweep}", flush=True)
-        fresh = fresh_processes(args.steps, args.trials, folder)
-        print(f"fresh processes: {fresh}", flush=True)
-        pruned = run_child(__file__, ["--child", "median", "--steps", str(args.steps), "--trials",
-                                      str(args.trials), "--folder", str(folder)])
+        for steps in args.steps:
+            by_steps.append(grid_against_processes(steps, args.trials, folder / f"steps{steps}"))
+        steps = max(args.steps)
+        pruned = run_child(__file__, ["--child", "median", "--steps", str(steps), "--trials", str(args.trials),
+                                      "--folder", str(folder)])
         print(f"median pruner: {pruned}", flush=True)
-        unpruned = run_child(__file__, ["--child", "none", "--steps", str(args.steps), "--trials",
-                                        str(args.trials), "--folder", str(folder)])
-    result = {"steps": args.steps, "trials": args.trials, "sweep": sweep, "fresh_processes": fresh,
-              "wall_ratio": round(sweep["wall_s"] / fresh["wall_s"], 3),
-              "peak_rss_ratio": round(sweep["peak_rss_mb"] / fresh["peak_rss_mb"], 3),
-              "pruner": {"median": pruned, "none": unpruned,
+        unpruned = run_child(__file__, ["--child", "none", "--steps", str(steps), "--trials", str(args.trials),
+                                        "--folder", str(folder)])
+    result = {"trials": args.trials, "by_steps": by_steps,
+              "pruner": {"steps": steps, "median": pruned, "none": unpruned,
                          "steps_ratio": round(pruned["steps_trained"] / unpruned["steps_trained"], 3),
                          "wall_ratio": round(pruned["wall_s"] / unpruned["wall_s"], 3)},
               "versions": versions("optuna")}
-    print(f"{args.trials} trials: one kernel {sweep['wall_s']} s, peak {sweep['peak_rss_mb']} MB; "
-          f"{args.trials} processes {fresh['wall_s']} s, one run's peak {fresh['peak_rss_mb']} MB; "
-          f"wall ratio {result['wall_ratio']}, peak RSS ratio {result['peak_rss_ratio']}")
     print(f"median pruner: {pruned['steps_trained']} steps, {pruned['wall_s']} s, best {pruned['best']:.4f} "
           f"({pruned['statuses']}); none: {unpruned['steps_trained']} steps, {unpruned['wall_s']} s, best "
           f"{unpruned['best']:.4f}")
     write_result("sweep", result)
 
+
+def grid_against_processes(steps: int, trials: int, folder: Path) -> dict:
+    folder.mkdir()
+    sweep = in_kernel(steps, trials, folder)
+    print(f"{steps} steps, one kernel: {sweep}", flush=True)
+    fresh = fresh_processes(steps, trials, folder)
+    print(f"{steps} steps, fresh processes: {fresh}", flush=True)
+    row = {"steps": steps, "sweep": sweep, "fresh_processes": fresh,
+           "wall_ratio": round(sweep["wall_s"] / fresh["wall_s"], 3),
+           "peak_rss_ratio": round(sweep["peak_rss_mb"] / fresh["peak_rss_mb"], 3)}
+    print(f"{steps} steps, {trials} trials: one kernel {sweep['wall_s']} s, peak {sweep['peak_rss_mb']} MB; "
+          f"{trials} processes {fresh['wall_s']} s, one run's peak {fresh['peak_rss_mb']} MB; wall ratio "
+          f"{row['wall_ratio']}, peak RSS ratio {row['peak_rss_ratio']}", flush=True)
+    return row
 
 if __name__ == "__main__":
     main()
