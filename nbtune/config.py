@@ -23,7 +23,9 @@ from typing import Any
 import yaml
 
 from nbtune.config_evaluation import check_evaluation_keys, check_metric_spec, metric_text
+from nbtune.config_objective import check_objective
 from nbtune.config_text import config_text
+from nbtune.config_trackers import check_trackers
 from nbtune.config_yaml import load_yaml as load_yaml  # re-exported: its old home
 from nbtune.config_yaml import read_yaml
 from nbtune.errors import ConfigError, NbtuneError, did_you_mean
@@ -55,8 +57,18 @@ class RunConfig:
                         "split for data 'demo', else `eval_split` of `data`, else none.")
     eval_split: float = _p(0.0, "float", "Fraction of `data` held out for evaluation when `eval_data` is unset.",
                            min=0.0, max=0.5, max_exclusive=True)
-    format: str = _p("auto", "str", "Data format; 'auto' detects it from the columns.",
-                     choices=("auto", "alpaca", "chat", "prompt_completion", "text"))
+    format: str = _p("auto", "str", "Data format; 'auto' detects it from the columns (preference: prompt, "
+                     "chosen, rejected; unpaired: prompt, completion, label).",
+                     choices=("auto", "alpaca", "chat", "prompt_completion", "text", "preference", "unpaired"))
+    objective: str = _p("sft", "str", "What the run learns from: sft (the answers), or preferences with TRL's "
+                        "trainers: dpo, orpo, simpo (pairs), kto (pairs or labelled single answers).",
+                        choices=("sft", "dpo", "orpo", "simpo", "kto"))
+    beta: float | None = _p(None, "float", "Preference strength (dpo, kto: 0.1; orpo: lambda 0.1; simpo: 2.0).",
+                            min=0.0, min_exclusive=True)
+    loss_type: str | None = _p(None, "str", "TRL's loss variant: dpo sigmoid (default), ipo, hinge, robust, ...; "
+                               "kto kto or apo_zero_unpaired.")
+    precompute_ref: bool = _p(False, "bool", "Compute the reference log-probs of every pair once before training "
+                              "(dpo, kto) instead of once per step; always so for methods that train the base.")
     steps: int | None = _p(None, "int", "Optimizer steps to train for (exclusive with `epochs`).", min=1)
     epochs: float | None = _p(None, "float", "Passes over the data (default 1 when `steps` is unset).",
                               min=0.0, min_exclusive=True)
@@ -367,29 +379,9 @@ def _check_cross_fields(config: RunConfig, method: Any) -> None:
             field="name",
         )
     check_output_dir(config.resolved_output_dir)
-    config.report_to = _trackers(config.report_to)
+    check_objective(config, method)
+    config.report_to = check_trackers(config.report_to)
     config.metric = check_metric_spec(config.metric)
     check_evaluation_keys(config)
     if isinstance(config.data, str) and not config.data.strip():
         raise ConfigError("`data` is empty; give 'demo', a file path or a dataset.", field="data")
-
-
-def _trackers(value: str | list[str]) -> str | list[str]:
-    """`report_to` as the Trainer takes it: 'none', 'all', one tracker's name or a list of them, each a name
-    transformers has an integration for. Whether its package is installed is checked when training starts
-    (engine/trainer.py): a saved run that named a tracker must still open where that package is missing."""
-    names = list(dict.fromkeys(n.lower() for n in ([value] if isinstance(value, str) else value)))
-    if names in ([], ["none"]):
-        return "none"
-    # transformers' integrations table (importing it costs seconds: only for a config that names a tracker)
-    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
-
-    known = [*INTEGRATION_TO_CALLBACK, "all", "none"]
-    for name in names:
-        if name not in known:
-            raise ConfigError(f"`report_to` names {name!r}, which is no tracker transformers reports to."
-                              f"{did_you_mean(name, known)} Trackers: {', '.join(known)}.", field="report_to")
-    if len(names) > 1 and {"all", "none"} & set(names):
-        raise ConfigError("`report_to`: 'all' and 'none' stand alone, not in a list of trackers.", field="report_to")
-    return names[0] if len(names) == 1 else names
-

@@ -5,6 +5,11 @@ Formats and the columns that identify them:
 - alpaca: `instruction`, `output`, optional `input` and `system`
 - prompt_completion: `prompt` + `completion` (or `response`, or `question` + `answer`)
 - text: `text`, trained as plain language modelling
+- preference: `chosen` + `rejected` (+ `prompt`), text or chat messages: pairs for dpo / orpo / simpo / kto
+- unpaired: `prompt` + `completion` + `label` (true: desirable): single answers for kto
+
+For the preference formats the messages are the prompt and the chosen (or a desirable) answer: what `sft`
+trains on, and the reference answer the task metrics score against.
 
 Column names match whatever their case (`Question`, `Prompt `): datasets from spreadsheets and the hub
 often capitalise them, and nothing else could be meant.
@@ -27,9 +32,9 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "ass
           "bot": "assistant", "system": "system", "tool": "tool"}
 # Every name a format reads, optional ones (`input`, `system`) included.
 FORMAT_COLUMNS = ("messages", "conversations", "instruction", "input", "output", "system", "prompt", "completion",
-                  "response", "question", "answer", "text")
+                  "response", "question", "answer", "text", "chosen", "rejected", "label")
 KNOWN_COLUMNS = ("messages/conversations | instruction+output | prompt+completion | prompt+response | question+answer"
-                 " | text")
+                 " | text | prompt+chosen+rejected | prompt+completion+label")
 
 
 def canonical_columns(columns: Iterable[Any]) -> dict[str, str]:
@@ -59,7 +64,8 @@ def detect_format(columns: list[str], declared: str = "auto", *, field: str = "d
             )
         return found
     needed = {"chat": ["messages"], "alpaca": ["instruction", "output"], "text": ["text"],
-              "prompt_completion": ["prompt", "completion"]}[declared]
+              "prompt_completion": ["prompt", "completion"], "preference": ["chosen", "rejected"],
+              "unpaired": ["prompt", "completion", "label"]}[declared]
     if declared == "chat" and any(c in columns for c in _CHAT_COLUMNS):
         return declared
     if declared == "prompt_completion" and _pair(columns):
@@ -97,11 +103,24 @@ def to_messages(example: dict[str, Any], fmt: str) -> list[dict[str, str]]:
         messages = [{"role": "system", "content": str(example["system"])}] if example.get("system") else []
         return [*messages, {"role": "user", "content": prompt},
                 {"role": "assistant", "content": _text(example, "output")}]
+    if fmt in ("preference", "unpaired"):
+        answer = "chosen" if fmt == "preference" else "completion"
+        return [*_turns(example, "prompt", "user", required=fmt == "unpaired"), *_turns(example, answer, "assistant")]
     if fmt == "prompt_completion":
         prompt_col, answer_col = _pair(list(example)) or ("prompt", "completion")
         return [{"role": "user", "content": _text(example, prompt_col)},
                 {"role": "assistant", "content": _text(example, answer_col)}]
     raise ValueError(f"format {fmt!r} has no messages")
+
+
+def _turns(example: dict[str, Any], column: str, role: str, *, required: bool = True) -> list[dict[str, str]]:
+    """A preference column as messages: text is one `role` turn, a list is chat messages as they are."""
+    value = example.get(column)
+    if isinstance(value, list) and value:
+        return [_message(m) for m in value]
+    if value is None and not required:
+        return []
+    return [{"role": role, "content": _text(example, column)}]
 
 
 def _text(example: dict[str, Any], column: str) -> str:
@@ -131,6 +150,10 @@ def _message(raw: Any) -> dict[str, str]:
 
 
 def _guess(columns: list[str]) -> str | None:
+    if "chosen" in columns and "rejected" in columns:
+        return "preference"
+    if all(c in columns for c in ("prompt", "completion", "label")):
+        return "unpaired"
     if any(c in columns for c in _CHAT_COLUMNS):
         return "chat"
     if "instruction" in columns and "output" in columns:

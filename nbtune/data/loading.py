@@ -1,8 +1,8 @@
 """Turning whatever the user gives as `data` into a `datasets.Dataset`.
 
-Accepted: 'demo'; a local .jsonl/.json/.csv/.parquet file; a list of dicts; a pandas DataFrame; a
-`datasets.Dataset` (or a DatasetDict, whose 'train' split is used); a hub dataset name when the hub can
-be reached. Failures are `DataError`s naming the config key (`data` or `eval_data`).
+Accepted: 'demo' (and 'demo_pairs', its preference pairs); a local .jsonl/.json/.csv/.parquet file; a list
+of dicts; a pandas DataFrame; a `datasets.Dataset` (or a DatasetDict, whose 'train' split is used); a hub
+dataset name when the hub can be reached. Failures are `DataError`s naming the config key (`data` or `eval_data`).
 
 Columns come out named as the formats expect (`Question` becomes `question`; see `canonical_columns`), and
 a column of a list, a DataFrame or JSON that mixes text with numbers holds them all as text, as a CSV does.
@@ -21,6 +21,14 @@ from nbtune.data.formats import canonical_columns
 from nbtune.errors import DataError
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+DEMOS = ("demo", "demo_pairs")  # the shipped task, as answers and as preference pairs
+
+
+def is_demo(source: Any) -> bool:
+    """Whether `data` names a shipped demo task (which brings its own held-out split)."""
+    return isinstance(source, str) and source in DEMOS
 
 
 def load_records(source: Any, *, field: str = "data", split: str = "train") -> Any:
@@ -66,10 +74,10 @@ def source_key(source: Any) -> str | None:
 def _from_name(text: str, field: str, split: str) -> Any:
     import datasets
 
-    if text == "demo":
-        from nbtune.data.demo import demo_splits
+    if text in DEMOS:
+        from nbtune.data.demo import demo_pair_splits, demo_splits
 
-        train, test = demo_splits()
+        train, test = demo_splits() if text == "demo" else demo_pair_splits()
         return datasets.Dataset.from_list(train if split == "train" else test)
     path = Path(text).expanduser()
     suffix = path.suffix.lower()

@@ -53,6 +53,7 @@ class ExamplePreview:
     length: int  # tokens before padding
     full_length: int  # tokens it would have without `max_length`
     truncated: bool  # `max_length` cut it
+    side: str = ""  # a preference pair's: chosen or rejected (desirable or undesirable for KTO's rows)
 
     @property
     def loss_tokens(self) -> int:
@@ -81,6 +82,7 @@ class BatchPreview:
     pad_to_multiple_of: int | None
     total: int  # training examples after tokenising
     dropped: int = 0  # examples training drops: no answer token left (see tokenize_dataset)
+    objective: str = "sft"  # a preference objective shows pairs, each as its two sequences (preview_pairs.py)
 
     @property
     def df(self) -> Any:
@@ -99,6 +101,10 @@ class BatchPreview:
 
     def header(self) -> str:
         """What is shown and how it was made, in a sentence or three."""
+        if self.objective != "sft":
+            from nbtune.data.preview_pairs import pairs_header
+
+            return pairs_header(self)
         n, size = len(self.examples), self.batch_size
         batches = math.ceil(n / size) if n else 0
         what = (f"first training batch: {n} of its {min(size, self.total)} examples" if batches <= 1 else
@@ -117,7 +123,8 @@ class BatchPreview:
 
     def __str__(self) -> str:
         parts = [self.header(), "[[...]] carries loss (the model learns to predict it)."]
-        parts += [example_text(ex, len(self.examples), self) for ex in self.examples]
+        count = len({ex.position for ex in self.examples})  # a preference pair is two sequences at one place
+        parts += [example_text(ex, count, self) for ex in self.examples]
         return "\n\n".join(parts)
 
     __repr__ = __str__
@@ -140,7 +147,8 @@ def example_text(ex: ExamplePreview, count: int, preview: BatchPreview) -> str:
         out.append(piece)
     if inside:
         out.append("]]")
-    lines = [f"[{ex.position + 1}/{count}] row {ex.row}: {ex.length} tokens, {ex.loss_tokens} carry loss, "
+    side = f" ({ex.side})" if ex.side else ""
+    lines = [f"[{ex.position + 1}/{count}] row {ex.row}{side}: {ex.length} tokens, {ex.loss_tokens} carry loss, "
              f"{ex.padded} padding" + (" - TRUNCATED" if ex.truncated else ""), "".join(out)]
     if ex.padded:
         lines.append(f"  + {ex.padded} x {preview.pad_token!r} padding on the {preview.padding_side} (no loss, "
@@ -177,6 +185,10 @@ def preview_batch(config: RunConfig, tokenizer: Any, n: int = 4, *, records: tup
     else:
         train, fmt = records
     tokenizer = prepare_tokenizer(tokenizer)
+    if config.objective != "sft":
+        from nbtune.data.preview_pairs import preview_pairs
+
+        return preview_pairs(config, tokenizer, n, train, fmt)
     train_set, order, collate, policy = _training_view(config, train, fmt, tokenizer)
     rows = _source_rows(train, train_set, tokenizer, fmt, config)
     shown = order[:n]

@@ -12,7 +12,8 @@ from typing import Any
 
 from nbtune.config import RunConfig
 from nbtune.data.formats import detect_format
-from nbtune.data.loading import load_records, source_key
+from nbtune.data.loading import is_demo, load_records, source_key
+from nbtune.data.preference import check_data_for_objective
 from nbtune.errors import ConfigError, DataError
 
 
@@ -20,18 +21,19 @@ def read_data(config: RunConfig) -> tuple[Any, Any, str]:
     """(train, eval or None, format) as `datasets.Dataset`s, split and format-checked."""
     train = load_records(config.data, field="data", split="train")
     fmt = detect_format(train.column_names, config.format, field="data")
-    is_demo = isinstance(config.data, str) and config.data == "demo"
+    check_data_for_objective(config, fmt, train)
+    demo = is_demo(config.data)
     if config.cv:  # config.py refused eval_data and eval_split beside it
         train, evaluation = fold_split(train, config)
         _check_scorable(config, evaluation, fmt)
         return train, evaluation, fmt
-    if config.eval_split > 0 and (config.eval_data is not None or is_demo):
+    if config.eval_split > 0 and (config.eval_data is not None or demo):
         raise ConfigError("`eval_split` only applies when there is no `eval_data` (the demo task brings its "
                           "own held-out split); remove one of them.", field="eval_split")
     if config.eval_data is not None:
         evaluation = load_records(config.eval_data, field="eval_data", split="test")
         detect_format(evaluation.column_names, fmt, field="eval_data")
-    elif is_demo:
+    elif demo:
         evaluation = load_records("demo", field="data", split="test")
     elif config.eval_split > 0:
         held_out = round(len(train) * config.eval_split)
@@ -44,6 +46,8 @@ def read_data(config: RunConfig) -> tuple[Any, Any, str]:
     else:
         evaluation = None
     _check_scorable(config, evaluation, fmt)
+    if evaluation is not None:
+        check_data_for_objective(config, fmt, evaluation, field="eval_data")
     return train, evaluation, fmt
 
 

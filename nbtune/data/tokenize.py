@@ -150,6 +150,8 @@ def prompts_and_answers(dataset: Any, fmt: str) -> list[tuple[list[dict[str, str
     """(messages before the last answer, the last answer) per example, for generation metrics."""
     pairs = []
     for example in dataset:
+        if fmt == "unpaired" and example.get("label") is not True:
+            continue  # an undesirable answer is no reference to score against
         messages = to_messages(example, fmt)
         if messages and messages[-1]["role"] == "assistant":
             pairs.append((messages[:-1], messages[-1]["content"]))

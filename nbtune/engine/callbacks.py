@@ -13,13 +13,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import TrainerCallback
 
+from nbtune.config_objective import PREFERENCE_KEYS
 from nbtune.engine.memory import cuda_mb
 
 if TYPE_CHECKING:
     from nbtune.engine.memory import PeakSampler
     from nbtune.engine.result import Run
 
-_LOG_KEYS = {"loss": "loss", "learning_rate": "lr", "grad_norm": "grad_norm"}
+# TRL's names -> the record's; preference objectives add rewards, margins, accuracy (config_objective.py)
+_LOG_KEYS = {"loss": "loss", "learning_rate": "lr", "grad_norm": "grad_norm", **PREFERENCE_KEYS}
 
 
 class RunCallback(TrainerCallback):

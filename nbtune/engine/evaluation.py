@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nbtune.data.loading import is_demo
 from nbtune.engine.generation import generate_texts
 from nbtune.engine.metrics import METRICS, Metric, aggregate_scores, generation_metrics, resolve_metrics, score_rows
 from nbtune.engine.predictions import Predictions, metric_columns, write_rows
@@ -32,7 +33,7 @@ def task_metrics(run: Run, *, default_exact_match: bool = False) -> list[Metric]
     """The generation metrics `run.config.metric` names; exact match when none is named and the caller asked
     for an evaluation anyway (`run.evaluate()`)."""
     config = run.config
-    demo = isinstance(config.data, str) and config.data == "demo"
+    demo = is_demo(config.data)
     chosen = generation_metrics(resolve_metrics(config.metric, demo=demo))
     if not chosen and default_exact_match:
         chosen = [METRICS["exact_match"]]
@@ -94,7 +95,7 @@ def check_metrics_on_data(config: Any, evaluation: Any, fmt: str) -> None:
     function that raises on this data is named now, not after training."""
     from nbtune.data import prompts_and_answers
 
-    demo = isinstance(config.data, str) and config.data == "demo"
+    demo = is_demo(config.data)
     chosen = generation_metrics(resolve_metrics(config.metric, demo=demo))
     if not chosen or evaluation is None or fmt == "text" or len(evaluation) == 0:
         return

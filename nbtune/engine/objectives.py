@@ -1,10 +1,10 @@
 """What a run trains for: its objective, the one step where the pipeline picks how examples become tensors
 and which Trainer learns from them.
 
-Today there is one objective, supervised fine-tuning (`sft`): chat-templated examples, labels on the
-answers only, transformers' Trainer with nbtune's answer-only loss. Another objective (preference tuning
-with TRL's trainers, say) is one more class here, registered in `OBJECTIVES`; `engine/run.py` does not
-change. The objective gets the run, the data and the training session's pieces, and returns a Trainer:
+Supervised fine-tuning (`sft`, the default): chat-templated examples, labels on the answers only,
+transformers' Trainer with nbtune's answer-only loss. Preference objectives (dpo, orpo, simpo, kto) are
+engine/preference.py's, on TRL's trainers; `engine/run.py` is the same for all.
+The objective gets the run, the data and the training session's pieces, and returns a Trainer:
 
     >>> objective_for(RunConfig.parse({})).name                    # doctest: +SKIP
     'sft'
@@ -14,6 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+from nbtune.config_objective import PREFERENCE
+from nbtune.engine.preference import PreferenceTuning
 
 if TYPE_CHECKING:
     from nbtune.config import RunConfig
@@ -62,9 +65,10 @@ class SupervisedFineTuning:
         return make_trainer(run, train_set, eval_set, memory, guard=guard, scratch=scratch, shared_stop=shared_stop)
 
 
-OBJECTIVES: dict[str, Objective] = {"sft": SupervisedFineTuning()}
+OBJECTIVES: dict[str, Objective] = {"sft": SupervisedFineTuning(),
+                                    **{name: PreferenceTuning(name) for name in PREFERENCE}}
 
 
 def objective_for(config: RunConfig) -> Objective:
-    """The objective `config` trains for. One exists today; a config key chooses once there are two."""
-    return OBJECTIVES["sft"]
+    """The objective `config` trains for (`objective:`; preference objectives in engine/preference.py)."""
+    return OBJECTIVES[getattr(config, "objective", "sft")]

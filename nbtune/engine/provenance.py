@@ -187,7 +187,7 @@ def data_recheckable(config: RunConfig) -> bool:
     was not saved (run.json names only its type), and a hub name would go to the network."""
 
     def local(source: Any) -> bool:
-        return isinstance(source, str) and (source == "demo" or Path(source).expanduser().is_file())
+        return isinstance(source, str) and (source in ("demo", "demo_pairs") or Path(source).expanduser().is_file())
 
     return local(config.data) and (config.eval_data is None or local(config.eval_data))
 

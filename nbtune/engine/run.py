@@ -174,9 +174,8 @@ def _launch(run: Run, base: Base | tuple[Any, Any] | None, checkpoint: str | Non
     with failure_recorded(run):
         base = as_base(base)
         if base is None:
-            config = run.config
-            base = load_base(config.model, quantization=config.quantization, dtype=config.dtype,
-                             trust_remote_code=config.trust_remote_code)
+            c = run.config
+            base = load_base(c.model, quantization=c.quantization, dtype=c.dtype, trust_remote_code=c.trust_remote_code)
         interrupted = distributed.launch(run, session, base,
                                          train=lambda: train_run(run, base=base, resume_from=checkpoint))
     if run.status != "stopped":
@@ -241,6 +240,7 @@ def _fit(run: Run, session: TrainingSession, memory: PeakSampler, resume_from: s
     session.guard = NonFiniteGuard(run.config.on_nonfinite)
     trainer = objective_for(run.config).trainer(run, train_set, eval_set, memory, guard=session.guard,
                                                 scratch=session.scratch, shared_stop=session.shared_stop)
+    session.datasets = (trainer.train_dataset, trainer.eval_dataset)  # as prepared: TRL's hold reference log-probs
     try:
         return _train_and_evaluate(run, session, trainer, eval_set, resume_from)
     finally:

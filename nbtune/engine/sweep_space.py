@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from nbtune.data.loading import is_demo
 from nbtune.errors import ConfigError, NbtuneError, did_you_mean
 
 if TYPE_CHECKING:
@@ -301,7 +302,7 @@ def _objective(value: Any, config: RunConfig) -> tuple[str, str]:
 
 def has_eval_data(config: RunConfig) -> bool:
     """Whether the trials evaluate on held-out rows (as nbtune/data/splits.py decides)."""
-    demo = isinstance(config.data, str) and config.data == "demo"
+    demo = is_demo(config.data)
     return config.eval_data is not None or config.eval_split > 0 or demo
 
 
@@ -312,7 +313,7 @@ def reported_metrics(config: RunConfig) -> list[str]:
 
     if not has_eval_data(config):
         return ["train_loss"]
-    demo = isinstance(config.data, str) and config.data == "demo"
+    demo = is_demo(config.data)
     named = [m.name for m in resolve_metrics(config.metric, demo=demo)]
     return list(dict.fromkeys(["eval_loss", *named, "train_loss"]))
 

@@ -27,18 +27,29 @@ def make_trainer(run: Run, train_set: Any, eval_set: Any, memory: PeakSampler, *
                  scratch: Path, shared_stop: Any = None) -> Any:
     """The Trainer for `run.model`: `guard` keeps NaN steps out of the weights, `scratch` is where a Stop's
     checkpoint goes, `shared_stop` is the kernel's Stop as every rank of a multi-process run sees it."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
     from nbtune.engine import device
-    from nbtune.engine.callbacks import NEFTuneCallback, RunCallback
     from nbtune.engine.checkpoints import run_trainer_class
-    from nbtune.engine.distributed import StopTogether
 
     config, model, tokenizer = run.config, run.model, run.tokenizer
     policy = device.current()
     args = training_arguments(run, policy, periodic_eval=bool(config.eval_steps and eval_set is not None),
                               scratch=scratch)
     collator = make_collator(tokenizer, policy)
+    callbacks = run_callbacks(run, memory, guard, shared_stop, args.world_size)
+    optimizer = run.method.make_optimizer(model, args, run.context) if run.method.make_optimizer else None
+    trainer = run_trainer_class()(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                                  processing_class=tokenizer, data_collator=collator, callbacks=callbacks,
+                                  optimizers=(optimizer, None), labels_only=config.logits_on_labels_only)
+    return finish_trainer(trainer, run)
+
+
+def run_callbacks(run: Run, memory: PeakSampler, guard: NonFiniteGuard, shared_stop: Any, world_size: int) -> list:
+    """Every callback a run's Trainer carries, whatever its objective: history and events (RunCallback), the
+    method's own, NEFTune, the divergence guard, sample answers, and the shared Stop of several processes."""
+    from nbtune.engine.callbacks import NEFTuneCallback, RunCallback
+    from nbtune.engine.distributed import StopTogether
+
+    config = run.config
     extra = run.method.make_callbacks(run.context, run.total_steps) if run.method.make_callbacks else []
     if config.neftune_alpha:
         extra.append(NEFTuneCallback(config.neftune_alpha))
@@ -48,13 +59,16 @@ def make_trainer(run: Run, train_set: Any, eval_set: Any, memory: PeakSampler, *
         from nbtune.engine.samples import SampleCallback
 
         extra.append(SampleCallback(run, config.sample_every, leave_out=recorder.leave_out))
-    optimizer = run.method.make_optimizer(model, args, run.context) if run.method.make_optimizer else None
     # Before RunCallback, so that every rank stops at the same step.
-    first = [StopTogether(run, shared_stop)] if args.world_size > 1 else []
-    trainer = run_trainer_class()(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                                  processing_class=tokenizer, data_collator=collator,
-                                  callbacks=[*first, recorder, *extra], optimizers=(optimizer, None),
-                                  labels_only=config.logits_on_labels_only)
+    first = [StopTogether(run, shared_stop)] if world_size > 1 else []
+    return [*first, recorder, *extra]
+
+
+def finish_trainer(trainer: Any, run: Run) -> Any:
+    """Checkpoint settings, quiet console, trackers pointed: the same for every objective's Trainer."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    config = run.config
     trainer.keep_checkpoints = config.keep_checkpoints
     trainer.checkpoint_extra = {"run": run.name, "method": run.method.name}
     trainer.checkpoint_json = lambda: {"run.json": run.to_dict()}  # config, metrics, history so far
@@ -76,11 +90,16 @@ def training_arguments(run: Run, policy: Any, *, periodic_eval: bool, scratch: P
     """transformers' `TrainingArguments` for `run`, on the device and precision `policy` decided."""
     from transformers import TrainingArguments
 
+    return TrainingArguments(**training_argument_values(run, policy, periodic_eval=periodic_eval, scratch=scratch))
+
+
+def training_argument_values(run: Run, policy: Any, *, periodic_eval: bool, scratch: Path) -> dict[str, Any]:
+    """The `TrainingArguments` fields nbtune sets, as keywords (TRL's configs take them too)."""
     from nbtune.engine.checkpoints import checkpoint_root
 
     config = run.config
     check_trackers_installed(config.report_to)  # one line now, not a traceback from the Trainer's constructor
-    return TrainingArguments(
+    return dict(
         output_dir=str(checkpoint_root(config, scratch)),
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
@@ -196,6 +215,9 @@ def release_from_trainer(trainer: Any) -> None:
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     for module in {id(m): m for m in (model, trainer.model)}.values():
         module.__dict__.pop("_is_accelerate_prepared", None)
+    release = getattr(trainer, "nbtune_release", None)  # an objective's own undoing (engine/preference.py)
+    if release is not None:
+        release()
 
 
 
@@ -243,5 +265,17 @@ class _WithoutLength:
         return self.collator([{k: v for k, v in f.items() if k != "length"} for f in features])
 
 
-__all__ = ["check_trackers_installed", "collect_run_garbage", "expected_steps", "make_collator", "make_trainer",
-           "older_objects_frozen", "release_from_trainer", "tracker_logs_dir", "training_arguments"]
+__all__ = [
+    "check_trackers_installed",
+    "collect_run_garbage",
+    "expected_steps",
+    "finish_trainer",
+    "make_collator",
+    "make_trainer",
+    "older_objects_frozen",
+    "release_from_trainer",
+    "run_callbacks",
+    "tracker_logs_dir",
+    "training_argument_values",
+    "training_arguments",
+]

@@ -125,4 +125,5 @@ register_method(MethodSpec(
     validate=_validate_adalora,
     resumes=False,
     merges=True,
+    second_adapter=False,
 ))

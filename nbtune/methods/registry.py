@@ -128,6 +128,9 @@ class MethodSpec:
     # False: peft checkpoints the method's inference form (prefix tuning's projected prompts, AdaLoRA's
     # pruned ranks), not its training state, so a stopped run cannot resume exactly.
     resumes: Flag = True
+    # False: peft trains one adapter of this kind per model (AdaLoRA), so none can sit beside it; TRL's DPO
+    # and KTO add a frozen copy of the adapter beside it.
+    second_adapter: Flag = True
     saves_as: Format = "peft"  # a key of SAVE_FORMATS
 
     def param(self, name: str) -> Param:
@@ -162,6 +165,10 @@ class MethodSpec:
     def can_merge(self, options: Options) -> bool:
         """True when the added modules fold into plain weights; False too when nothing was added."""
         return self.adds_modules(options) and bool(_ask(self.merges, options))
+
+    def allows_second_adapter(self, options: Options) -> bool:
+        """True when another adapter may be added beside the method's (see `second_adapter`)."""
+        return bool(_ask(self.second_adapter, options))
 
     def can_resume(self, options: Options) -> bool:
         """True when a stopped run can resume exactly from its checkpoint."""

@@ -31,6 +31,7 @@ class LivePanel(NullObserver):
         self.status = w.HTML("<i>starting ...</i>")
         self.chart = w.HTML(render.loss_chart([], []))
         self.memory = w.HTML(render.memory_html({}))
+        self.rewards = w.HTML("")  # a preference run's reward margin and accuracy; empty for sft
         self.samples = w.HTML("")  # empty (no space taken) until the first answers come
         self.progress_bar = w.IntProgress(value=0, min=0, max=1, layout=w.Layout(width="420px"))
         self.progress = w.HTML("")
@@ -38,7 +39,7 @@ class LivePanel(NullObserver):
                                     tooltip="End training after the current step; the adapter is kept.")
         hint = w.HTML("<small>to stop: interrupt the kernel (■ or I,I); the run keeps its adapter</small>")
         controls = self.stop_button if interactive_stop else hint
-        self.widget = w.VBox([self.status, w.HBox([self.chart, self.memory]), self.samples,
+        self.widget = w.VBox([self.status, w.HBox([self.chart, self.rewards, self.memory]), self.samples,
                               w.HBox([self.progress_bar, controls]), self.progress])
         self.renders = 0
         self._last = 0.0
@@ -99,6 +100,7 @@ class LivePanel(NullObserver):
         run = self._run
         self.renders += 1
         self.chart.value = self._chart(run)
+        self.rewards.value = render.rewards_chart(run)
         self.memory.value = render.memory_html(self._memory(record.get("rss_mb")))
         self.progress_bar.value = min(record["step"], self.progress_bar.max)
         self.progress.value = render.progress_line(record["step"], run.total_steps,

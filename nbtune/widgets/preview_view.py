@@ -24,7 +24,8 @@ BOX = "font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:12px;li
 def preview_html(preview: Any) -> str:
     """The whole preview (a `nbtune.data.preview.BatchPreview`): what it shows, a legend, then each example."""
     header = "<br>".join(html.escape(line) for line in preview.header().splitlines())
-    examples = "".join(example_html(ex, len(preview.examples), preview) for ex in preview.examples)
+    count = len({ex.position for ex in preview.examples})  # a preference pair is two sequences at one place
+    examples = "".join(example_html(ex, count, preview) for ex in preview.examples)
     return (f"<div class='nbt-preview' style='{BOX}'><div style='font-family:sans-serif;margin-bottom:6px'>"
             f"{header}</div>{legend_html()}{examples}</div>")
 
@@ -40,7 +41,8 @@ def example_html(ex: Any, count: int, preview: Any) -> str:
     """One example: a summary line and its tokens, each a box with its id and raw string on hover."""
     badge = (f"<span class='nbt-truncated' style='{BADGE}'>TRUNCATED {ex.length}/{ex.full_length}</span>"
              if ex.truncated else "")
-    summary = (f"<b>{ex.position + 1}/{count}</b> row {ex.row} · {ex.length} tokens · {ex.loss_tokens} carry loss"
+    side = f" <b>{html.escape(ex.side)}</b>" if getattr(ex, "side", "") else ""
+    summary = (f"<b>{ex.position + 1}/{count}</b> row {ex.row}{side} · {ex.length} tokens · {ex.loss_tokens} carry loss"
                f" · {ex.padded} padding{badge}")
     tokens = "".join(
         _span(" ".join(_classes(loss, pad, special)), _visible(piece), f"{tid} {token!r}")

@@ -30,8 +30,9 @@ def smooth(values: Sequence[float], weight: float = 0.8) -> list[float]:
 
 def loss_chart(steps: Sequence[float], losses: Sequence[float], eval_steps: Sequence[float] = (),
                eval_losses: Sequence[float] = (), *, log_scale: bool = False, total: int | None = None,
-               empty: str = "waiting for the first step ...") -> str:
-    """SVG of the train loss (raw, faint), its smoothed curve, and eval loss points; `empty` when none."""
+               empty: str = "waiting for the first step ...", label: str = "loss") -> str:
+    """SVG of the train loss (raw, faint), its smoothed curve, and eval loss points; `empty` when none.
+    `label` names another per-step value drawn the same way (a preference run's reward margin)."""
     points = [(s, v) for s, v in zip(steps, losses, strict=True) if _finite(v)]
     evals = [(s, v) for s, v in zip(eval_steps, eval_losses, strict=True) if _finite(v)]
     if not points and not evals:
@@ -67,9 +68,26 @@ def loss_chart(steps: Sequence[float], losses: Sequence[float], eval_steps: Sequ
     labels = (f'<text x="2" y="14" font-size="10">{top:.3g}</text>'
               f'<text x="2" y="{HEIGHT - PAD}" font-size="10">{bottom:.3g}</text>'
               f'<text x="{WIDTH - 8}" y="{HEIGHT - 10}" font-size="10" text-anchor="end">step {x_max}</text>'
-              f'<text x="{PAD}" y="{HEIGHT - 10}" font-size="10">loss{scale}: train (raw, smoothed)'
+              f'<text x="{PAD}" y="{HEIGHT - 10}" font-size="10">{label}{scale}: train (raw, smoothed)'
               f'{", eval" if evals else ""}</text>')
     return _frame("".join(parts) + labels)
+
+
+def rewards_chart(run: Any) -> str:
+    """A preference run's reward margin (chosen minus rejected) per step and at each evaluation, titled with
+    the latest reward accuracy; "" for a run that logs no rewards (sft)."""
+    history = [r for r in run.history if "reward_margin" in r]
+    evals = [e for e in run.eval_history if "eval_rewards/margins" in e]
+    if not history and not evals:
+        return ""
+    accuracy = next((r["reward_accuracy"] for r in reversed(history) if "reward_accuracy" in r), None)
+    evaluated = next((e["eval_rewards/accuracies"] for e in reversed(evals) if "eval_rewards/accuracies" in e), None)
+    title = " · ".join(f"{what} reward accuracy {value:.2f}" for what, value in
+                       (("train", accuracy), ("held-out", evaluated)) if _finite(value))
+    chart = loss_chart([r["step"] for r in history], [r["reward_margin"] for r in history],
+                       [e["step"] for e in evals], [e["eval_rewards/margins"] for e in evals], total=run.total_steps,
+                       label="reward margin (chosen - rejected)")
+    return f"<div><div style='font-size:11px'>{html.escape(title)}</div>{chart}</div>"
 
 
 def _frame(inner: str) -> str:
@@ -193,7 +211,7 @@ def snapshot_html(run: Any, memory: dict[str, Any], log_scale: bool = False) -> 
     reached = run.history[-1]["step"] if run.history else 0
     detail = run.error or f"step {reached}/{run.total_steps}"  # a stopped run shows how far it got
     return (f"<div class='nbtune-snapshot'>{status_html(run.name, run.method.name, run.status, detail)}"
-            f"<div style='display:flex;gap:16px;align-items:flex-start'>{chart}"
+            f"<div style='display:flex;gap:16px;align-items:flex-start'>{chart}{rewards_chart(run)}"
             f"{metrics_table(run.metrics)}{memory_html(memory)}</div>"
             f"{samples_table(samples)}{samples_history(samples)}</div>")
 

@@ -1,0 +1,90 @@
+"""`objective:` what a run learns from, and the settings only preference objectives have.
+
+    sft      the answers (today's supervised fine-tuning; the default)
+    dpo      pairs: raise the chosen answer's likelihood over the rejected one's, against a reference
+             (TRL's DPOTrainer; `loss_type` picks its variant: sigmoid, ipo, hinge, robust, ...)
+    orpo     pairs: the answers' loss plus an odds-ratio penalty on the rejected one; no reference
+    simpo    pairs: length-normalised margin, no reference (TRL's CPOTrainer with loss_type simpo, no NLL term)
+    kto      single answers labelled desirable or not, or pairs split into such answers (TRL's KTOTrainer)
+
+Checked here, before any data is read: a preference setting on an `sft` run, a loss variant the objective
+does not have, a reference option where there is no reference, and combinations TRL would refuse later
+(KTO's KL estimate needs at least two examples per batch).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from nbtune.errors import ConfigError, did_you_mean
+
+if TYPE_CHECKING:
+    from nbtune.config import RunConfig
+
+PAIRWISE = ("dpo", "orpo", "simpo")
+PREFERENCE = (*PAIRWISE, "kto")
+DEFAULT_BETA = {"dpo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0}
+# TRL 1.16's loss variants (dpo_config.py, kto_config.py); ORPO and SimPO have one loss each.
+LOSS_TYPES = {
+    "dpo": ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+            "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm"),
+    "kto": ("kto", "apo_zero_unpaired"),
+}
+WITH_REFERENCE = ("dpo", "kto")
+# TRL's logged names -> the run's: history records per step, and `run.metrics` from the last evaluation
+PREFERENCE_KEYS = {"rewards/accuracies": "reward_accuracy", "rewards/margins": "reward_margin",
+                   "rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected", "kl": "kl",
+                   "nll_loss": "nll_loss", "log_odds_ratio": "log_odds_ratio"}
+
+
+def is_preference(config: Any) -> bool:
+    return getattr(config, "objective", "sft") in PREFERENCE
+
+
+def beta_of(config: RunConfig) -> float:
+    return config.beta if config.beta is not None else DEFAULT_BETA[config.objective]
+
+
+def loss_type_of(config: RunConfig) -> str | None:
+    if config.loss_type is not None:
+        return config.loss_type
+    return LOSS_TYPES[config.objective][0] if config.objective in LOSS_TYPES else None
+
+
+def check_objective(config: RunConfig, method: Any) -> None:
+    """One line naming the setting and the fix for every objective setting that cannot work."""
+    objective = config.objective
+    if objective == "sft":
+        for key, unset in (("beta", None), ("loss_type", None), ("precompute_ref", False)):
+            if getattr(config, key) != unset:
+                raise ConfigError(f"`{key}` is a preference-tuning setting and this run's `objective` is sft; set "
+                                  f"`objective: dpo` (or orpo, simpo, kto), or remove `{key}`.", field=key)
+        return
+    if config.loss_type is not None:
+        allowed = LOSS_TYPES.get(objective)
+        if allowed is None:
+            raise ConfigError(f"`loss_type` does not apply to `objective: {objective}` (it has one loss); remove "
+                              "it, or use `objective: dpo` for its variants.", field="loss_type")
+        if config.loss_type not in allowed:
+            hint = did_you_mean(config.loss_type, allowed)
+            raise ConfigError(f"`loss_type: {config.loss_type}` is no {objective} loss.{hint} {objective} has: "
+                              f"{', '.join(allowed)}.", field="loss_type")
+    if config.precompute_ref and objective not in WITH_REFERENCE:
+        raise ConfigError(f"`precompute_ref` needs a reference model, and `objective: {objective}` has none; "
+                          "remove it.", field="precompute_ref")
+    if config.train_on_prompt:
+        raise ConfigError(f"`train_on_prompt` does not apply to `objective: {objective}`: preference losses "
+                          "score the answers only; remove it.", field="train_on_prompt")
+    if objective in WITH_REFERENCE and not method.allows_second_adapter(config.options):
+        raise ConfigError(f"method {method.name!r} cannot train with `objective: {objective}`: TRL keeps a frozen "
+                          f"copy of the adapter beside it as the reference, and peft allows one {method.name} "
+                          "adapter per model. Use lora (or dora), or `objective: orpo` / `simpo`, which need no "
+                          "reference.", field="objective")
+    kl_estimate = objective == "kto" and loss_type_of(config) == "kto"
+    if kl_estimate and config.batch_size < 2:
+        raise ConfigError("`objective: kto` estimates its KL term from the other answers of a batch, so it needs "
+                          "`batch_size` 2 or more (use grad_accum to keep the effective batch).", field="batch_size")
+
+
+__all__ = ["DEFAULT_BETA", "LOSS_TYPES", "PAIRWISE", "PREFERENCE", "PREFERENCE_KEYS", "WITH_REFERENCE", "beta_of",
+           "check_objective", "is_preference", "loss_type_of"]
