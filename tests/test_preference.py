@@ -223,3 +223,24 @@ def test_sft_on_pairs_learns_the_chosen_answers(llama_base, pairs):
     chosen, rejected = {row["chosen"] for row in pairs}, {row["rejected"] for row in pairs}
     assert run.status == "finished" and len(run.eval_pairs) == 6
     assert all(answer in chosen and answer not in rejected for _, answer in run.eval_pairs)
+
+
+def test_the_preview_shows_each_pair_as_the_trainer_builds_it(llama_base):
+    from nbtune.data.preview import preview_batch
+
+    pairs = demo_pair_splits()[0][:3]
+    preview = preview_batch(RunConfig.parse(data=pairs, objective="dpo"), llama_base[1], n=2)
+    sides = [(ex.position, ex.side) for ex in preview.examples]
+    assert sides == [(0, "chosen"), (0, "rejected"), (1, "chosen"), (1, "rejected")]
+    for ex, answer in zip(preview.examples, [pairs[0]["chosen"], pairs[0]["rejected"]], strict=False):
+        scored = "".join(p for p, loss in zip(ex.pieces, ex.loss, strict=True) if loss)
+        assert scored.startswith(answer) and not any(ex.loss[: ex.length - ex.loss_tokens])  # answers only
+    assert "first 2 preference pairs" in str(preview) and "(rejected)" in str(preview)
+
+
+def test_the_demo_pairs_bring_their_own_held_out_pairs(llama_base):
+    from nbtune.data.splits import read_data
+
+    train, evaluation, fmt = read_data(RunConfig.parse(data="demo_pairs", objective="dpo"))
+    assert fmt == "preference" and (len(train), len(evaluation)) == (512, 64)
+    assert set(evaluation.column_names) == {"prompt", "chosen", "rejected"}

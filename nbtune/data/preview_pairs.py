@@ -71,9 +71,9 @@ def pairs_header(preview: BatchPreview) -> str:
     return "\n".join([
         f"first {pairs} preference {kind} of the training data ({preview.objective}; model {preview.model}, "
         f"max_length {preview.max_length}); the loss scores the answers only.",
-        "Each pair as TRL's trainer builds it: the chat-templated prompt, then the chosen or the rejected answer "
-        f"(its collator pads the shorter with {preview.pad_token!r} on the right). Shown in the data's order; "
-        "training draws the pairs at random with the seed."])
+        f"Each {kind[:-1]} as TRL's trainer builds it: the chat-templated prompt, then the answer (the collator "
+        f"pads the shorter of a pair with {preview.pad_token!r} on the right). Shown in the data's order; training "
+        f"draws them in an order shuffled with seed {preview.seed}."])
 
 
 __all__ = ["pairs_header", "preview_pairs"]

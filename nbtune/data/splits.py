@@ -34,7 +34,7 @@ def read_data(config: RunConfig) -> tuple[Any, Any, str]:
         evaluation = load_records(config.eval_data, field="eval_data", split="test")
         detect_format(evaluation.column_names, fmt, field="eval_data")
     elif demo:
-        evaluation = load_records("demo", field="data", split="test")
+        evaluation = load_records(config.data, field="data", split="test")
     elif config.eval_split > 0:
         held_out = round(len(train) * config.eval_split)
         if held_out < 1 or held_out >= len(train):
