@@ -181,8 +181,11 @@ def unpatched_forward(model: Any) -> None:
 @contextlib.contextmanager
 def quiet_trl() -> Iterator[None]:
     """TRL's warnings that say nothing to an nbtune user: the experimental namespace (ORPO and CPO live
-    there), and the notes on settings nbtune chose deliberately."""
-    with warnings.catch_warnings():
+    there), and the notes on settings nbtune chose deliberately; and no progress bar per `datasets.map` of
+    its tokenising (nbtune's panel shows the run)."""
+    from nbtune.data.loading import quiet_datasets
+
+    with warnings.catch_warnings(), quiet_datasets():
         warnings.filterwarnings("ignore", message=".*trl.experimental.*")
         warnings.filterwarnings("ignore", message=".*remove_unused_columns.*")
         yield

@@ -242,7 +242,9 @@ class Run:
                 "quantization='none')), and merge that.",
                 field="quantization",
             )
-        return self.method.merged(copy.deepcopy(self.model), self.config.options)
+        merged = self.method.merged(copy.deepcopy(self.model), self.config.options)
+        merged.__dict__.pop("_nbtune_trained_by", None)  # a new model no run has trained: a base for the next
+        return merged
 
     def merge_and_export(self, path: str | Path) -> Path:
         """Save a plain model with the adapter merged in (weights, tokenizer) to `path`, loadable anywhere.
