@@ -26,8 +26,14 @@ LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def nbtune_side(steps: int, batch_size: int, checkpointing: bool) -> None:
+def nbtune_side(steps: int, batch_size: int, checkpointing: bool, cpu_fp32_sums: bool = True) -> None:
     import nbtune
+
+    if not cpu_fp32_sums:  # nbtune's CPU numerics policy off, to see what it costs (engine/precision.py)
+        from nbtune.engine import device
+
+        plain = device.with_changes(device.current(), fp32_sums=False, fp32_attention_backward=False)
+        device.current = lambda: plain
 
     run = nbtune.finetune(name="bench-dpo", data="demo_pairs", objective="dpo", method="lora", steps=steps,
                           batch_size=batch_size, lr=5e-5, metric="none", save=False, target_modules=TARGETS,
@@ -106,6 +112,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--demo-steps", type=int, default=20)
     parser.add_argument("--checkpointing", default="off,on", help="gradient checkpointing on both sides: off, on")
+    parser.add_argument("--no-fp32-sums", action="store_true", help="nbtune side only, its CPU fp32 sums off")
     parser.add_argument("--child")
     args = parser.parse_args()
     if args.child:
@@ -113,11 +120,14 @@ def main() -> None:
 
         warnings.simplefilter("ignore")
         on = args.checkpointing == "on"
-        sides = {"nbtune": lambda: nbtune_side(args.steps, args.batch_size, on),
+        sides = {"nbtune": lambda: nbtune_side(args.steps, args.batch_size, on, not args.no_fp32_sums),
                  "trl": lambda: trl_side(args.steps, args.batch_size, on), "demo": lambda: demo_side(args.demo_steps)}
         sides[args.child]()
         return
     common = ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--demo-steps", str(args.demo_steps)]
+    if args.no_fp32_sums:
+        print(run_child(__file__, ["--child", "nbtune", *common, "--no-fp32-sums", "--checkpointing", "off"]))
+        return
     pairs = []
     for checkpointing in args.checkpointing.split(","):
         flags = [*common, "--checkpointing", checkpointing]

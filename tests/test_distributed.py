@@ -399,3 +399,17 @@ def test_lora_with_fsdp_on_two_gpus(tmp_path, tiny_model_dir):  # pragma: no cov
     done = subprocess.run(["bash", "launch/launch.sh"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "ddp-out" / "run.json").read_text())["status"] == "finished"
+
+
+@cpu_processes
+def test_a_dpo_run_trains_in_two_processes_and_its_rewards_come_home(chat_tokenizer):
+    """A preference objective is a config change with several processes too: TRL's trainer on each rank, the
+    reference the base with the adapter off on each, the reward curves relayed from rank 0."""
+    from nbtune.data.demo import demo_pair_splits
+
+    two = nbtune.finetune(data=demo_pair_splits()[0][:16], base=(tiny_llama(chat_tokenizer), chat_tokenizer),
+                          objective="dpo", batch_size=2, num_processes=2, eval_split=0.25, max_length=96,
+                          **{**EXACT, "steps": 3, "save": False})
+    assert two.status == "finished" and two.metrics["processes"] == 2 and len(two.history) == 3
+    assert all("reward_margin" in r for r in two.history) and "reward_accuracy" in two.metrics
+    assert list(two.model.peft_config) == ["default"]

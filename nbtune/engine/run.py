@@ -383,7 +383,7 @@ def _finish(run: Run) -> None:
         "first_loss": losses[0] if losses else None,
         "train_loss": losses[-1] if losses else None,
         "tokens": tokens,
-        "tokens_per_second": round(tokens / train_seconds, 1) if train_seconds else None,
+        "tokens_per_second": round(tokens / train_seconds, 1) if train_seconds and tokens else None,  # None: uncounted
     })
     if not is_main_process():  # the other ranks of a multi-process run: rank 0 evaluates and writes
         run.emit("on_run_end")
