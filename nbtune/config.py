@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from nbtune.config_evaluation import check_evaluation_keys, check_metric_spec, metric_text
-from nbtune.config_objective import check_objective
+from nbtune.config_objective import check_method_for_objective, check_objective
 from nbtune.config_text import config_text
 from nbtune.config_trackers import check_trackers
 from nbtune.config_yaml import load_yaml as load_yaml  # re-exported: its old home
@@ -263,6 +263,7 @@ def _build(raw: dict[str, Any]) -> RunConfig:
     config = RunConfig(**values)
     _check_cross_fields(config, method)
     config.options = method.check_options(option_raw, config)
+    check_method_for_objective(config, method)
     _derive_precision(config, method)
     return config
 

@@ -51,6 +51,23 @@ def loss_type_of(config: RunConfig) -> str | None:
     return LOSS_TYPES[config.objective][0] if config.objective in LOSS_TYPES else None
 
 
+def check_method_for_objective(config: RunConfig, method: Any) -> None:
+    """Methods whose adapter cannot have TRL's frozen reference copy beside it, refused by name (after the
+    method's options are checked: PiSSA is an `init` of lora)."""
+    objective, options = config.objective, config.options
+    if objective not in WITH_REFERENCE:
+        return
+    if not method.allows_second_adapter(options):
+        why = f"peft allows one {method.name} adapter per model"
+    elif method.adds_modules(options) and not method.keeps_base(options):
+        why = "its initialisation rewrites the base weights, and the copy would initialise (and rewrite) again"
+    else:
+        return
+    raise ConfigError(f"method {method.name!r} with these options cannot train with `objective: {objective}`: "
+                      f"TRL keeps a frozen copy of the adapter beside it as the reference, and {why}. Use plain "
+                      "lora (or dora), or `objective: orpo` / `simpo`, which need no reference.", field="objective")
+
+
 def check_objective(config: RunConfig, method: Any) -> None:
     """One line naming the setting and the fix for every objective setting that cannot work."""
     objective = config.objective
@@ -75,11 +92,6 @@ def check_objective(config: RunConfig, method: Any) -> None:
     if config.train_on_prompt:
         raise ConfigError(f"`train_on_prompt` does not apply to `objective: {objective}`: preference losses "
                           "score the answers only; remove it.", field="train_on_prompt")
-    if objective in WITH_REFERENCE and not method.allows_second_adapter(config.options):
-        raise ConfigError(f"method {method.name!r} cannot train with `objective: {objective}`: TRL keeps a frozen "
-                          f"copy of the adapter beside it as the reference, and peft allows one {method.name} "
-                          "adapter per model. Use lora (or dora), or `objective: orpo` / `simpo`, which need no "
-                          "reference.", field="objective")
     kl_estimate = objective == "kto" and loss_type_of(config) == "kto"
     if kl_estimate and config.batch_size < 2:
         raise ConfigError("`objective: kto` estimates its KL term from the other answers of a batch, so it needs "
@@ -87,4 +99,5 @@ def check_objective(config: RunConfig, method: Any) -> None:
 
 
 __all__ = ["DEFAULT_BETA", "LOSS_TYPES", "PAIRWISE", "PREFERENCE", "PREFERENCE_KEYS", "WITH_REFERENCE", "beta_of",
-           "check_objective", "is_preference", "loss_type_of"]
+           "check_method_for_objective", "check_objective", "is_preference",
+           "loss_type_of"]

@@ -168,6 +168,8 @@ def test_sft_then_dpo_on_one_cached_base_and_compare_puts_them_side_by_side(tiny
     assert len(wb.WORKBENCH.bases) == 1 and len(loads) <= 1
     table = nbtune.compare(sft, dpo).df
     assert list(table.index) == ["sft", "dpo"]
+    assert math.isnan(table.loc["sft", "reward_margin"]) and table.loc["dpo", "reward_margin"] == dpo.metrics[
+        "reward_margin"]
     assert dpo.config.objective == "dpo" and sft.config.objective == "sft"
 
 

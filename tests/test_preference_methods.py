@@ -12,6 +12,7 @@ from conftest import tiny_gpt2, tiny_llama, tiny_mixtral
 from test_method_matrix import CASES
 
 import nbtune
+from nbtune.config import RunConfig
 from nbtune.data.demo import demo_pair_splits
 from nbtune.engine.models import load_base
 from nbtune.errors import ConfigError
@@ -34,7 +35,10 @@ def test_dpo_trains_with_every_method_against_the_base(case, chat_tokenizer, pla
     quantization = case.options.get("quantization")
     config = dict(data=PAIRS, method=case.method, objective="dpo", steps=1, batch_size=2, lr=case.lr, metric="none",
                   save=False, max_length=96, **({"quantization": quantization} if quantization else {}), **options)
-    if not get_method(case.method).allows_second_adapter({}):  # AdaLoRA: one adapter per model, said first
+    spec = get_method(case.method)
+    checked = spec.check_options(options, RunConfig.parse(method=case.method))
+    # AdaLoRA (one adapter per model) and PiSSA (its init rewrites the base): refused by name, first
+    if not spec.allows_second_adapter(checked) or (spec.adds_modules(checked) and not spec.keeps_base(checked)):
         with pytest.raises(ConfigError, match=r"cannot train with `objective: dpo`.*objective: orpo"):
             nbtune.finetune(**config)
         config["objective"] = "orpo"  # no reference, no second adapter

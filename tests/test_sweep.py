@@ -425,3 +425,22 @@ def test_the_sweep_panel_follows_a_real_sweep(sweep_of):
     assert "s/1" in panel.trial.value and panel.stop_button.description == "Finished"
     assert math.isfinite(sweep.best["value"]) and panel.snapshot() == sweep._repr_html_()
     assert os.path.isfile("runs/s/study.db")
+
+
+def test_a_process_that_loses_the_race_to_create_the_study_file_opens_it_again(tmp_path, monkeypatch):
+    """Two processes starting one sweep both stamp a new SQLite file's schema version; the second gets an
+    IntegrityError (seen in CI), and must open the file the first made instead of failing."""
+    import optuna
+    import sqlalchemy.exc
+
+    real, calls = optuna.storages.RDBStorage, []
+
+    def racing(url, **kwargs):
+        calls.append(url)
+        if len(calls) == 1:
+            raise sqlalchemy.exc.IntegrityError("INSERT INTO alembic_version", {}, Exception("UNIQUE"))
+        return real(url, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    assert isinstance(sweep_study._storage(url), real) and calls == [url, url]

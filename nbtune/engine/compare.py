@@ -26,6 +26,8 @@ BASE_ROW = "base (reference)"
 _NOT_CONFIG = {"name", "output_dir", "derived"}
 
 
+PREFERENCE_COLUMNS = ("reward_accuracy", "reward_margin")  # engine/preference.py
+
 class Comparison:
     """Several runs side by side; renders as static HTML (survives saving the notebook)."""
 
@@ -43,13 +45,15 @@ class Comparison:
         were scored, the base model's metrics on the same rows (the reference the tuned numbers are read
         against)."""
         metrics = self.metric_names()
+        # a preference run's held-out reward accuracy and margin, where any run has them (sft runs: blank)
+        preference = [k for k in PREFERENCE_COLUMNS if any(r.metrics.get(k) is not None for r in self.runs)]
         rows = [{"run": r.name, "method": r.method.name, "status": r.status,
                  **{k: (adapter_mb(r) if k == "adapter_mb" else r.metrics.get(k)) for k in TABLE_KEYS},
-                 **{k: r.metrics.get(k) for k in metrics}} for r in self.runs]
+                 **{k: r.metrics.get(k) for k in [*preference, *metrics]}} for r in self.runs]
         reference = next((r for r in self.runs if any(r.metrics.get(f"base_{k}") is not None for k in metrics)),
                          None)
         if reference is not None:
-            base = {"run": BASE_ROW, "method": "-", "status": "-", **dict.fromkeys(TABLE_KEYS),
+            base = {"run": BASE_ROW, "method": "-", "status": "-", **dict.fromkeys([*TABLE_KEYS, *preference]),
                     **{k: reference.metrics.get(f"base_{k}") for k in metrics}}
             rows.insert(0, base)
         return rows

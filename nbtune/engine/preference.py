@@ -8,9 +8,10 @@ is watched, stopped, resumed, compared and saved as any run is.
 The reference policy costs no second model (`reference_for`):
 - a peft method that leaves the base as it is: the base itself, the adapter switched off (peft's
   `disable_adapter`, as TRL does it) for every reference forward;
-- a method that trains the base's own weights (full, freeze, bitfit) or rewrites it (PiSSA, OLoRA), an
-  adapter of nbtune's own, or `precompute_ref: true`: the reference log-probs of every pair, computed once
-  before the first step, when the model still computes what the base does (TRL's `precompute_ref_log_probs`).
+- a method that trains the base's own weights (full, freeze, bitfit), an adapter of nbtune's own (Houlsby,
+  Pfeiffer), or `precompute_ref: true`: the reference log-probs of every pair, computed once before the
+  first step, when the model still computes what the base does (TRL's `precompute_ref_log_probs`).
+  (AdaLoRA and PiSSA / OLoRA inits are refused with dpo / kto: nbtune/config_objective.py says why.)
 ORPO and SimPO have no reference.
 
     >>> run = nbtune.finetune(data="demo_pairs", objective="dpo", beta=0.1, steps=40)      # doctest: +SKIP

@@ -62,9 +62,7 @@ def open_study(config: RunConfig, spec: SweepSpec) -> optuna.Study:
     import optuna
 
     url = storage_url(config, spec)
-    # SQLite: wait for a lock another process holds (several processes may share one file) instead of failing.
-    storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}) \
-        if url.startswith("sqlite") else url
+    storage = _storage(url) if url.startswith("sqlite") else url
     study = optuna.create_study(storage=storage, study_name=str(config.name), direction=spec.direction,
                                 pruner=make_pruner(spec, config), load_if_exists=True)
     wanted = json.loads(json.dumps(spec.fingerprint()))  # as the storage gives it back: tuples become lists
@@ -81,6 +79,25 @@ def open_study(config: RunConfig, spec: SweepSpec) -> optuna.Study:
     joined = 0 if spec.sampler == "grid" else len(study.get_trials(deepcopy=False))
     study.sampler = make_sampler(spec, config.seed + joined)
     return study
+
+
+def _storage(url: str, attempts: int = 5) -> Any:
+    """Optuna's storage on a SQLite file that several processes may share: each waits for a lock another
+    holds (`timeout`) instead of failing, and two processes that create the file at the same moment both
+    stamp its schema version; the one that loses that race (an IntegrityError) opens it again, now made."""
+    import time
+
+    import optuna
+    import sqlalchemy.exc
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+        except sqlalchemy.exc.IntegrityError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def make_sampler(spec: SweepSpec, seed: int) -> optuna.samplers.BaseSampler:
