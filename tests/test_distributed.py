@@ -121,8 +121,11 @@ def test_a_stopped_multi_process_run_resumes_on_every_rank_exactly(chat_tokenize
 @cpu_processes
 def test_a_kernel_interrupt_stops_every_rank_at_the_same_step(chat_tokenizer, demo_rows):
     class Interrupt(NullObserver):
+        sent = False
+
         def on_step(self, run, record):
-            if record["step"] == 2:
+            if record["step"] >= 2 and not self.sent:  # from step 2 on: a relayed event may come late or merged
+                self.sent = True
                 signal.raise_signal(signal.SIGINT)  # what the kernel's interrupt does to this thread
 
     # 400 planned steps: the ranks must still be training when rank 0's step-2 event reaches the kernel (40
