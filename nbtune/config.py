@@ -380,7 +380,7 @@ def _check_cross_fields(config: RunConfig, method: Any) -> None:
             field="name",
         )
     check_output_dir(config.resolved_output_dir)
-    check_objective(config, method)
+    check_objective(config)
     config.report_to = check_trackers(config.report_to)
     config.metric = check_metric_spec(config.metric)
     check_evaluation_keys(config)

@@ -68,7 +68,7 @@ def check_method_for_objective(config: RunConfig, method: Any) -> None:
                       "lora (or dora), or `objective: orpo` / `simpo`, which need no reference.", field="objective")
 
 
-def check_objective(config: RunConfig, method: Any) -> None:
+def check_objective(config: RunConfig) -> None:
     """One line naming the setting and the fix for every objective setting that cannot work."""
     objective = config.objective
     if objective == "sft":

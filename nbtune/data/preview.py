@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nbtune.config import RunConfig
+from nbtune.config_objective import is_preference
 from nbtune.data.formats import to_messages
 from nbtune.data.splits import read_data
 from nbtune.data.tokenize import IGNORE_INDEX, answer_spans, encode, prepare_tokenizer
@@ -185,7 +186,7 @@ def preview_batch(config: RunConfig, tokenizer: Any, n: int = 4, *, records: tup
     else:
         train, fmt = records
     tokenizer = prepare_tokenizer(tokenizer)
-    if config.objective != "sft":
+    if is_preference(config):
         from nbtune.data.preview_pairs import preview_pairs
 
         return preview_pairs(config, tokenizer, n, train, fmt)
