@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from nbtune.config import RUN_NAME
-from nbtune.engine.generation import Prompt, _device, _eval_mode, _left_padding, as_messages, check_count
+from nbtune.engine.generation import Prompt, _device, _left_padding, as_messages, check_count, eval_mode
 from nbtune.engine.result import Run
 from nbtune.errors import NbtuneError, did_you_mean
 
@@ -120,7 +120,7 @@ def mixed_generate(stack: Any, tokenizer: Any, prompts: Sequence[Prompt], runs: 
     rows = [(name, text) for name in names for text in texts]
     from nbtune.engine.precision import inference_precision
 
-    with _eval_mode(stack), _left_padding(tokenizer), torch.no_grad(), inference_precision(stack):
+    with eval_mode(stack), _left_padding(tokenizer), torch.no_grad(), inference_precision(stack):
         batch = tokenizer([t for _, t in rows], return_tensors="pt", padding=True, add_special_tokens=False)
         batch = batch.to(_device(stack))
         out = stack.generate(**batch, adapter_names=[n for n, _ in rows], max_new_tokens=max_new_tokens,

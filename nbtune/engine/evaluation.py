@@ -74,6 +74,20 @@ def evaluate_run(run: Run, *, samples: int | None = None, use_adapter: bool = Tr
     return {**result, "samples": len(tuned)}
 
 
+def score_model(run: Run, model: Any, tokenizer: Any, *, samples: int | None = None, desc: str = "answering"
+                ) -> dict[str, Any]:
+    """The run's task metrics (exact match when it names none) for another model's greedy answers to the
+    run's first `samples` eval rows (default `metric_samples`): a model exported and read back, say."""
+    if not run.eval_pairs:
+        raise NbtuneError("this run has no eval data with answers; set `eval_data` or `eval_split`.",
+                          field="eval_data")
+    chosen = task_metrics(run, default_exact_match=True)
+    pairs = run.eval_pairs[: samples or run.config.metric_samples]
+    prompts, references = [p for p, _ in pairs], [a for _, a in pairs]
+    predicted = answers(model, tokenizer, prompts, max_new_tokens=answer_budget(tokenizer, references), desc=desc)
+    return {**aggregate_scores(chosen, predicted, references), "samples": len(predicted)}
+
+
 def score_finished_run(run: Run) -> None:
     """The config's task metrics: generated answers (tuned and base) scored row by row, and perplexity. A
     metric function that fails on some answer costs the scores, never the trained run: it is saved as usual

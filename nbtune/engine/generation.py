@@ -64,7 +64,7 @@ def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[Prompt], *, max
     answers: list[str] = []
     from nbtune.engine.precision import inference_precision
 
-    with _eval_mode(model), _left_padding(tokenizer), torch.no_grad(), inference_precision(model):
+    with eval_mode(model), _left_padding(tokenizer), torch.no_grad(), inference_precision(model):
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
                               add_special_tokens=False).to(_device(model))
@@ -116,7 +116,7 @@ def _device(model: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: Any) -> Iterator[None]:
+def eval_mode(model: Any) -> Iterator[None]:
     was_training = model.training
     model.eval()
     try:

@@ -42,3 +42,18 @@ def full_precision_copy(run: Run) -> Any:
         else:
             run.model.save_pretrained(folder)
         return run.method.load_trained(base.model, Path(folder))
+
+
+def merged_for_export(run: Run) -> Any:
+    """The plain model an export writes: the run's weights when its method trained them in place, else its
+    adapter merged into a copy (into a base reloaded in fp32 when the run's base is quantized or bf16, so
+    the update is not rounded away). Neither the run nor the cached base it may share is changed.
+    `merge_and_export` and the GGUF export both take this path."""
+    run.require_model()
+    if not run.method.adds_modules(run.config.options):
+        return run.model  # full/freeze/bitfit: the weights are already the merged model
+    if run.context.quantized or holds_low_precision(run.model):
+        run.method.check_mergeable(run.config.options)  # before loading a base to merge into
+        check_base_reloadable(run)
+        return run.method.merged(full_precision_copy(run), run.config.options)
+    return run.merge()

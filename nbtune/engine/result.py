@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from nbtune.engine.events import Broadcast
 from nbtune.engine.generation import Prompt, generate_texts
 from nbtune.engine.quiet import no_hf_progress_bars
-from nbtune.engine.saving import atomic_directory, check_target, write_json
+from nbtune.engine.saving import atomic_directory, write_json
 from nbtune.errors import NbtuneError, RunInterrupted
 
 if TYPE_CHECKING:
@@ -247,33 +247,26 @@ class Run:
         return merged
 
     def merge_and_export(self, path: str | Path) -> Path:
-        """Save a plain model with the adapter merged in (weights, tokenizer) to `path`, loadable anywhere.
+        """Save a plain model with the adapter merged in (weights, tokenizer) to `path`, loadable anywhere:
+        `run.export(path)`. A run on a 4-bit, 8-bit or bf16 base is merged into its base loaded afresh in
+        fp32 (dequantise, then merge), since merging into the low-precision weights would round much of the
+        update away."""
+        from nbtune.engine.export import export_safetensors
 
-        A run on a 4-bit, 8-bit or bf16 base is merged into its base loaded afresh in fp32 (dequantise,
-        then merge), since merging into the low-precision weights would round much of the update away.
+        return export_safetensors(self, path)
+
+    def export(self, path: str | Path, *, format: str = "safetensors", quant: str | None = None) -> Any:
+        """Take the model out: the adapter merged into the base (the run and the cached base unchanged).
+
+        `format="safetensors"` writes a transformers model folder (returns its path). `format="gguf"`
+        writes one `.gguf` file for llama.cpp / Ollama / LM Studio (`quant`: "f16" (default), "bf16" or
+        "q8_0"; Llama, SmolLM, Mistral and Qwen2 models) with an Ollama `Modelfile` beside it, after loading
+        it back with transformers and comparing logits and greedy answers with the merged model; returns
+        what that check measured. `path` is a new or empty folder, or an earlier export of the same format.
         """
-        self.require_model()
-        target = Path(path).expanduser()
-        if (target / "run.json").exists():
-            raise NbtuneError(f"{str(path)!r} exists and is a saved run; export the merged model to a new or empty "
-                              "folder (nbtune only replaces an earlier export).", field="path")
-        check_target(target, replaceable="config.json", field="path")  # before a merge that may take a while
-        from nbtune.engine.merging import holds_low_precision
+        from nbtune.engine.export import export_run
 
-        if not self.method.adds_modules(self.config.options):
-            model = self.model  # full/freeze/bitfit: the weights are already the merged model
-        elif self.context.quantized or holds_low_precision(self.model):
-            from nbtune.engine.merging import check_base_reloadable, full_precision_copy
-
-            self.method.check_mergeable(self.config.options)  # before loading a base to merge into
-            check_base_reloadable(self)
-            model = self.method.merged(full_precision_copy(self), self.config.options)
-        else:
-            model = self.merge()
-        with atomic_directory(target, replaceable="config.json", field="path") as tmp, no_hf_progress_bars():
-            model.save_pretrained(str(tmp))
-            self.tokenizer.save_pretrained(str(tmp))
-        return Path(path)
+        return export_run(self, path, format=format, quant=quant)
 
     @property
     def trained_on_a_base_in_memory(self) -> bool:
