@@ -1,6 +1,6 @@
 """The command line: `nbtune run config.yaml [--set key=value ...] [--json] [--resume]`, `nbtune export`,
-`nbtune preview config.yaml [-n N]`, `nbtune sweep config.yaml [--json]`, `nbtune methods`, `nbtune demo`,
-`nbtune fetch`.
+`nbtune export-model RUN_DIR [--gguf QUANT]`, `nbtune preview config.yaml [-n N]`, `nbtune sweep config.yaml
+[--json]`, `nbtune methods`, `nbtune demo`, `nbtune fetch`.
 
 `nbtune run` works unchanged under `accelerate launch` and `torchrun` (every rank trains; rank 0 prints
 and writes).
@@ -78,6 +78,17 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--cpu", action="store_true", help="CPU processes (gloo) instead of GPUs")
     export.add_argument("-o", "--output", default="launch", help="folder to write into")
     export.set_defaults(handler=_cmd_export)
+
+    model = sub.add_parser("export-model", help="merge a saved run into its base and write the model out: a "
+                           "safetensors folder, or one GGUF file (--gguf) with an Ollama Modelfile, checked by "
+                           "loading it back")
+    model.add_argument("run_dir", help="a saved run's folder (its run.json)")
+    model.add_argument("--gguf", nargs="?", const="f16", metavar="QUANT",
+                       help="write GGUF for llama.cpp / Ollama: f16 (default), bf16 or q8_0")
+    model.add_argument("-o", "--output", help="folder to write into (default: RUN_DIR-gguf-QUANT or "
+                                              "RUN_DIR-merged)")
+    model.add_argument("--json", action="store_true", help="print what the GGUF check measured as JSON")
+    model.set_defaults(handler=_cmd_export_model)
 
     preview = sub.add_parser("preview", help="print the first training batch as the model sees it (loss tokens "
                              "in [[...]]), loading only the tokenizer")
@@ -191,6 +202,25 @@ def _cmd_export(args: argparse.Namespace) -> int:
     for path in written.values():
         print(path)
     print(f"run it with: bash {written['script']}")
+    return 0
+
+
+def _cmd_export_model(args: argparse.Namespace) -> int:
+    from nbtune.engine.reopen import load
+
+    folder = Path(args.run_dir)
+    output = args.output or f"{folder}-{'gguf-' + args.gguf if args.gguf else 'merged'}"
+    if args.gguf is not None:
+        from nbtune.engine.gguf_file import check_quant
+
+        check_quant(args.gguf)  # before the run's weights load
+    run = load(folder)
+    if args.gguf is None:
+        print(run.export(output))
+        return 0
+    out = run.export(output, format="gguf", quant=args.gguf)
+    print(json.dumps({"path": str(out.path), "modelfile": str(out.modelfile), "size_bytes": out.size_bytes,
+                      **out.check.to_dict()}, indent=2) if args.json else out)
     return 0
 
 

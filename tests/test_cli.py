@@ -185,6 +185,24 @@ def test_run_end_to_end(tiny_model_dir, demo_rows, capsys):
     assert any(Path("out").glob("adapter_model.*"))
 
 
+def test_export_model_writes_a_checked_gguf_of_a_saved_run(tiny_model_dir, demo_rows, capsys):
+    Path("train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in demo_rows[:16]), encoding="utf-8")
+    Path("cfg.yaml").write_text(f"model: {json.dumps(str(tiny_model_dir))}\ndata: train.jsonl\nsteps: 2\n"
+                                "batch_size: 4\noutput_dir: runs/dates\nname: dates\nmetric: none\n",
+                                encoding="utf-8")
+    assert main(["run", "cfg.yaml"]) == 0
+    capsys.readouterr()
+    assert main(["export-model", "runs/dates", "--gguf", "q8_0", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["ok"] and result["quant"] == "q8_0" and result["same_tokens"]
+    assert Path(result["path"]) == Path("runs/dates-gguf-q8_0/dates-q8_0.gguf") and Path(result["path"]).is_file()
+    assert Path("runs/dates-gguf-q8_0/Modelfile").is_file()
+    assert main(["export-model", "runs/dates"]) == 0  # safetensors: the merged model
+    assert (Path("runs/dates-merged") / "config.json").is_file()
+    assert main(["export-model", "runs/dates", "--gguf", "q4"]) == 2
+    assert "unknown GGUF quantisation 'q4'" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- a real process
 
 
