@@ -128,3 +128,61 @@ def test_a_sentencepiece_style_tokenizer_is_refused_by_name(tmp_path):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
     with pytest.raises(NbtuneError, match=r"sentencepiece-style .* supported: byte-level BPE"):
         gguf_vocab(tokenizer, 4, tmp_path)
+
+
+def test_a_bos_the_tokenizer_adds_itself_is_not_written_twice(chat_tokenizer):
+    from tokenizers import processors
+
+    tokenizer = _with_template(chat_tokenizer, LLAMA3, bos_token="<|begin_of_text|>",
+                               additional_special_tokens=["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
+    written = modelfile("m.gguf", tokenizer, None, 64)
+    assert 'TEMPLATE """{{ if .System }}<|begin_of_text|><|start_header_id|>' in written
+    bos = tokenizer.bos_token_id
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)])
+    assert tokenizer("hi")["input_ids"][0] == bos  # llama.cpp adds it too (add_bos_token in the file)
+    text = modelfile("m.gguf", tokenizer, None, 64)
+    assert 'TEMPLATE """{{ if .System }}<|start_header_id|>system' in text and "<|begin_of_text|>" not in text
+
+
+def test_stop_words_are_written_as_ollama_reads_them(chat_tokenizer):
+    from nbtune.engine.modelfile import _quoted
+
+    assert _quoted("<|im_end|>") == '"<|im_end|>"'
+    assert _quoted('say "x"') == '"""say "x""""'  # Ollama unescapes nothing: no backslashes
+    assert _quoted("a\\b") == '"a\\b"'
+
+
+def test_added_tokens_get_llama_cpps_token_types(chat_tokenizer, tmp_path):
+    import gguf
+
+    from nbtune.engine.gguf_vocab import gguf_vocab
+
+    tokenizer = copy.deepcopy(chat_tokenizer)
+    tokenizer.add_tokens(["<|fim_prefix|>", "<think>"])  # neither marked special
+    vocab = gguf_vocab(tokenizer, len(tokenizer) + 3, tmp_path)
+    kind = dict(zip(vocab.tokens, vocab.token_types, strict=True))
+    assert kind["<|fim_prefix|>"] == gguf.TokenType.CONTROL  # looks special: llama.cpp's converter says so too
+    assert kind["<think>"] == gguf.TokenType.USER_DEFINED
+    assert kind["<|im_end|>"] == gguf.TokenType.CONTROL
+    assert vocab.tokens[-1] == f"[PAD{len(tokenizer) + 2}]" and vocab.token_types[-1] == gguf.TokenType.UNUSED
+    with pytest.raises(NbtuneError, match=r"token ids up to .* embedding has 10 rows"):
+        gguf_vocab(tokenizer, 10, tmp_path)
+
+
+def test_gpt2s_split_is_named_smollm_when_digits_never_merge_and_spaces_are_kept(chat_tokenizer):
+    from nbtune.engine.gguf_vocab import pre_tokenizer_name
+
+    assert pre_tokenizer_name(chat_tokenizer) == "gpt-2"  # its vocabulary has tokens like '17': digits merge
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(vocab={"a": 0, "1": 1, "9": 2, "Ġ": 3, "Ġa": 4}, merges=[("Ġ", "a")]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    no_digits = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False)
+    assert pre_tokenizer_name(no_digits) == "smollm"
+    no_digits.clean_up_tokenization_spaces = True
+    assert pre_tokenizer_name(no_digits) == "gpt-2"
+    prefixed = _with_pre_tokenizer(chat_tokenizer, pre_tokenizers.ByteLevel(add_prefix_space=True))
+    assert pre_tokenizer_name(prefixed) is None  # llama.cpp never adds a leading space to byte-level text

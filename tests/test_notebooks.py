@@ -22,10 +22,11 @@ def _load_execute():
     return module
 
 
-def test_the_nine_notebooks_of_the_tour_are_shipped():
+def test_the_ten_notebooks_of_the_tour_are_shipped():
     names = [p.stem for p in NOTEBOOKS]
     assert names == ["01-quickstart", "02-method-zoo", "03-compare-adapters", "04-qlora-and-memory",
-                     "05-your-own-data", "06-runs-that-last", "07-evaluation", "08-sweeps", "09-preference"]
+                     "05-your-own-data", "06-runs-that-last", "07-evaluation", "08-sweeps", "09-preference",
+                     "10-export"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

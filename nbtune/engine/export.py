@@ -99,7 +99,7 @@ def export_gguf(run: Run, path: str | Path, quant: str) -> GgufExport:
     from tqdm.auto import tqdm
 
     from nbtune.engine.gguf_check import check_gguf
-    from nbtune.engine.gguf_file import check_architecture, check_quant, file_bytes, write_gguf
+    from nbtune.engine.gguf_file import check_architecture, check_quant, embedding_rows, file_bytes, write_gguf
     from nbtune.engine.gguf_vocab import gguf_vocab, saved_tokenizer_folder, vocab_bytes
     from nbtune.engine.merging import merged_for_export
     from nbtune.engine.modelfile import modelfile
@@ -119,7 +119,7 @@ def export_gguf(run: Run, path: str | Path, quant: str) -> GgufExport:
         check_disk_space(target, needed)
         with atomic_directory(target, replaceable=REPORT, field="path") as tmp, saved_tokenizer_folder() as scratch:
             bar.set_postfix_str("writing")
-            vocab = gguf_vocab(run.tokenizer, merged.config.vocab_size, Path(scratch))
+            vocab = gguf_vocab(run.tokenizer, embedding_rows(merged), Path(scratch))
             write_gguf(tmp / file_name, merged, vocab, quant, name=run.name, base_name=run.base_name)
             bar.update()
             bar.set_postfix_str("loading back")

@@ -85,24 +85,32 @@ def write_gguf(path: Path, model: Any, vocab: Any, quant: str, *, name: str, bas
     config = model.config
     arch = check_architecture(config)
     writer = gguf.GGUFWriter(str(path), arch.gguf_name)
-    _add_general(writer, quant, name, base_name)
-    _add_hyperparameters(writer, config)
-    add_vocab(writer, vocab)
-    names = gguf.get_tensor_name_map(_model_arch(arch.gguf_name), config.num_hidden_layers)
-    for hf_name, tensor in _written_tensors(model):
-        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise NbtuneError(f"GGUF has no name for the model's tensor {hf_name!r}; this model cannot be "
-                              "exported as GGUF.", field="model")
-        data = tensor.detach().to("cpu").float().numpy()
-        if arch.rotate_qk and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
-            data = _llama_rope_order(data, heads)
-        _add_tensor(writer, gguf_name, data, quant)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    try:
+        _add_general(writer, quant, name, base_name)
+        _add_hyperparameters(writer, config, embedding_rows(model))
+        add_vocab(writer, vocab)
+        names = gguf.get_tensor_name_map(_model_arch(arch.gguf_name), config.num_hidden_layers)
+        for hf_name, tensor in _written_tensors(model):
+            gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:
+                raise NbtuneError(f"GGUF has no name for the model's tensor {hf_name!r}; this model cannot be "
+                                  "exported as GGUF.", field="model")
+            data = tensor.detach().to("cpu").float().numpy()
+            if arch.rotate_qk and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+                heads = config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
+                data = _llama_rope_order(data, heads)
+            _add_tensor(writer, gguf_name, data, quant)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+
+
+def embedding_rows(model: Any) -> int:
+    """Rows of the input embedding: the vocabulary size llama.cpp checks the token list against (it may
+    differ from config.vocab_size after a resize)."""
+    return int(model.get_input_embeddings().weight.shape[0])
 
 
 def _written_tensors(model: Any) -> list[tuple[str, Any]]:
@@ -130,7 +138,7 @@ def _add_general(writer: Any, quant: str, name: str, base_name: str | None) -> N
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _add_hyperparameters(writer: Any, config: Any) -> None:
+def _add_hyperparameters(writer: Any, config: Any, vocab_size: int) -> None:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     writer.add_block_count(config.num_hidden_layers)
@@ -141,7 +149,7 @@ def _add_hyperparameters(writer: Any, config: Any) -> None:
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_rope_freq_base(float(_rope_theta(config)))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_vocab_size(config.vocab_size)
+    writer.add_vocab_size(vocab_size)
     writer.add_rope_dimension_count(head_dim)
     if head_dim != config.hidden_size // heads:
         writer.add_key_length(head_dim)

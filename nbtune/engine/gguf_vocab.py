@@ -10,6 +10,7 @@ pieces), and llama.cpp names pre-tokenizers only inside its conversion script, n
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,13 +52,28 @@ def pre_tokenizer_name(tokenizer: Any) -> str | None:
     pre = _tokenizer_json(tokenizer).get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [step.get("type") for step in steps]
+    if steps[-1].get("add_prefix_space"):  # llama.cpp's byte-level splits never add a leading space
+        return None
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return _GPT2_NAME
+        return _gpt2_split_name(tokenizer)
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return _DIGITS_THEN_GPT2
-    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+    if (kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True)
+            and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert")):
         return _regex_name((steps[0].get("pattern") or {}).get("Regex"))
     return None
+
+
+def _gpt2_split_name(tokenizer: Any) -> str:
+    """GPT-2's split, which llama.cpp names "gpt-2" and decodes with its spaces before punctuation cleaned up.
+    A vocabulary without one token of two digits splits into the same tokens under SmolLM's digit-by-digit
+    rule, whose llama.cpp name ("smollm") leaves spaces alone: that one, when the tokenizer does not clean up
+    spaces either (nbtune's default model: its GGUF file says "smollm", transformers' reader drops the digit
+    step)."""
+    if getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return _GPT2_NAME
+    digits = re.compile(r"\d\d")
+    return _GPT2_NAME if any(digits.search(token) for token in tokenizer.get_vocab()) else _DIGITS_THEN_GPT2
 
 
 def _regex_name(regex: str | None) -> str | None:
@@ -82,10 +98,14 @@ def gguf_vocab(tokenizer: Any, n_vocab: int, folder: Path) -> GgufVocab:
             "as safetensors instead: run.export(path) (llama.cpp's convert_hf_to_gguf.py reads that).",
             field="tokenizer")
     by_id = {index: token for token, index in tokenizer.get_vocab().items()}
-    if len(by_id) > n_vocab:
-        raise NbtuneError(f"the tokenizer has {len(by_id)} tokens but the model's embedding has {n_vocab} rows; "
-                          "resize the embedding (model.resize_token_embeddings) before exporting.", field="tokenizer")
-    special = {index for index, added in tokenizer.added_tokens_decoder.items() if added.special}
+    if max(by_id) >= n_vocab:
+        raise NbtuneError(f"the tokenizer has token ids up to {max(by_id)} but the model's embedding has {n_vocab} "
+                          "rows; resize the embedding (model.resize_token_embeddings) before exporting.",
+                          field="tokenizer")
+    # As llama.cpp's converter: an added token is CONTROL when marked special or when it looks like one
+    # (`<|...|>`; Qwen2's <|fim_prefix|> is not marked special), else USER_DEFINED.
+    special = {index for index, added in tokenizer.added_tokens_decoder.items()
+               if added.special or _looks_special(added.content)}
     added = set(tokenizer.added_tokens_decoder)
     tokens, types = [], []
     for index in range(n_vocab):
@@ -99,6 +119,13 @@ def gguf_vocab(tokenizer: Any, n_vocab: int, folder: Path) -> GgufVocab:
                          else gguf.TokenType.USER_DEFINED if index in added else gguf.TokenType.NORMAL)
     tokenizer.save_pretrained(str(folder))
     return GgufVocab(tokens=tokens, token_types=[int(t) for t in types], pre=pre, folder=folder)
+
+
+_BAR = "\uff5c"  # the full-width vertical bar around the names of DeepSeek's special tokens
+
+
+def _looks_special(text: str) -> bool:
+    return any(text.startswith(f"<{bar}") and text.endswith(f"{bar}>") for bar in ("|", _BAR))
 
 
 def add_vocab(writer: Any, vocab: GgufVocab) -> None:

@@ -11,6 +11,7 @@ then picks a template from the chat template inside the GGUF file itself.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,9 +63,26 @@ def chat_pieces(tokenizer: Any) -> ChatPieces | None:
         return None
     if pieces is None or not _rebuilds(pieces, tokenizer):
         return None
-    if any(marker in part for part in vars(pieces).values() for marker in ("{{", "}}")):
-        return None  # text Go would read as an action
+    if any(marker in part for part in vars(pieces).values() for marker in ("{{", "}}", '"""')):
+        return None  # text Go would read as an action, or that would end the Modelfile's """ block
     return pieces
+
+
+def without_leading_bos(pieces: ChatPieces, tokenizer: Any) -> ChatPieces:
+    """The pieces without the BOS text a template writes first, when the tokenizer (and so llama.cpp, from
+    the file's add_bos_token) adds BOS itself: else the prompt would start with it twice (Llama 3's
+    template writes <|begin_of_text|>; Ollama's own llama3 template leaves it out)."""
+    bos = tokenizer.bos_token
+    if not bos or not _adds_bos(tokenizer):
+        return pieces
+    strip = {name: value[len(bos):] for name, value in (("system_prefix", pieces.system_prefix),
+                                                         ("no_system", pieces.no_system)) if value.startswith(bos)}
+    return dataclasses.replace(pieces, **strip)
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
 def _read_pieces(render: Any) -> ChatPieces | None:
@@ -127,11 +145,11 @@ def modelfile(gguf_name: str, tokenizer: Any, generation_config: Any, context_le
     pieces = chat_pieces(tokenizer)
     lines = ["# Ollama: ollama create NAME -f Modelfile && ollama run NAME", f"FROM ./{gguf_name}"]
     if pieces is not None:
-        lines.append(f'TEMPLATE """{pieces.go_template()}"""')
+        lines.append(f'TEMPLATE """{without_leading_bos(pieces, tokenizer).go_template()}"""')
     else:
         lines.append("# No TEMPLATE: this chat template does not translate to Ollama's; Ollama reads the one in "
                      "the GGUF file.")
-    lines += [f'PARAMETER stop "{_quoted(word)}"' for word in stop_words(tokenizer, pieces)]
+    lines += [f"PARAMETER stop {_quoted(word)}" for word in stop_words(tokenizer, pieces) if '"""' not in word]
     sampling = generation_config is not None and getattr(generation_config, "do_sample", False)
     if sampling:
         for name in ("temperature", "top_p", "top_k"):
@@ -145,4 +163,5 @@ def modelfile(gguf_name: str, tokenizer: Any, generation_config: Any, context_le
 
 
 def _quoted(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"')
+    # Ollama's parser strips the quotes and unescapes nothing: a word with a quote in it goes in """..."""
+    return f'"""{text}"""' if '"' in text else f'"{text}"'
