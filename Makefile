@@ -48,4 +48,4 @@ fetch: $(STAMP)
 	$(PY) -m nbtune fetch
 
 clean:
-	rm -rf $(VENV) runs notebooks/runs notebooks/*.html build *.egg-info
+	rm -rf $(VENV) runs notebooks/runs exports notebooks/exports notebooks/*.html build *.egg-info

@@ -20,9 +20,15 @@ def cpu_name() -> str:
 
 
 def versions(*names: str) -> dict[str, str]:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {name: version(name) for name in ("torch", "transformers", "peft", "nbtune", *names)}
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:  # nbtune from a checkout on PYTHONPATH (the GPU machine), not installed
+            return "checkout" if name == "nbtune" else "missing"
+
+    return {name: installed(name) for name in ("torch", "transformers", "peft", "nbtune", *names)}
 
 
 def write_result(name: str, result: dict[str, Any]) -> Path:
