@@ -18,7 +18,7 @@ SCRIPTS = [
     ("warm_start", ["--repeats", "1", "--batch-size", "1"]),
     ("processes", ["--pairs", "1", "--steps", "2"]),
     ("scaling_table", ["--gpus", "2"]),
-    ("gpu_throughput", ["--shape", "tiny", "--steps", "3", "--pairs", "1", "--methods", "lora,qlora",
+    ("gpu_throughput", ["--shape", "tiny", "--steps", "3", "--pairs", "1", "--methods", "qlora",
                         "--variants", "fp32_sums=false"]),
     ("eval_cost", ["--steps", "1", "--rows", "4", "--repeats", "1"]),
     ("throughput", ["--against", str(REPO), "--pairs", "1", "--steps", "3", "--no-metric"]),  # A/B of two checkouts

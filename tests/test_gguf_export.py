@@ -200,3 +200,22 @@ def test_a_4bit_qlora_run_is_merged_into_its_base_reloaded_in_fp32(tiny_model_di
     out = run.export(tmp_path / "q4", format="gguf", quant="q8_0")
     assert out.check.ok, out
     assert getattr(run.model, "is_loaded_in_4bit", False) or run.context.quantized  # the run keeps its 4-bit base
+
+
+def test_evaluate_scores_the_runs_metrics_with_the_model_read_back_from_the_file(llama_base, tmp_path, monkeypatch):
+    from nbtune.engine import gguf_check
+
+    run = _train(llama_base, name="scored", eval_split=0.25, metric="exact_match")
+    out = run.export(tmp_path / "s", format="gguf", quant="f16")
+    read = []
+    loader = gguf_check.load_gguf
+    monkeypatch.setattr(gguf_check, "load_gguf", lambda path: read.append(path) or loader(path))
+    scores = out.evaluate()
+    assert read == [out.path]  # the answers come from the file, not from the run's model
+    assert scores["samples"] == len(run.eval_pairs) == 4 and 0.0 <= scores["exact_match"] <= 1.0
+
+
+def test_evaluate_needs_eval_rows_with_answers(lora_run, tmp_path):
+    out = lora_run.export(tmp_path / "u", format="gguf")
+    with pytest.raises(NbtuneError, match="no eval data with answers"):
+        out.evaluate()
