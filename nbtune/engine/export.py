@@ -100,13 +100,14 @@ def export_gguf(run: Run, path: str | Path, quant: str) -> GgufExport:
 
     from nbtune.engine.gguf_check import check_gguf
     from nbtune.engine.gguf_file import check_architecture, check_quant, embedding_rows, file_bytes, write_gguf
-    from nbtune.engine.gguf_vocab import gguf_vocab, saved_tokenizer_folder, vocab_bytes
+    from nbtune.engine.gguf_vocab import check_tokenizer, gguf_vocab, saved_tokenizer_folder, vocab_bytes
     from nbtune.engine.merging import merged_for_export
     from nbtune.engine.modelfile import modelfile
 
     check_quant(quant)
     run.require_model()
     check_architecture(_plain_config(run.model))
+    check_tokenizer(run.tokenizer)
     _check_mergeable(run)
     target = Path(path).expanduser()
     check_target(target, replaceable=REPORT, field="path")

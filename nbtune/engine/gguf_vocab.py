@@ -84,11 +84,8 @@ def _regex_name(regex: str | None) -> str | None:
     return (preferred or names or [None])[0]
 
 
-def gguf_vocab(tokenizer: Any, n_vocab: int, folder: Path) -> GgufVocab:
-    """The tokenizer's vocabulary padded to the model's `n_vocab` rows, with token types; its files saved in
-    `folder`. Refuses (by name) a tokenizer llama.cpp could not read back as it is."""
-    import gguf
-
+def check_tokenizer(tokenizer: Any) -> str:
+    """The pre-tokenizer's llama.cpp name; a tokenizer llama.cpp could not read back as it is refused by name."""
     kind, pre = tokenizer_kind(tokenizer), pre_tokenizer_name(tokenizer)
     if kind is None or pre is None:
         what = "a sentencepiece-style or other non-byte-level" if kind is None else "a byte-level"
@@ -97,6 +94,15 @@ def gguf_vocab(tokenizer: Any, n_vocab: int, folder: Path) -> GgufVocab:
             f"({_describe(tokenizer)}); supported: {', '.join(SUPPORTED_TOKENIZERS)}. Export the merged model "
             "as safetensors instead: run.export(path) (llama.cpp's convert_hf_to_gguf.py reads that).",
             field="tokenizer")
+    return pre
+
+
+def gguf_vocab(tokenizer: Any, n_vocab: int, folder: Path) -> GgufVocab:
+    """The tokenizer's vocabulary padded to the model's `n_vocab` rows, with token types; its files saved in
+    `folder`. Refuses (by name) a tokenizer llama.cpp could not read back as it is."""
+    import gguf
+
+    pre = check_tokenizer(tokenizer)
     by_id = {index: token for token, index in tokenizer.get_vocab().items()}
     if max(by_id) >= n_vocab:
         raise NbtuneError(f"the tokenizer has token ids up to {max(by_id)} but the model's embedding has {n_vocab} "
