@@ -19,13 +19,9 @@ from common import versions, write_result
 
 
 def exact_match_of(model, tokenizer, run, rows: int) -> float:
-    from nbtune.engine.evaluation import answer_budget, answers
-    from nbtune.engine.generation import exact_match
+    from nbtune.engine.evaluation import score_model
 
-    pairs = run.eval_pairs[:rows]
-    prompts, references = [p for p, _ in pairs], [a for _, a in pairs]
-    budget = answer_budget(tokenizer, references)
-    return exact_match(answers(model, tokenizer, prompts, max_new_tokens=budget, desc="answering"), references)
+    return score_model(run, model, tokenizer, samples=rows)["exact_match"]  # metric none: exact match
 
 
 def main() -> None:

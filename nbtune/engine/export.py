@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -100,7 +101,7 @@ def export_gguf(run: Run, path: str | Path, quant: str) -> GgufExport:
 
     from nbtune.engine.gguf_check import check_gguf
     from nbtune.engine.gguf_file import check_architecture, check_quant, embedding_rows, file_bytes, write_gguf
-    from nbtune.engine.gguf_vocab import check_tokenizer, gguf_vocab, saved_tokenizer_folder, vocab_bytes
+    from nbtune.engine.gguf_vocab import check_tokenizer, gguf_vocab, vocab_bytes
     from nbtune.engine.merging import merged_for_export
     from nbtune.engine.modelfile import modelfile
 
@@ -118,7 +119,8 @@ def export_gguf(run: Run, path: str | Path, quant: str) -> GgufExport:
         bar.update()
         needed = file_bytes(merged, quant) + vocab_bytes(run.tokenizer) + _SPARE_BYTES
         check_disk_space(target, needed)
-        with atomic_directory(target, replaceable=REPORT, field="path") as tmp, saved_tokenizer_folder() as scratch:
+        with atomic_directory(target, replaceable=REPORT, field="path") as tmp, \
+                tempfile.TemporaryDirectory(prefix="nbtune-gguf-vocab-") as scratch:  # files SpecialVocab reads
             bar.set_postfix_str("writing")
             vocab = gguf_vocab(run.tokenizer, embedding_rows(merged), Path(scratch))
             write_gguf(tmp / file_name, merged, vocab, quant, name=run.name, base_name=run.base_name)

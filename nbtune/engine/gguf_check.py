@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nbtune.engine.generation import _device
 from nbtune.errors import NbtuneError
 
 TOLERANCE = {"f16": 0.05, "bf16": 0.3, "q8_0": 0.8}  # max |logit difference| / std(logits)
@@ -134,10 +135,6 @@ def _compare_answers(merged: Any, reloaded: Any, tokenizer: Any, ids: Any, max_n
     record["near_tie"] = {"token": parted, "top_two_gap": gap}
     record["agree"] = gap <= 2 * check.max_logit_diff
     return record
-
-
-def _device(model: Any) -> Any:
-    return next(model.parameters()).device
 
 
 def _prompt_text(tokenizer: Any, prompt: Any) -> str:

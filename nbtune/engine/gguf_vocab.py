@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,8 +171,3 @@ def _describe(tokenizer: Any) -> str:
     pre = spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     return f"model {(spec.get('model') or {}).get('type')}, pre-tokenizer {'+'.join(str(s.get('type')) for s in steps)}"
-
-
-def saved_tokenizer_folder() -> tempfile.TemporaryDirectory[str]:
-    """A scratch folder for the tokenizer files SpecialVocab reads."""
-    return tempfile.TemporaryDirectory(prefix="nbtune-gguf-vocab-")
