@@ -40,7 +40,9 @@ def train(base, objective="dpo", data=None, **config):
     ({"objective": "orpo", "loss_type": "sigmoid"}, "loss_type", "has one loss"),
     ({"objective": "simpo", "precompute_ref": True}, "precompute_ref", "has none"),
     ({"objective": "kto", "batch_size": 1}, "batch_size", "2 or more"),
-    ({"objective": "dpo", "train_on_prompt": True}, "train_on_prompt", "answers only"),
+    ({"objective": "dpo", "train_on_prompt": True}, "train_on_prompt", "compares the answers' log-probs"),
+    ({"objective": "simpo", "train_on_prompt": True}, "train_on_prompt", "`objective: orpo` takes it"),
+    ({"objective": "kto", "train_on_prompt": True}, "train_on_prompt", "does not apply to `objective: kto`"),
     ({"objective": "dpx"}, "objective", "dpo"),
 ])
 def test_a_setting_that_cannot_work_is_one_line_naming_it(config, field, match):
@@ -51,6 +53,10 @@ def test_a_setting_that_cannot_work_is_one_line_naming_it(config, field, match):
 
 def test_kto_without_its_kl_term_trains_on_batches_of_one():
     assert RunConfig.parse(objective="kto", batch_size=1, loss_type="apo_zero_unpaired").batch_size == 1
+
+
+def test_orpo_takes_train_on_prompt_for_its_nll_term():
+    assert RunConfig.parse(objective="orpo", train_on_prompt=True).train_on_prompt is True
 
 
 @pytest.fixture
@@ -116,16 +122,21 @@ def test_the_reference_is_the_base_without_a_second_model(objective, method, opt
 
 
 # ------------------------------------------------------------------ training
-@pytest.mark.parametrize("objective", ["dpo", "orpo", "simpo", "kto"])
-def test_every_objective_trains_and_reports_its_own_curves(llama_base, objective):
+@pytest.mark.parametrize("objective, keys, share", [
+    ("dpo", {"reward_margin", "reward_chosen", "reward_rejected"}, "reward_accuracy"),
+    ("kto", {"reward_margin", "reward_chosen", "reward_rejected", "kl"}, None),  # no pairs to be right about
+    ("orpo", {"logp_margin", "logp_chosen", "logp_rejected", "nll_loss", "log_odds_ratio"}, "chosen_preferred"),
+    ("simpo", {"logp_margin", "logp_chosen", "logp_rejected"}, "chosen_preferred"),
+])
+def test_every_objective_trains_and_reports_its_own_curves(llama_base, objective, keys, share):
     run = train(llama_base, objective)
     assert run.status == "finished" and len(run.history) == 2
     assert all(math.isfinite(r["loss"]) for r in run.history)
-    keys = {"reward_margin", "reward_chosen", "reward_rejected"}
     assert keys <= set(run.history[-1]), run.history[-1]
-    assert math.isfinite(run.metrics["eval_loss"]) and "reward_margin" in run.metrics
-    if objective != "kto":  # KTO has no pairs to be right about
-        assert 0.0 <= run.metrics["reward_accuracy"] <= 1.0
+    margin = "reward_margin" if "reward_margin" in keys else "logp_margin"
+    assert math.isfinite(run.metrics["eval_loss"]) and math.isfinite(run.metrics[margin])
+    if share is not None:
+        assert 0.0 <= run.metrics[share] <= 1.0
 
 
 def test_dpo_against_the_base_leaves_no_second_adapter_and_no_patched_forward(llama_base):

@@ -44,7 +44,17 @@ def test_dpo_trains_with_every_method_against_the_base(case, chat_tokenizer, pla
         config["objective"] = "orpo"  # no reference, no second adapter
     run = nbtune.finetune(base=fresh_base(case, chat_tokenizer, plain_tokenizer, tiny_model_dir), **config)
     assert run.status == "finished" and math.isfinite(run.history[0]["loss"])
-    assert "reward_margin" in run.history[0]
+    assert ("reward_margin" if config["objective"] == "dpo" else "logp_margin") in run.history[0]
     assert "ref" not in getattr(run.model, "peft_config", {})  # no second adapter stays, whatever the method
     inner = run.model.get_base_model() if hasattr(run.model, "get_base_model") else run.model
     assert "forward" not in inner.__dict__
+
+
+@pytest.mark.parametrize("objective", ["orpo", "simpo"])
+@pytest.mark.parametrize("method", ["prompt", "ptuning"])
+def test_orpo_and_simpo_train_with_the_prompt_methods(chat_tokenizer, objective, method):
+    """Virtual tokens lengthen the logits; ORPO's and SimPO's forward keeps the real tokens' positions."""
+    run = nbtune.finetune(data=PAIRS, base=(tiny_llama(chat_tokenizer), chat_tokenizer), method=method,
+                          objective=objective, steps=1, batch_size=2, lr=3e-2, metric="none", save=False,
+                          max_length=96)
+    assert run.status == "finished" and math.isfinite(run.history[0]["loss"]) and run.history[0]["tokens"] > 0

@@ -123,7 +123,10 @@ class BatchPreview:
         return "\n".join(lines)
 
     def __str__(self) -> str:
-        parts = [self.header(), "[[...]] carries loss (the model learns to predict it)."]
+        legend = ("[[...]] carries loss (the model learns to predict it)." if self.objective == "sft" else
+                  "[[...]] carries loss: the loss reads the model's log-prob of these tokens (what it does "
+                  "with them: above).")
+        parts = [self.header(), legend]
         count = len({ex.position for ex in self.examples})  # a preference pair is two sequences at one place
         parts += [example_text(ex, count, self) for ex in self.examples]
         return "\n\n".join(parts)

@@ -1,10 +1,17 @@
-"""What a preference run's model sees: each pair as the two sequences TRL's trainer builds from it.
+"""What a preference run's model sees: each pair as the two sequences TRL's trainer builds from it, and what
+the objective's loss scores in them.
 
-The prompt is rendered with the chat template and a generation prompt, each answer after it; the answer
-starts where the tokenised prompt and prompt + answer part (TRL's `common_prefix_length`), and TRL's own
-collator (`DataCollatorForPreference`) pads the pair and marks the answer tokens, which are the tokens the
-preference loss scores ("carry loss" in the preview). Rows of KTO data show one sequence each, desirable or
-not. The first `n` rows of the training data are shown in their order in the data.
+DPO and KTO: the prompt is rendered with the chat template and a generation prompt, each answer after it; the
+answer starts where the tokenised prompt and prompt + answer part (TRL's `common_prefix_length`), and TRL's own
+collator (`DataCollatorForPreference`) pads the pair and marks the answer tokens. ORPO and SimPO (TRL's ORPO
+and CPO trainers) tokenise in their own way, with their trainer's `tokenize_row` (which appends the EOS token
+where the template's turn does not end on it) and pad with `concatenated_inputs`; the preview calls those same
+functions. Rows of KTO data show one sequence each, desirable or not. The first `n` rows of the training data
+are shown in their order in the data.
+
+A token "carries loss" ([[...]]) when the objective's loss reads the model's log-prob of it: the answer tokens
+of both sides for every objective (ORPO: with `train_on_prompt`, the chosen side's prompt tokens too, for its
+NLL term). What the loss does with them differs, and the header says it (`LOSS_READS`).
 """
 
 from __future__ import annotations
@@ -17,6 +24,28 @@ if TYPE_CHECKING:
     from nbtune.config import RunConfig
     from nbtune.data.preview import BatchPreview, ExamplePreview
 
+_NO_LIMIT = 1 << 30  # a max_length no pair reaches: its length before the cut
+
+# What each objective's loss reads from the [[...]] tokens (the README's "Preference tuning" says the same).
+LOSS_READS = {
+    "dpo": "the loss compares each answer's summed log-prob over its [[...]] tokens with the reference's (the "
+           "base's): chosen up, rejected down, relative to it; prompt tokens are context only",
+    "kto": "the loss compares each answer's summed log-prob over its [[...]] tokens with the reference's (the "
+           "base's): desirable (a pair's chosen) up, undesirable (its rejected) down; prompt tokens are context "
+           "only",
+    "simpo": "the loss compares the two answers' average log-prob per [[...]] token (chosen above rejected by a "
+             "margin); no reference; prompt tokens are context only",
+    "orpo": "the loss is the chosen answer's NLL (its [[...]] tokens) plus an odds-ratio term on both answers' "
+            "average log-prob per [[...]] token; no reference; prompt tokens are context only",
+}
+_ORPO_WHOLE_CHAT = ("the loss is the chosen chat's NLL over every token, prompt included (`train_on_prompt`: "
+                    "the chosen side's [[...]]), plus an odds-ratio term on both answers' average log-prob per "
+                    "answer token (the rejected side's [[...]], the answer part of the chosen's); no reference")
+
+
+def loss_reads(objective: str, train_on_prompt: bool) -> str:
+    return _ORPO_WHOLE_CHAT if objective == "orpo" and train_on_prompt else LOSS_READS[objective]
+
 
 def preview_pairs(config: RunConfig, tokenizer: Any, n: int, train: Any, fmt: str) -> BatchPreview:
     from nbtune.data.preview import BatchPreview
@@ -26,19 +55,39 @@ def preview_pairs(config: RunConfig, tokenizer: Any, n: int, train: Any, fmt: st
     for position, row in enumerate(rows):
         sides = (("chosen", row["chosen"]), ("rejected", row["rejected"])) if "chosen" in row else (
             ("desirable" if row["label"] else "undesirable", row["completion"]),)
-        examples += _sequences(position, row["prompt"], sides, tokenizer, config.max_length)
+        examples += _sequences(position, row, sides, tokenizer, config)
     return BatchPreview(examples=examples, model=config.model, fmt=fmt, batch_size=config.batch_size,
-                        max_length=config.max_length, seed=config.seed, train_on_prompt=False,
+                        max_length=config.max_length, seed=config.seed, train_on_prompt=config.train_on_prompt,
                         pad_token=str(tokenizer.pad_token), padding_side="right", pad_to_multiple_of=None,
                         total=len(train), objective=config.objective)
 
 
-def _sequences(position: int, prompt: list[dict], sides: tuple, tokenizer: Any, max_length: int
+def _sequences(position: int, row: dict[str, Any], sides: tuple, tokenizer: Any, config: RunConfig
                ) -> list[ExamplePreview]:
+    from nbtune.data.preview import ExamplePreview, readable_pieces, special_ids
+
+    if config.objective in ("orpo", "simpo"):
+        built = _orpo_cpo_pair(row, tokenizer, config)
+    else:
+        built = _dpo_pair(row["prompt"], sides, tokenizer, config.max_length)
+    specials = special_ids(tokenizer)
+    out = []
+    for (side, _), (token_ids, attention, loss, full) in zip(sides, built, strict=False):
+        padding = [m == 0 for m in attention]
+        tokens = tokenizer.convert_ids_to_tokens(token_ids)
+        special = [t in specials for t in token_ids]
+        length = len(token_ids) - sum(padding)
+        out.append(ExamplePreview(
+            position=position, row=position, text=tokenizer.decode(full), token_ids=token_ids, tokens=tokens,
+            pieces=readable_pieces(tokenizer, tokens, special), loss=loss, padding=padding, special=special,
+            length=length, full_length=len(full), truncated=len(full) > length, side=side))
+    return out
+
+
+def _dpo_pair(prompt: list[dict], sides: tuple, tokenizer: Any, max_length: int) -> list[tuple]:
+    """DPO's and KTO's sequences: (token ids, attention mask, loss mask, ids before `max_length`) per side."""
     from trl.data_utils import common_prefix_length
     from trl.trainer.dpo_trainer import DataCollatorForPreference
-
-    from nbtune.data.preview import ExamplePreview, readable_pieces, special_ids
 
     def ids(messages: list[dict], **kwargs: Any) -> list[int]:
         return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"]
@@ -49,31 +98,56 @@ def _sequences(position: int, prompt: list[dict], sides: tuple, tokenizer: Any, 
     answers = [f[start:] for f in full]
     example = {"prompt_ids": prompt_ids[:start], "chosen_ids": answers[0], "rejected_ids": answers[-1]}
     batch = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=max_length)([example])
-    specials = special_ids(tokenizer)
+    return [(batch["input_ids"][j].tolist(), batch["attention_mask"][j].tolist(),
+             [bool(m) for m in batch["completion_mask"][j]], whole) for j, whole in enumerate(full)]
+
+
+def _orpo_cpo_pair(row: dict[str, Any], tokenizer: Any, config: RunConfig) -> list[tuple]:
+    """ORPO's and SimPO's sequences, from the functions their trainer calls: TRL's `maybe_apply_chat_template`,
+    the trainer's `tokenize_row` and `concatenated_inputs` (which pads the shorter side to the longer)."""
+    from trl.data_utils import maybe_apply_chat_template
+    from trl.experimental.utils import DPODataCollatorWithPadding
+
+    from nbtune.engine.preference import trl_classes
+
+    trainer_class, _ = trl_classes(config.objective)
+    text = maybe_apply_chat_template({k: row[k] for k in ("prompt", "chosen", "rejected")}, tokenizer)
+
+    def tokenized(max_length: int) -> dict[str, Any]:
+        # `tokenize_row` reads the tokenizer and max_length off its trainer; a whole trainer needs a model, so
+        # it runs on an instance that has only those (its __init__, which would load the data, never runs).
+        tokenizing = object.__new__(trainer_class)
+        tokenizing.processing_class, tokenizing.is_encoder_decoder = tokenizer, False
+        tokenizing.max_length, tokenizing.padding_value = max_length, tokenizer.pad_token_id
+        return tokenizing.tokenize_row(text)
+
+    features = tokenized(config.max_length)
+    batch = DPODataCollatorWithPadding(pad_token_id=tokenizer.pad_token_id)([features])
+    pair = trainer_class.concatenated_inputs(batch, padding_value=tokenizer.pad_token_id)
+    untruncated = tokenized(_NO_LIMIT)
     out = []
-    for j, ((side, _), whole) in enumerate(zip(sides, full, strict=True)):
-        token_ids = batch["input_ids"][j].tolist()
-        padding = [m == 0 for m in batch["attention_mask"][j].tolist()]
-        tokens = tokenizer.convert_ids_to_tokens(token_ids)
-        special = [t in specials for t in token_ids]
-        length = len(token_ids) - sum(padding)
-        out.append(ExamplePreview(
-            position=position, row=position, text=tokenizer.decode(whole), token_ids=token_ids, tokens=tokens,
-            pieces=readable_pieces(tokenizer, tokens, special), loss=[bool(m) for m in batch["completion_mask"][j]],
-            padding=padding, special=special, length=length, full_length=len(whole), truncated=len(whole) > length,
-            side=side))
+    for j, side in enumerate(("chosen", "rejected")):
+        attention = pair["concatenated_attention_mask"][j].tolist()
+        scored = (attention if side == "chosen" and config.objective == "orpo" and config.train_on_prompt
+                  else [label != -100 for label in pair["concatenated_labels"][j].tolist()])
+        out.append((pair["concatenated_input_ids"][j].tolist(), attention, [bool(s) for s in scored],
+                    untruncated[f"{side}_input_ids"]))
     return out
 
 
 def pairs_header(preview: BatchPreview) -> str:
     pairs = len({ex.position for ex in preview.examples})
     kind = "rows" if preview.examples and preview.examples[0].side in ("desirable", "undesirable") else "pairs"
+    eos = (", ending on the EOS token, which TRL's ORPO and CPO trainers append where the template's turn ends "
+           "otherwise" if preview.objective in ("orpo", "simpo") else "")
+    padded = "the pair is padded to its longer side" if kind == "pairs" else "the batch is padded"
     return "\n".join([
         f"first {pairs} preference {kind} of the training data ({preview.objective}; model {preview.model}, "
-        f"max_length {preview.max_length}); the loss scores the answers only.",
-        f"Each {kind[:-1]} as TRL's trainer builds it: the chat-templated prompt, then the answer (the collator "
-        f"pads the shorter of a pair with {preview.pad_token!r} on the right). Shown in the data's order; training "
-        f"draws them in an order shuffled with seed {preview.seed}."])
+        f"max_length {preview.max_length}).",
+        f"What is scored: {loss_reads(preview.objective, preview.train_on_prompt)}.",
+        f"Each {kind[:-1]} as TRL's trainer builds it: the chat-templated prompt, then the answer{eos}; {padded} "
+        f"with {preview.pad_token!r} on the right. Shown in the data's order; training draws them in an order "
+        f"shuffled with seed {preview.seed}."])
 
 
-__all__ = ["pairs_header", "preview_pairs"]
+__all__ = ["LOSS_READS", "loss_reads", "pairs_header", "preview_pairs"]

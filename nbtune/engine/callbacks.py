@@ -7,21 +7,22 @@ run's observers. A stop request (a Stop button, `run.stop()`) ends training afte
 
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import TrainerCallback
 
-from nbtune.config_objective import PREFERENCE_KEYS
+from nbtune.config_objective import preference_values
 from nbtune.engine.memory import cuda_mb
 
 if TYPE_CHECKING:
     from nbtune.engine.memory import PeakSampler
     from nbtune.engine.result import Run
 
-# TRL's names -> the record's; preference objectives add rewards, margins, accuracy (config_objective.py)
-_LOG_KEYS = {"loss": "loss", "learning_rate": "lr", "grad_norm": "grad_norm", **PREFERENCE_KEYS}
+# TRL's names -> the record's; preference objectives add their own (rewards, margins, ...: config_objective.py)
+_LOG_KEYS = {"loss": "loss", "learning_rate": "lr", "grad_norm": "grad_norm"}
 
 
 class RunCallback(TrainerCallback):
@@ -34,7 +35,7 @@ class RunCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not self.run.history and state.global_step:  # resumed in a new process: the checkpoint's log
-            self.run.history.extend(_records_from_log(state.log_history))
+            self.run.history.extend(_records_from_log(state.log_history, self.run.config.objective))
         # On resume, elapsed time goes on from where the run stopped.
         done = self.run.history[-1]["elapsed_seconds"] if self.run.history else 0.0
         self._last_time = time.perf_counter()
@@ -76,6 +77,7 @@ class RunCallback(TrainerCallback):
             return
         record = history[-1]
         record.update({ours: logs[theirs] for theirs, ours in _LOG_KEYS.items() if theirs in logs})
+        record.update(preference_values(self.run.config.objective, logs))
         self.run.emit("on_step", record)
         if self.run.stop_requested:  # an observer may have asked during this very step's event
             control.should_training_stop = True
@@ -87,7 +89,7 @@ class RunCallback(TrainerCallback):
         self.run.emit("on_eval", metrics)
 
 
-def _records_from_log(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _records_from_log(log_history: list[dict[str, Any]], objective: str) -> list[dict[str, Any]]:
     """History records rebuilt from a checkpoint's `trainer_state.json` (loss, lr, grad norm per step; the
     timings and memory of those steps died with the process that ran them)."""
     records = []
@@ -96,6 +98,7 @@ def _records_from_log(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]
             record = {"step": entry["step"], "epoch": entry.get("epoch"), "tokens": 0, "tokens_per_second": 0.0,
                       "step_seconds": 0.0, "elapsed_seconds": 0.0, "restored": True}
             record.update({ours: entry[theirs] for theirs, ours in _LOG_KEYS.items() if theirs in entry})
+            record.update(preference_values(objective, entry))
             records.append(record)
     return records
 
@@ -134,3 +137,21 @@ def remove_neftune(model: Any) -> None:
     if handle is not None:
         handle.remove()
         model._nbtune_neftune = None
+
+
+# The share of a run's last steps that `final_loss` averages: enough steps to smooth one batch's noise, few
+# enough to describe the model the run ends with.
+FINAL_SHARE = 0.1
+
+
+def loss_summary(history: list[dict[str, Any]]) -> dict[str, float | None]:
+    """One meaning per name, over the steps the history logged (one record per optimizer step):
+    `train_loss` the mean over the run (the Trainer's and TensorBoard's `train_loss`, here over every step
+    of a resumed run too; skipped non-finite steps left out), `final_loss` the mean of its last 10% of
+    steps (at least one: what a sweep ranks on), `last_loss` the last step's alone, `first_loss` the first's."""
+    losses = [r["loss"] for r in history if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
+    if not losses:
+        return dict.fromkeys(("first_loss", "train_loss", "final_loss", "last_loss"))
+    tail = losses[-max(1, round(len(losses) * FINAL_SHARE)):]
+    return {"first_loss": losses[0], "train_loss": sum(losses) / len(losses),
+            "final_loss": sum(tail) / len(tail), "last_loss": losses[-1]}

@@ -12,7 +12,10 @@ The reference policy costs no second model (`reference_for`):
   Pfeiffer), or `precompute_ref: true`: the reference log-probs of every pair, computed once before the
   first step, when the model still computes what the base does (TRL's `precompute_ref_log_probs`).
   (AdaLoRA and PiSSA / OLoRA inits are refused with dpo / kto: nbtune/config_objective.py says why.)
-ORPO and SimPO have no reference.
+ORPO and SimPO have no reference: what they report is the model's own average log-prob per answer token
+(`chosen_preferred`, `logp_margin`), named apart from DPO's and KTO's rewards (config_objective.py). Their
+forward is TRL's with ORPO's NLL term over the answers unless `train_on_prompt` (`_PairForward`), and their
+tokens are counted for tokens/s (`_PairTokens`).
 
     >>> run = nbtune.finetune(data="demo_pairs", objective="dpo", beta=0.1, steps=40)      # doctest: +SKIP
     >>> run.metrics["reward_accuracy"], run.metrics["reward_margin"]                       # doctest: +SKIP
@@ -31,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
-from nbtune.config_objective import PREFERENCE_KEYS, WITH_REFERENCE, beta_of, loss_type_of
+from nbtune.config_objective import WITH_REFERENCE, beta_of, loss_type_of, preference_values
 
 if TYPE_CHECKING:
     from nbtune.config import RunConfig
@@ -99,6 +102,7 @@ class PreferenceTuning:
         if reference == "precomputed" and "reference_seconds" not in run.metrics:  # what no second model cost
             run.metrics["reference_seconds"] = round(time.perf_counter() - started, 2)
         drop_reference_copy(model)
+        trainer.nbtune_whole_chat_nll = config.train_on_prompt  # ORPO's NLL term (_PairForward)
         trainer.nbtune_release = lambda: unpatched_forward(model)  # after the last evaluation (trainer.py)
         return finish_trainer(trainer, run)
 
@@ -116,24 +120,21 @@ class PreferenceTuning:
             settings["remove_unused_columns"] = True  # only TRL's tokenised columns reach its collator
         if self.name == "simpo":  # SimPO is CPO's simpo loss without its NLL term (the SimPO paper's loss)
             settings.update(loss_type="simpo", cpo_alpha=0.0)
-        if self.name in ("orpo", "simpo"):
-            # Their batches hold chosen_/rejected_input_ids, no input_ids for the Trainer to count.
-            settings["include_num_input_tokens_seen"] = "no"
         return settings
 
 
 class PreferenceMetrics(TrainerCallback):
-    """The last evaluation's preference numbers (reward accuracy and margin on the held-out pairs, ...)
-    into `run.metrics`, next to eval_loss."""
+    """The last evaluation's preference numbers (on the held-out pairs: reward accuracy and margin for dpo,
+    chosen_preferred and logp_margin for orpo and simpo, ...; config_objective.py) into `run.metrics`, next
+    to eval_loss."""
 
     def __init__(self, run: Run) -> None:
         self.run = run
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None,
                     **kwargs: Any) -> None:
-        for theirs, ours in PREFERENCE_KEYS.items():
-            if f"eval_{theirs}" in (metrics or {}):
-                self.run.metrics[ours] = round(float(metrics[f"eval_{theirs}"]), 4)
+        values = preference_values(self.run.config.objective, metrics or {}, prefix="eval_")
+        self.run.metrics.update({key: round(float(value), 4) for key, value in values.items()})
 
 
 @cache
@@ -145,7 +146,8 @@ def trl_classes(objective: str) -> tuple[type, type]:
     module, trainer_name, config_name = TRL_TRAINERS[objective]
     with quiet_trl():
         trl = importlib.import_module(module)
-    bases = (AtomicCheckpoints, DataOrder, _AsARun, getattr(trl, trainer_name))
+    own = (_PairForward, _PairTokens) if objective in ("orpo", "simpo") else ()
+    bases = (AtomicCheckpoints, DataOrder, _AsARun, *own, getattr(trl, trainer_name))
     return type(f"Run{trainer_name}", bases, {}), getattr(trl, config_name)
 
 
@@ -161,6 +163,61 @@ class _AsARun:
         if any(c.startswith("ref_") for c in dataset.column_names):
             return dataset
         return super()._precompute_ref_logps(dataset, name, batch_size)  # type: ignore[misc]
+
+
+class _PairForward:
+    """ORPO's and SimPO's forward (TRL's ORPO and CPO trainers' `concatenated_forward`), with two changes.
+
+    ORPO's NLL term follows `train_on_prompt`: the chosen answer's tokens (nbtune's default for every
+    objective), or the whole chosen chat with `train_on_prompt: true`. TRL's takes it over every non-padding
+    token of the chosen chat, system and user text included, with no option to do otherwise; the answer-only
+    labels are in TRL's batch already (-100 over the prompt), and the mean over tokens is TRL's.
+    Prompt-learning methods (prompt, ptuning) prepend virtual tokens to the logits: only the real tokens'
+    positions are kept, as TRL's DPO and KTO trainers do (TRL's ORPO and CPO fail on the shapes).
+    The log-probs are averaged per answer token, as ORPO and SimPO (CPO's loss_type simpo, the only CPO loss
+    nbtune runs) both take them.
+    """
+
+    nbtune_whole_chat_nll = False
+
+    def concatenated_forward(self, model: Any, batch: dict[str, Any]) -> tuple:
+        if self.is_encoder_decoder:
+            return super().concatenated_forward(model, batch)  # type: ignore[misc]
+        import torch
+        import torch.nn.functional as F
+
+        padding = self.padding_value if hasattr(self, "padding_value") else self.pad_token_id  # ORPO's name; CPO's
+        inputs = self.concatenated_inputs(batch, padding_value=padding, device=self.accelerator.device)
+        ids, attention = inputs["concatenated_input_ids"], inputs["concatenated_attention_mask"]
+        extra = {"output_router_logits": True} if self.aux_loss_enabled else {}
+        outputs = model(ids, attention_mask=attention, use_cache=False, **extra)
+        logits = outputs.logits[:, -ids.shape[1]:]
+        labels = inputs["concatenated_labels"].to(logits.device)
+        chosen = batch["chosen_labels"].shape[0]
+        if getattr(self, "cpo_alpha", None) == 0:  # SimPO: CPO's loss without its NLL term
+            nll = torch.zeros((), device=logits.device)
+        else:
+            scored = ids.masked_fill(attention == 0, -100).to(logits.device) if self.nbtune_whole_chat_nll else labels
+            nll = F.cross_entropy(logits[:chosen, :-1].flatten(0, 1), scored[:chosen, 1:].flatten(), ignore_index=-100)
+        logps = self.get_batch_logps(logits, labels, average_log_prob=True)
+        out = (logps[:chosen], logps[chosen:], logits[:chosen, :-1], logits[chosen:, :-1], nll)
+        return (*out, outputs.aux_loss) if self.aux_loss_enabled else out
+
+
+class _PairTokens:
+    """Tokens/s for ORPO and SimPO: their batches hold chosen_ and rejected_input_ids and no input_ids, which
+    is all the Trainer counts, so this counts the two sides' real (non-padding) tokens, prompt included, as
+    the Trainer counts a DPO batch (both sides) and an sft batch; summed over processes as it does."""
+
+    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+        import torch
+
+        args, state = self.args, self.state
+        if args.include_num_input_tokens_seen == "no" or "chosen_attention_mask" not in inputs:
+            return
+        tokens = inputs["chosen_attention_mask"].sum() + inputs["rejected_attention_mask"].sum()
+        tokens = torch.as_tensor(tokens, device=args.device, dtype=torch.int64)
+        state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
 
 
 def drop_reference_copy(model: Any) -> None:
