@@ -67,7 +67,7 @@ class FakeHandle:
     def __init__(self):
         self.updates = []
 
-    def update(self, obj):
+    def update(self, obj, raw=False):
         self.updates.append(obj)
 
 
@@ -254,3 +254,140 @@ def test_a_trial_that_fails_before_its_first_step_says_so():
     run.status = "failed"
     panel.on_error(run, RuntimeError("boom"))
     assert "failed before its first step" in panel.chart.value and "failed" in panel.trial.value
+
+
+# ------------------------------------------------------------------ one point, a flat series (issue 29 item 13)
+def _labels(svg):
+    """(the value axis' top label, its bottom label, the other axis' tick labels) of a chart."""
+    texts = re.findall(r"<text([^>]*)>([^<]*)</text>", svg)
+    high, low = (float(text) for attrs, text in texts if ' x="2" ' in attrs)
+    return high, low, [text for attrs, text in texts if ' x="2" ' not in attrs and " by " not in text]
+
+
+def test_a_one_point_chart_has_a_value_range_and_one_trial_tick():
+    """The first trial of a sweep drew an axis from 0.127 to 0.127 and 'trial 0 ... trial 0'."""
+    svg = best_so_far_svg([record(0, 0.127)], "minimize", "eval_loss")
+    high, low, ticks = _labels(svg)
+    assert low < 0.127 < high and ticks == ["trial 0"]
+    [(x, _)] = _points(svg)
+    assert f'x="{x:.1f}"' in re.search(r"<text[^>]*>trial 0<", svg).group(0)  # under its point
+    [scatter] = objective_by_param_svgs([record(0, 0.127, lr=3e-4)], ["learning_rate"], "eval_loss")
+    high, low, ticks = _labels(scatter)
+    assert low < 0.127 < high and ticks == ["0.0003"]
+
+
+def test_a_flat_series_gets_a_padded_range_and_a_spread_one_keeps_its_own():
+    flat = [record(n, 0.5) for n in range(3)]
+    high, low, ticks = _labels(best_so_far_svg(flat, "minimize"))
+    assert (low, high) == (0.475, 0.525) and ticks == ["trial 0", "trial 2"]
+    assert sweep_render.padded([0.0]) == (-0.05, 0.05) and sweep_render.padded([1.0, 2.0]) == (1.0, 2.0)
+    high, low, _ = _labels(best_so_far_svg([record(0, 1.0), record(1, 2.0)], "minimize"))
+    assert (low, high) == (1.0, 2.0)
+
+
+# ------------------------------------------------------------------ the sweep's own line (issue 29 item 12)
+@dataclass
+class LineSweep(FakeSweep):
+    observers: list = field(default_factory=list)
+
+    def headline(self):
+        return f"sweep {self.name!r}: {len(self.records)} of {self.planned} trials, {self.status}"
+
+    def __repr__(self):
+        return self.headline()
+
+
+@pytest.fixture
+def displayed(monkeypatch):
+    """What show_sweep displays: (bundle, display_id) per call, and the handle's updates."""
+    import IPython.display
+
+    calls, handle = [], FakeHandle()
+
+    def display(obj, raw=False, display_id=None):
+        calls.append((obj, display_id))
+        return handle if display_id else None
+
+    monkeypatch.setattr(IPython.display, "display", display)
+    monkeypatch.setattr(IPython, "get_ipython", lambda: ZMQInteractiveShell())
+    return calls, handle
+
+
+class ZMQInteractiveShell:
+    """Stands for a notebook's kernel (by its class name, as nbtune tells one)."""
+
+
+def test_a_running_sweeps_line_follows_it_to_its_end_and_through_a_resume(displayed):
+    """A --background sweep's line stayed "0 of 4 trials, running" after it finished, and after a resume."""
+    from nbtune.widgets.sweep_panel import SweepLine, show_sweep
+
+    calls, handle = displayed
+    sweep = LineSweep(observers=[])
+    show_sweep(sweep)
+    [(bundle, display_id)] = calls
+    assert bundle == {"text/plain": "sweep 'lr-sweep': 0 of 4 trials, running"} and display_id is True
+    [line] = sweep.observers
+    assert isinstance(line, SweepLine) and line.steps and line.snapshot  # no panel: it is the progress too
+    run = FakeRun("lr-sweep/0", total_steps=10)
+    line.on_trial_start(sweep, run, {})
+    line.on_step(run, {"step": 3, "loss": 1.25})
+    assert handle.updates[-1] == {"text/plain": "sweep 'lr-sweep': 0 of 4 trials, running — lr-sweep/0: step 3/10, "
+                                                "loss 1.2500"}
+    sweep.records.append(record(0, 0.9))
+    line.on_trial_end(sweep, sweep.records[-1])
+    sweep.status = "stopped"
+    line.on_sweep_end(sweep)
+    assert handle.updates[-1]["text/plain"] == "sweep 'lr-sweep': 1 of 4 trials, stopped"
+    assert "nbtune-sweep-snapshot" in handle.updates[-1]["text/html"]
+    sweep.status = "running"  # resumed: the same line goes on
+    line.on_sweep_start(sweep)
+    sweep.records += [record(n, 1.0) for n in (1, 2, 3)]
+    sweep.status = "finished"
+    line.on_sweep_end(sweep)
+    assert handle.updates[-1]["text/plain"] == "sweep 'lr-sweep': 4 of 4 trials, finished"
+
+
+def test_under_a_panel_the_line_is_the_headline_alone_and_an_ended_sweep_is_shown_whole(displayed):
+    from nbtune.widgets.sweep_panel import show_sweep
+
+    calls, handle = displayed
+    panel = _panel()
+    sweep = LineSweep(observers=[panel])
+    show_sweep(sweep)
+    line = sweep.observers[-1]
+    assert not line.steps and not line.snapshot  # the panel shows the steps and leaves the snapshot
+    line.on_step(FakeRun("lr-sweep/0"), {"step": 1, "loss": 1.0})
+    assert handle.updates == []
+    sweep.status = "finished"
+    line.on_sweep_end(sweep)
+    assert handle.updates[-1] == {"text/plain": "sweep 'lr-sweep': 0 of 4 trials, finished"}
+    show_sweep(sweep)  # an ended sweep: shown once, whole, and not followed
+    bundle, display_id = calls[-1]
+    assert display_id is None and "nbtune-sweep-snapshot" in bundle["text/html"] and len(sweep.observers) == 2
+
+
+def test_a_pruned_trials_line_says_pruned_not_stopped():
+    """Issue 29 item 7: its run ends "stopped" (the pruner stopped it); the sweep then tells it pruned."""
+    sweep, run = FakeSweep(), FakeRun("lr-sweep/0", total_steps=10)
+    panel = _panel()
+    panel.on_sweep_start(sweep)
+    panel.on_trial_start(sweep, run, {"learning_rate": 2e-4, "lora_r": 16})
+    _step(panel, run, 2)
+    run.status = "stopped"
+    panel.on_run_end(run)
+    assert "stopped" in panel.trial.value
+    sweep.records.append(record(0, 1.1, "pruned"))
+    panel.on_trial_end(sweep, sweep.records[-1])
+    assert "pruned" in panel.trial.value and "stopped" not in panel.trial.value and "step 2/10" in panel.trial.value
+
+
+def test_a_terminal_gets_the_line_once_not_an_update_per_step(displayed, monkeypatch):
+    import IPython
+
+    from nbtune.widgets.sweep_panel import show_sweep
+
+    calls, _ = displayed
+    monkeypatch.setattr(IPython, "get_ipython", lambda: None)
+    sweep = LineSweep(observers=[])
+    show_sweep(sweep)
+    assert calls == [({"text/plain": "sweep 'lr-sweep': 0 of 4 trials, running"}, None)] and sweep.observers == []

@@ -6,12 +6,15 @@ one cached base (no reload), named `<sweep>/<number>`.
     >>> sweep.best, sweep.trials                 # the best finished trial's record; a DataFrame of all
     >>> print(sweep.to_cell())                   # the best config as a %%finetune cell
 
-Trials join `nbtune.runs` and save to runs/<sweep>/<number> (or <output_dir>/<number>). The study is
-runs/<sweep>/study.db (or the block's `storage:` URL): a sweep run again, or `resume()`d, continues until
-`trials` trials are done, an interrupted trial's params first. Only the best `keep_models` trials keep their
-models; a failed trial is recorded and the sweep goes on. With a pruner, a trial that would evaluate only at
-its end evaluates every steps/5 steps. The block is checked in engine/sweep_space.py, the study kept in
-engine/sweep_study.py.
+Trials join `nbtune.runs` and save to runs/<sweep>/<number> (or <output_dir>/<number>); the sweep itself is
+`nbtune.sweeps[<sweep>]`. The study is runs/<sweep>/study.db (or the block's `storage:` URL): the same sweep
+run again, or `resume()`d, continues until `trials` trials are done, an interrupted trial's params first; a
+sweep whose settings, data or block changed starts a new study, the old one moved aside with its trials
+(runs/<sweep>~1), or in a shared storage is refused. Only the best `keep_models` trials keep their models; a
+failed trial is recorded and the sweep goes on; a pruned one is a run of status "pruned" (never resumed).
+With a pruner, a trial that would evaluate only at its end evaluates every steps/5 steps. The block is
+checked in engine/sweep_space.py, the study kept in engine/sweep_study.py; engine/sweep_views.py is what a
+Sweep shows, engine/sweep_config.py a trial's config and what a stored study must match.
 
 Sweep observers (the notebook's panel) get, each method only if they have it, `on_sweep_start(sweep)`,
 `on_trial_start(sweep, run, params)` (before the trial trains; they watch its run's own events too),
@@ -20,7 +23,7 @@ Sweep observers (the notebook's panel) get, each method only if they have it, `o
 
 from __future__ import annotations
 
-import math
+import json
 import threading
 import time
 import warnings
@@ -30,7 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 from nbtune.config import RunConfig
 from nbtune.engine import sweep_study as st
-from nbtune.engine.sweep_space import SweepSpec, check_sweep_spec, trial_config
+from nbtune.engine.sweep_config import study_fingerprint
+from nbtune.engine.sweep_space import SweepSpec, check_sweep_spec
+from nbtune.engine.sweep_views import SweepViews, done_trials, finite
 from nbtune.engine.text import cell
 from nbtune.errors import ConfigError, NbtuneError, NbtuneWarning, RunInterrupted
 
@@ -38,12 +43,11 @@ if TYPE_CHECKING:
     from nbtune.engine.result import Run
     from nbtune.engine.workbench import Workbench
 
-SEPARATORS = "/\\"
 
-
-class Sweep:
+class Sweep(SweepViews):
     """A hyperparameter search: its trials' `records` (plain dicts), their `runs` in this kernel, the Optuna
-    `study`, `best`, a `trials` DataFrame, `to_cell()`, `resume()`, `stop()`, `compare()`."""
+    `study`, `best`, a `trials` DataFrame, `to_cell()`, `resume()`, `stop()`, `compare()` (the reading half
+    is engine/sweep_views.py)."""
 
     def __init__(self, config: RunConfig, spec: SweepSpec, *, bench: Workbench, base: Any = None,
                  observers: Iterable[Any] = (), progress: bool = False) -> None:
@@ -55,109 +59,11 @@ class Sweep:
         self.status = "running"  # running, finished, stopped or failed
         self.error: str | None = None
         self.study: Any = None  # the optuna.Study, opened once the config passed its checks
+        self.moved_to: Path | None = None  # where its study went when a sweep of its name but another config ran
+        self.fingerprint: dict[str, Any] = {}  # what its study must match (sweep_config.study_fingerprint)
         self._stop = threading.Event()
         self._current: Run | None = None
         self._thread: threading.Thread | None = None
-
-    # ------------------------------------------------------------------ what the panel reads
-    @property
-    def name(self) -> str:
-        return str(self.config.name)
-
-    @property
-    def objective(self) -> str:
-        return self.spec.objective
-
-    @property
-    def direction(self) -> str:
-        return self.spec.direction
-
-    @property
-    def planned(self) -> int:
-        return self.spec.trials
-
-    @property
-    def params(self) -> list[str]:
-        return self.spec.names
-
-    @property
-    def best(self) -> dict[str, Any] | None:
-        """The record of the best finished trial (Optuna's rule: pruned trials' values are intermediate)."""
-        done = [r for r in self.records if r["status"] == "finished" and _finite(r["value"])]
-        if not done:
-            return None
-        pick = min if self.direction == "minimize" else max
-        return pick(done, key=lambda r: r["value"])
-
-    @property
-    def best_run(self) -> Run | None:
-        """The best trial's run, while this kernel holds it (None for a trial another process ran)."""
-        best = self.best
-        return None if best is None else self.runs.get(best["number"]) or self.bench.runs.get(best["name"])
-
-    # ------------------------------------------------------------------ views
-    @property
-    def trials(self) -> Any:
-        """A pandas DataFrame: number, status, each swept setting, the objective (by its metric's name), steps,
-        seconds and run name, a row per trial."""
-        import pandas as pd
-
-        columns = ["number", "status", *self.params, self.objective, "steps", "seconds", "run"]
-        return pd.DataFrame([_row(r, self.params, self.objective) for r in self.records], columns=columns)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data (JSON-ready): name, objective, direction, status, planned, best, records, ran_here."""
-        return {"name": self.name, "objective": self.objective, "direction": self.direction, "status": self.status,
-                "planned": self.planned, "best": self.best, "error": self.error, "records": list(self.records),
-                "ran_here": list(self.ran_here)}
-
-    def to_cell(self) -> str:
-        """The best trial's config as a `%%finetune <sweep>-best` cell (its YAML, without `sweep`)."""
-        best = self.best
-        if best is None:
-            raise NbtuneError(f"sweep {self.name!r} has no finished trial yet; run it (sweep.resume()) first.")
-        config = self.config_for(best["params"], f"{self.name}-best", pruning=False)
-        # settings at their defaults left out: the cell says what this config chose, as a person would write it
-        return f"%%finetune {config.name}\n{config.to_text(omit=('derived', 'name', 'defaults'))}"
-
-    def config_for(self, params: dict[str, Any], suffix: str, *, pruning: bool = True) -> RunConfig:
-        """The sweep's config with `params` set: a trial's (suffix: its number) or the best's ("<sweep>-best")."""
-        trial = suffix.isdigit()
-        name = f"{self.name}/{suffix}" if trial else suffix
-        folder = None
-        if self.config.output_dir:
-            base = str(self.config.output_dir).rstrip(SEPARATORS)
-            folder = str(Path(base) / suffix) if trial else f"{base}-best"
-        return trial_config(self.config, self.spec, params, name=name, output_dir=folder, pruning=pruning)
-
-    def compare(self) -> Any:
-        """The trials this kernel holds that trained a step, side by side (`nbtune.compare`), in trial order."""
-        from nbtune.kernel import compare
-
-        return compare(*(self.runs[n] for n in sorted(self.runs) if self.runs[n].history))
-
-    def headline(self) -> str:
-        best = self.best
-        said = "no finished trial" if best is None else (
-            f"best {cell(best['value'])} (trial {best['number']}: "
-            + ", ".join(f"{k}={cell(v)}" for k, v in best["params"].items()) + ")")
-        return (f"sweep {self.name!r}: {len(self.records)} of {self.planned} trials, {self.status} · {self.direction} "
-                f"{self.objective} · {said}")
-
-    def __repr__(self) -> str:
-        columns = ["number", "status", *self.params, self.objective, "steps", "seconds"]
-        lines = [columns, *([cell(_row(r, self.params, self.objective)[c]) for c in columns] for r in self.records)]
-        widths = [max(len(str(x)) for x in column) for column in zip(*lines, strict=True)]
-        table = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip() for line in lines]
-        return "\n".join([self.headline(), *(table if self.records else [])])
-
-    def _repr_html_(self) -> str | None:
-        """The static snapshot once it ended; while a background sweep runs, its text (the live panel shows it)."""
-        if self.status == "running":
-            return None
-        from nbtune.widgets.sweep_render import sweep_snapshot_html  # the engine never imports display code at load
-
-        return sweep_snapshot_html(self)
 
     # ------------------------------------------------------------------ control
     def stop(self) -> None:
@@ -178,6 +84,16 @@ class Sweep:
         """Continue the sweep until its study holds `trials` trials (an interrupted trial's params first)."""
         if self._thread is not None and self._thread.is_alive():
             raise NbtuneError(f"sweep {self.name!r} is still running in the background; wait for it (.wait()).")
+        with st.quiet_optuna():
+            found = st.stored_study(self.config, self.spec)
+        if self.moved_to is not None:  # its study's old place holds the newer sweep's study now
+            raise NbtuneError(f"sweep {self.name!r} was set aside when a sweep of its name with another config "
+                              f"started; its study and trials are kept in {str(self.moved_to)!r}. Run this config "
+                              "under another name to start it again.")
+        if found is None or found[1] != self.fingerprint:  # deleted, or set aside by another kernel
+            where = self.spec.storage or str(self.config.resolved_output_dir)
+            raise NbtuneError(f"sweep {self.name!r}: its study is gone from {where!r} or is now another sweep's; "
+                              "run its cell again to start it anew.")
         self.bench._refuse_while_training()
         self._stop.clear()
         return self.start(background)
@@ -239,14 +155,18 @@ class Sweep:
         self.records = sorted([*told, *stopped], key=lambda r: r["number"])
 
     def _bar(self) -> Any:
-        """A bar over the trials, unless an observer (the panel) shows the sweep and `progress` is off."""
-        from tqdm.auto import tqdm
-
+        """A bar over the trials, unless `progress` is off and an observer (the panel) shows the sweep, or
+        the sweep runs on a thread: a bar drawn from there lands under whichever cell runs at the time (a
+        background sweep shows itself in its own cell: its panel, or its line, engine/sweep_views.py)."""
         from nbtune.engine.distributed import is_main_process
+        from nbtune.engine.progress import progress_bar
 
-        shown = self.progress or not any(hasattr(o, "on_sweep_start") for o in self.observers)
-        return tqdm(total=self.planned, initial=len(self.records), desc=f"sweep {self.name}", unit="trial",
-                    disable=not (shown and is_main_process()))
+        background = threading.current_thread() is self._thread
+        shown = self.progress or not (background or any(hasattr(o, "on_sweep_start") for o in self.observers))
+        bar = progress_bar(total=self.planned, desc=f"sweep {self.name}", unit="trial", leave=True,
+                           disable=not (shown and is_main_process()))
+        bar.update(len(self.records))  # the trials an earlier session of this study already told
+        return bar
 
     def _trial(self) -> dict[str, Any] | None:
         """Ask, train and tell one trial; its record (None when another process took its place)."""
@@ -287,12 +207,13 @@ class Sweep:
         if run.status == "failed":  # diverged: finetune returns it, failed, with its reason
             return self._told(trial, run, started, "FAIL", error=run.error)
         if run.status == "stopped" and pruning is not None and pruning.pruned:
+            _mark_pruned(run)
             return self._told(trial, run, started, "PRUNED")
         if run.status == "stopped":  # the sweep's Stop, or the trial's own: the sweep ends, the trial is redone
             self._stop.set()
             return self._abandoned(trial, run, "stopped")
         value = run.metrics.get(self.objective)
-        if not _finite(value):
+        if not finite(value):
             return self._told(trial, run, started, "FAIL", error=f"the run reported no finite {self.objective} "
                                                                  f"({value!r})")
         return self._told(trial, run, started, "COMPLETE", value=float(value))
@@ -329,11 +250,12 @@ class Sweep:
                 run.release_model()
 
     def _interrupted(self, exc: BaseException) -> RunInterrupted:
-        done = sum(r["status"] != "stopped" for r in self.records)
+        done = done_trials(self.records)
+        # The cell raised, so it returned no Sweep to call resume() on: nbtune.sweeps holds it
         error = RunInterrupted(f"sweep {self.name!r} was interrupted with {done} of {self.planned} trials done (in "
-                               f"nbtune.runs as {self.name}/<number>); sweep.resume(), or running the same config "
-                               "again, continues it (the interrupted trial's params first).",
-                               getattr(exc, "run", None))
+                               f"nbtune.runs as {self.name}/<number>); nbtune.sweeps[{self.name!r}].resume(), or "
+                               "running the same cell or config again, continues it (the interrupted trial's "
+                               "params first).", getattr(exc, "run", None))
         error.sweep = self  # type: ignore[attr-defined]
         return error
 
@@ -356,25 +278,35 @@ def run_sweep(config: RunConfig | dict[str, Any] | str, *, bench: Workbench, bas
     """Search `config`'s `sweep:` block: every setting and value is checked, the data read and the study opened
     before any weight loads; then `on_ready(sweep)` (the notebook shows its panel), then the trials, on a
     thread with `background=True` (the panel's Stop then works). `observers`: see the module docstring;
-    `progress=True` adds each trial's step bar under the bar over trials. Returns the `Sweep`; an interrupt
-    raises `RunInterrupted` (its `.sweep` holds the trials so far)."""
+    `progress=True` adds each trial's step bar under the bar over trials. A sweep whose config changed since
+    its stored study starts a new one, the old moved aside (sweep_study.set_aside_changed). Returns the
+    `Sweep`, also `bench.sweeps[name]` (`nbtune.sweeps`); an interrupt raises `RunInterrupted` (its `.sweep`
+    holds the trials so far)."""
+    from nbtune.engine.provenance import data_record
+    from nbtune.engine.run import session_of
+
     config = RunConfig.parse(config)
     if config.sweep is None:
         raise ConfigError("this config has no `sweep:` block; add one, e.g. sweep: {r: [4, 8, 16]}.", field="sweep")
     spec = check_sweep_spec(config.sweep, config)
     watchers = list(observers) if isinstance(observers, Iterable) else [observers]
     sweep = Sweep(config, spec, bench=bench, base=base, observers=watchers, progress=progress)
-    _check_trials(sweep)
+    sweep.fingerprint = study_fingerprint(config, spec, data_record(*session_of(_check_trials(sweep)).data))
     with st.quiet_optuna():
-        sweep.study = st.open_study(config, spec)
+        moved = st.set_aside_changed(config, spec, sweep.fingerprint)
+        sweep.study = st.open_study(config, spec, sweep.fingerprint)
+    if moved is not None:
+        _moved_aside(bench, sweep, moved)
+    bench.sweeps[sweep.name] = sweep
     if on_ready is not None:
         on_ready(sweep)
     return sweep.start(background)
 
 
-def _check_trials(sweep: Sweep) -> None:
+def _check_trials(sweep: Sweep) -> Run:
     """Every listed value and every bound parsed into a trial's config (cross-checks between settings
-    included), and one trial's data read and its metrics tried on it: all before any weight loads."""
+    included), and one trial's data read and its metrics tried on it: all before any weight loads. Returns
+    that trial's pending run (its data as read: what the study's fingerprint hashes)."""
     from nbtune.engine.run import start_run
 
     for d in sweep.spec.dimensions:
@@ -383,18 +315,44 @@ def _check_trials(sweep: Sweep) -> None:
                 sweep.config_for({d.name: value}, "0")
             except NbtuneError as exc:
                 raise ConfigError(f"`sweep.{d.name}: {value!r}`: {exc}", field="sweep") from None
-    start_run(sweep.config_for({d.name: d.checked_values()[0] for d in sweep.spec.dimensions}, "0"))
+    return start_run(sweep.config_for({d.name: d.checked_values()[0] for d in sweep.spec.dimensions}, "0"))
 
 
-def _row(record: dict[str, Any], params: list[str], objective: str) -> dict[str, Any]:
-    return {"number": record["number"], "status": record["status"],
-            **{p: record["params"].get(p) for p in params}, objective: record["value"], "steps": record["steps"],
-            "seconds": record["seconds"], "run": record["name"]}
+def _moved_aside(bench: Workbench, sweep: Sweep, moved: Path) -> None:
+    """The kernel's sweep of that name and its trials now live in `moved`: say so where they are kept (the
+    Sweep refuses to resume, each trial run's `saved_to` follows its folder)."""
+    earlier = bench.sweeps.get(sweep.name)
+    if earlier is not None:
+        earlier.moved_to = moved
+    old = sweep.config.resolved_output_dir.resolve()
+    for run in bench.runs.values():
+        if run.name.startswith(f"{sweep.name}/") and run.saved_to is not None:
+            try:
+                inside = Path(run.saved_to).resolve().relative_to(old)
+            except ValueError:
+                continue
+            run.saved_to = moved / inside
+            if "saved_to" in run.metrics:
+                run.metrics["saved_to"] = str(run.saved_to)
+
+
+def _mark_pruned(run: Run) -> None:
+    """A trial its pruner stopped is "pruned", not "stopped": nothing of it is to be resumed (the sweep tries
+    other params instead), so its training state goes, and its saved run.json says so too (history() reads
+    it). The pipeline saved it as it ended, stopped; only the status changes."""
+    from nbtune.engine.result import set_status
+
+    set_status(run, "pruned")  # which lets its training state go
+    if run.saved_to is None or not run.owns_saved_folder():
+        return
+    path = Path(run.saved_to) / "run.json"
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    saved["status"] = "pruned"
+    partial = path.with_name(".run.json.partial")
+    partial.write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
+    partial.replace(path)  # a rename: a reader never sees half a file
 
 
 def _steps(run: Run | None) -> int:
     return run.history[-1]["step"] if run is not None and run.history else 0
 
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,5 +1,5 @@
 """A config's `sweep:` block read and checked: the search space, the objective, how trials are chosen and
-judged; and `trial_config`, a point of the space as a run's config. No torch, no Optuna: `check_sweep_spec`
+judged (a point of the space as a run's config: engine/sweep_config.py). No torch, no Optuna: `check_sweep_spec`
 runs while a config is parsed, before anything loads.
 
     >>> spec = check_sweep_spec({"r": [4, 8], "dropout": [0.0, 0.1]}, config)  # doctest: +SKIP
@@ -11,7 +11,8 @@ a list of values (categorical; a grid's axis), or one distribution: `{uniform: [
 `{log_uniform: [low, high]}`, `{int: [low, high]}`, `{int_log: [low, high]}` (the last two, and a
 distribution on an integer setting such as `r`, sample whole numbers). The other keys of the block:
 `trials` (default: the grid's size when every dimension is a list, else 10), `objective` (a metric the
-trials report, `{name: min|max}`; default `eval_loss: min`), `sampler` (grid | random | tpe; default grid
+trials report, `{name: min|max}`; default `eval_loss: min`, or without evaluation data `final_loss: min`,
+the mean training loss of a trial's last 10% of steps), `sampler` (grid | random | tpe; default grid
 when every dimension is a list, else tpe), `pruner` (none | median | hyperband), `storage` (an Optuna
 storage URL; default the SQLite file `<sweep folder>/study.db`) and `keep_models` (default 2).
 """
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from nbtune.data.loading import is_demo
+from nbtune.engine.sweep_config import trial_config as trial_config  # its home before the fixed settings joined it
 from nbtune.errors import ConfigError, NbtuneError, did_you_mean
 
 if TYPE_CHECKING:
@@ -36,7 +38,9 @@ DISTRIBUTIONS = ("uniform", "log_uniform", "int", "int_log")
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("none", "median", "hyperband")
 DIRECTIONS = {"min": "minimize", "minimize": "minimize", "max": "maximize", "maximize": "maximize"}
-LOWER_IS_BETTER = ("eval_loss", "train_loss", "perplexity")  # every other metric scores answers: higher wins
+# Lower wins; every other metric scores answers: higher wins. The training losses: engine/run.py's loss_summary.
+LOWER_IS_BETTER = ("eval_loss", "final_loss", "train_loss", "last_loss", "perplexity")
+TRAINING_LOSSES = ("final_loss", "train_loss", "last_loss")
 DEFAULT_TRIALS = 10
 # Settings a trial cannot take from the search: they name the sweep, its folders, or another kind of job.
 NOT_SWEPT = {"name": "the trials are named <sweep>/<number>",
@@ -98,10 +102,12 @@ class SweepSpec:
         return [d.name for d in self.dimensions]
 
     def fingerprint(self) -> dict[str, Any]:
-        """What a stored study must match to be continued: the space, the objective and the sampler (not
-        `trials`: asking for more of the same sweep is how it grows)."""
+        """What a stored study must match to be continued, of the block: the space, the objective, the sampler
+        and the pruner (not `trials`: asking for more of the same sweep is how it grows). The rest of the config
+        is engine/sweep_config.py's `study_fingerprint`."""
         space = {d.name: [d.kind, d.encoded() if d.kind == "choice" else [d.low, d.high]] for d in self.dimensions}
-        return {"space": space, "objective": self.objective, "direction": self.direction, "sampler": self.sampler}
+        return {"space": space, "objective": self.objective, "direction": self.direction, "sampler": self.sampler,
+                "pruner": self.pruner}
 
     def eval_steps_for(self, steps: int | None, eval_steps: int) -> int:
         """A trial's `eval_steps`: a pruner judges trials at evaluation points, so a trial that would only
@@ -256,35 +262,10 @@ def _checked(name: str, param: Param, value: Any) -> Any:
         raise ConfigError(f"`sweep.{name}`: {exc}", field="sweep") from None
 
 
-# ---------------------------------------------------------------------------- a point of the space as a config
-def trial_config(config: RunConfig, spec: SweepSpec, params: dict[str, Any], *, name: str,
-                 output_dir: str | None, pruning: bool = True) -> RunConfig:
-    """`config` with `params`, `name` and `output_dir` set and no `sweep`. A trial of another method keeps the
-    options that method also has and that were changed from their default; with a pruner, a trial that would
-    evaluate only at its end evaluates every steps/5 steps (`SweepSpec.eval_steps_for`)."""
-    from nbtune.config import RunConfig, overlay
-    from nbtune.methods import get_method
-
-    raw = config.to_dict()
-    raw["derived"] = {k: v for k, v in config.derived.items() if k not in params}  # re-derived where not set
-    method = params.get("method", config.method)
-    if method != config.method:
-        old, new = get_method(config.method), get_method(method)
-        defaults = old.default_options()
-        for key in old.option_names():
-            if key not in new.option_names() or raw.get(key) == defaults[key]:
-                raw.pop(key, None)
-    # overlay: a swept `steps` replaces the config's `epochs` (and the other way round), as a cell's would
-    raw = overlay(raw, params, {"name": name, "output_dir": output_dir, "sweep": None})
-    if pruning:
-        raw["eval_steps"] = spec.eval_steps_for(raw.get("steps"), raw["eval_steps"])
-    return RunConfig.parse(raw)
-
-
 # ---------------------------------------------------------------------------- objective, sampler, pruner
 def _objective(value: Any, config: RunConfig) -> tuple[str, str]:
-    if value is None:
-        name, direction = "eval_loss", "minimize"
+    if value is None:  # without held-out rows, the end of training: an average of steps, not one noisy batch
+        name, direction = ("eval_loss" if has_eval_data(config) else "final_loss"), "minimize"
     elif isinstance(value, str):
         name = value.strip()
         direction = "minimize" if name in LOWER_IS_BETTER else "maximize"
@@ -307,15 +288,15 @@ def has_eval_data(config: RunConfig) -> bool:
 
 
 def reported_metrics(config: RunConfig) -> list[str]:
-    """The metrics every trial of `config` reports at its end: train_loss, and with evaluation data eval_loss
-    and the metrics `metric` names (perplexity, and the scores of generated answers)."""
+    """The metrics every trial of `config` reports at its end: the training losses (TRAINING_LOSSES), and with
+    evaluation data eval_loss and the metrics `metric` names (perplexity, and the scores of generated answers)."""
     from nbtune.engine.metrics import resolve_metrics
 
     if not has_eval_data(config):
-        return ["train_loss"]
+        return list(TRAINING_LOSSES)
     demo = is_demo(config.data)
     named = [m.name for m in resolve_metrics(config.metric, demo=demo)]
-    return list(dict.fromkeys(["eval_loss", *named, "train_loss"]))
+    return list(dict.fromkeys(["eval_loss", *named, *TRAINING_LOSSES]))
 
 
 def _check_reported(name: str, config: RunConfig) -> None:
@@ -327,7 +308,8 @@ def _check_reported(name: str, config: RunConfig) -> None:
     where = f"`sweep.objective: {name}`"
     if not has_eval_data(config) and (name in ("eval_loss", "perplexity") or name in METRICS):
         raise ConfigError(f"{where}: the trials have no evaluation data to measure it on; set `eval_split` (e.g. "
-                          "0.2) or `eval_data`.", field="sweep")
+                          "0.2) or `eval_data`, or rank on the training loss (`objective: final_loss`, the mean of "
+                          "the last 10% of steps).", field="sweep")
     if name in METRICS:
         same = " (or objective eval_loss: the same ranking)" if name == "perplexity" else ""
         raise ConfigError(f"{where}: the trials report {name} only when `metric` names it; add it to `metric`"
@@ -371,6 +353,10 @@ def _trials(value: Any, grid: int | None, sampler: str, *, explicit: bool) -> in
 def _check_pruner(pruner: str, objective: str, config: RunConfig, steps_swept: bool) -> None:
     if pruner == "none":
         return
+    if not has_eval_data(config):
+        raise ConfigError(f"`sweep.pruner: {pruner}` judges trials by their eval_loss at each evaluation point, and "
+                          "the trials have no evaluation data; set `eval_split` (e.g. 0.2) or `eval_data`, or "
+                          "`pruner: none`.", field="sweep")
     if objective != "eval_loss":
         raise ConfigError(f"`sweep.pruner: {pruner}` judges trials by their eval_loss at each evaluation point, "
                           f"while {objective} is measured only at a trial's end; use `objective: {{eval_loss: min}}` "

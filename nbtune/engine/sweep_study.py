@@ -5,7 +5,9 @@ The study lives in an Optuna storage: by default the SQLite file `<sweep folder>
 `storage:` URL of the sweep block, which several processes or machines may share. A trial counts towards
 `trials` once asked (running, finished, pruned or failed); a trial cut short by an interrupt or a Stop is
 told FAIL with the user attribute `interrupted` and does not count: its params are queued again
-(`enqueue_trial`), so the next run of the sweep tries them first.
+(`enqueue_trial`), so the next run of the sweep tries them first. A stored study is continued only by the
+same sweep (engine/sweep_config.py's fingerprint: block, fixed settings, data); one of a changed sweep moves
+aside to `<sweep folder>~<n>` (`set_aside_changed`), and in a shared storage is refused.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ import json
 import math
 import os
 import socket
+import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nbtune.errors import ConfigError
+from nbtune.engine.sweep_config import changes, said_briefly
+from nbtune.errors import ConfigError, NbtuneWarning
 
 if TYPE_CHECKING:
     import optuna
@@ -56,29 +61,102 @@ def storage_url(config: RunConfig, spec: SweepSpec) -> str:
     return f"sqlite:///{(folder / 'study.db').resolve()}"  # absolute: a background thread's cwd may change
 
 
-def open_study(config: RunConfig, spec: SweepSpec) -> optuna.Study:
+def open_study(config: RunConfig, spec: SweepSpec, fingerprint: dict[str, Any] | None = None) -> optuna.Study:
     """The sweep's study, created or loaded (`load_if_exists`): a sweep run again continues where it was.
-    A stored study of another search space, objective or sampler is refused rather than mixed in."""
+    `fingerprint` (sweep_config.study_fingerprint; default the block's alone) is what it must match: a stored
+    study with trials that differs is refused, unless `set_aside_changed` moved it aside first."""
     import optuna
 
     url = storage_url(config, spec)
     storage = _storage(url) if url.startswith("sqlite") else url
     study = optuna.create_study(storage=storage, study_name=str(config.name), direction=spec.direction,
                                 pruner=make_pruner(spec, config), load_if_exists=True)
-    wanted = json.loads(json.dumps(spec.fingerprint()))  # as the storage gives it back: tuples become lists
+    wanted = json.loads(json.dumps(fingerprint or spec.fingerprint()))  # as a storage gives it back: lists
     stored = study.user_attrs.get(FINGERPRINT)
-    if stored is None:
-        study.set_user_attr(FINGERPRINT, wanted)
-    elif stored != wanted:
-        raise ConfigError(f"sweep {config.name!r}: its study ({url}) holds a sweep of another search space, "
-                          "objective or sampler; give this sweep another `name`, or delete that study to start "
-                          "over.", field="sweep")
+    if stored != wanted:
+        said = changes(stored, wanted) if stored is not None else []
+        if said and study.get_trials(deepcopy=False):
+            raise ConfigError(f"sweep {config.name!r} changed since its study in {url} ({said_briefly(said)}); set "
+                              "it back, or give the sweep another `name`.", field="sweep")
+        study.set_user_attr(FINGERPRINT, wanted)  # a new study, one with no trial yet, or an older nbtune's
     # Seeded by config.seed, so a sweep run once from scratch is repeatable; a resumed sweep, or a second
     # process joining the study, draws afresh instead of proposing the first trials' params again. Not the
     # grid: its seed shuffles the grid's points, which every process and every resume must number alike.
     joined = 0 if spec.sampler == "grid" else len(study.get_trials(deepcopy=False))
     study.sampler = make_sampler(spec, config.seed + joined)
     return study
+
+
+def set_aside_changed(config: RunConfig, spec: SweepSpec, fingerprint: dict[str, Any]) -> Path | None:
+    """A stored study with trials whose sweep changed (`fingerprint` differs, `changes` names how) is not
+    continued. The default study in the sweep's folder moves aside with its trials, to `<folder>~<n>`, and
+    the place is free for a new one (said in one line); returns where it went (None: nothing stored, or no
+    change). A shared `storage:` study is refused instead: other processes may be running it."""
+    found = stored_study(config, spec)
+    if found is None:
+        return None
+    url, stored, trials = found
+    said = changes(stored, json.loads(json.dumps(fingerprint))) if stored is not None and trials else []
+    if not said:
+        return None
+    # Why not refuse: in a notebook a sweep is tuned by editing its cell and running it again; the cell
+    # should then do what it now says, as a re-run %%finetune cell does, and not leave the user to rename
+    # it or delete files first. Nothing is lost: the old study and its trials move aside, and say where.
+    # A sweep run again unchanged (more `trials`, after an interrupt) continues its study as before.
+    if spec.storage is not None:
+        raise ConfigError(f"sweep {config.name!r} changed since its study in {url} ({said_briefly(said)}), which "
+                          "other processes may share: set it back, give the sweep another `name`, or delete that "
+                          f"study (optuna.delete_study(study_name={str(config.name)!r}, storage=...)).",
+                          field="sweep")
+    folder = config.resolved_output_dir
+    moved = _free_place(folder)
+    folder.rename(moved)
+    done = sum(counts(t) for t in trials)
+    warnings.warn(f"sweep {config.name!r} changed since its study ({said_briefly(said)}): a new study starts; the "
+                  f"old one and its {done} trial{'s' * (done != 1)} are kept in {str(moved)!r}.", NbtuneWarning,
+                  stacklevel=3)
+    return moved
+
+
+def stored_study(config: RunConfig, spec: SweepSpec) -> tuple[str, dict[str, Any] | None, list[Any]] | None:
+    """The sweep's stored study as it is now, without making one: (its storage URL, its fingerprint, its
+    trials); None when there is none yet."""
+    url = spec.storage
+    if url is None:
+        path = config.resolved_output_dir / "study.db"
+        if not path.is_file():
+            return None
+        url = f"sqlite:///{path.resolve()}"
+    storage = _storage(url) if url.startswith("sqlite") else _other_storage(url)
+    try:
+        study_id = storage.get_study_id_from_name(str(config.name))
+        return url, storage.get_study_user_attrs(study_id).get(FINGERPRINT), storage.get_all_trials(study_id)
+    except KeyError:  # no study of this name there yet
+        return None
+    finally:
+        _close(storage)
+
+
+def _free_place(folder: Path) -> Path:
+    """`<folder>~1`, `~2`, ...: the first that is free. '~' is no run name's character (config.RUN_NAME), so
+    no run is ever saved there."""
+    number = 1
+    while folder.with_name(f"{folder.name}~{number}").exists():
+        number += 1
+    return folder.with_name(f"{folder.name}~{number}")
+
+
+def _other_storage(url: str) -> Any:
+    import optuna
+
+    return optuna.storages.get_storage(url)
+
+
+def _close(storage: Any) -> None:
+    """Let the storage's database connections go (the file is about to move)."""
+    engine = getattr(storage, "engine", None)
+    if engine is not None:
+        engine.dispose()
 
 
 def _storage(url: str, attempts: int = 5) -> Any:

@@ -174,6 +174,10 @@ class Finetune(Magics):
         from nbtune.engine.workbench import WORKBENCH
 
         view = _sweep_panel(background, self.log_scale) if panel else None
+        if view is None and background and _in_a_notebook():
+            # bars drawn from the sweep's thread would land under whichever cell runs then: the Sweep this
+            # cell returns shows itself as a line kept current in this cell instead (widgets/sweep_panel.py)
+            return WORKBENCH.finetune(config, background=True)
         if view is None:
             return WORKBENCH.finetune(config, observers=[ProgressObserver()], background=background)
         return WORKBENCH.finetune(config, observers=[view], background=background, on_ready=lambda sweep: view.show())

@@ -78,6 +78,9 @@ class SweepPanel(NullObserver):
         self._draw_sweep()
 
     def on_trial_end(self, sweep: Any, record: dict[str, Any]) -> None:
+        run = self._run
+        if run is not None and run.name == record["name"] and run.history and record["status"] == "pruned":
+            self._draw_run(run.history[-1], ended="pruned")  # its run ended "stopped" before the sweep said why
         self._sweep, self._running = sweep, None
         self._draw_sweep()
 
@@ -128,7 +131,7 @@ class SweepPanel(NullObserver):
 
     def _position(self) -> str:
         """'trial 3 of 12' while one runs; '12 of 12 trials' between trials and at the end."""
-        done, planned = len(self._sweep.records), self._sweep.planned
+        done, planned = sweep_render.done_count(self._sweep.records), self._sweep.planned
         return f"trial {done + 1} of {planned}" if self._running is not None else f"{done} of {planned} trials"
 
     def _draw_run(self, record: dict[str, Any], ended: str | None = None) -> None:
@@ -169,3 +172,69 @@ def _trial_number(name: str, fallback: int) -> int:
     """The trial number from a trial run's name, '<sweep>/<number>'."""
     tail = name.rsplit("/", 1)[-1]
     return int(tail) if tail.isdigit() else fallback
+
+
+# ------------------------------------------------------------------------------- the sweep's line
+def show_sweep(sweep: Any) -> None:
+    """Display `sweep` (IPython calls this for a cell's Sweep result): its headline, with the trials table and
+    snapshot once it ended. A sweep still running gets a `SweepLine` that keeps this display current, to its
+    end and through later resumes; without a panel it also follows the running trial's steps (what a
+    background sweep with --no-panel shows of its progress, in its own cell)."""
+    from IPython import get_ipython
+    from IPython.display import display
+
+    if sweep.status != "running":
+        display(_ended_bundle(sweep), raw=True)
+        return
+    if type(get_ipython()).__name__ != "ZMQInteractiveShell":  # a terminal prints each update as a new line
+        display({"text/plain": sweep.headline()}, raw=True)
+        return
+    handle = display({"text/plain": sweep.headline()}, raw=True, display_id=True)
+    if handle is not None:
+        panel = any(isinstance(o, SweepPanel) for o in sweep.observers)
+        sweep.observers.append(SweepLine(handle, steps=not panel, snapshot=not panel))
+
+
+class SweepLine(NullObserver):
+    """A sweep observer keeping one display (a `display_id` handle) at the sweep's headline: updated when a
+    trial starts or ends and when the sweep ends; with `steps`, at most every `min_interval` seconds with the
+    running trial's step; with `snapshot`, the ended sweep's table and charts under it. Updates go by the
+    display's id, so they land in the cell that showed it, wherever the notebook is by then."""
+
+    def __init__(self, handle: Any, *, steps: bool, snapshot: bool, min_interval: float = 0.5) -> None:
+        self.handle, self.steps, self.snapshot, self.min_interval = handle, steps, snapshot, min_interval
+        self._sweep: Any = None
+        self._last = 0.0
+
+    def on_sweep_start(self, sweep: Any) -> None:
+        self._sweep = sweep
+        self._show(sweep.headline())
+
+    def on_trial_start(self, sweep: Any, run: Any, params: dict[str, Any]) -> None:
+        self._sweep, self._last = sweep, 0.0
+        self._show(f"{sweep.headline()} — {run.name} starting")
+
+    def on_step(self, run: Any, record: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if self._sweep is None or not self.steps or now - self._last < self.min_interval:
+            return
+        self._last = now
+        loss = f", loss {record['loss']:.4f}" if record.get("loss") is not None else ""
+        self._show(f"{self._sweep.headline()} — {run.name}: step {record['step']}/{run.total_steps}{loss}")
+
+    def on_trial_end(self, sweep: Any, record: dict[str, Any]) -> None:
+        self._show(sweep.headline())
+
+    def on_sweep_end(self, sweep: Any) -> None:
+        if self.snapshot:
+            self.handle.update(_ended_bundle(sweep), raw=True)
+        else:
+            self._show(sweep.headline())
+
+    def _show(self, text: str) -> None:
+        self.handle.update({"text/plain": text}, raw=True)
+
+
+def _ended_bundle(sweep: Any) -> dict[str, str]:
+    """What an ended sweep shows: its repr (headline and trials) and, where HTML shows, its snapshot."""
+    return {"text/plain": repr(sweep), "text/html": sweep_render.sweep_snapshot_html(sweep)}

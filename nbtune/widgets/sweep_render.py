@@ -76,7 +76,8 @@ def best_so_far_svg(records: Sequence[dict[str, Any]], direction: str, objective
         return _svg(WIDTH, HEIGHT, _note(WIDTH, HEIGHT, "no finished trial yet"))
     left, right, top, bottom = 44, WIDTH - 12, 10, HEIGHT - 30
     x = _linear([r["number"] for r in records], left + INSET, right - INSET)
-    y = _linear([r["value"] for r in shown], bottom - INSET, top + INSET)
+    low, high = padded([r["value"] for r in shown])
+    y = _linear([low, high], bottom - INSET, top + INSET)
     parts = [_axes(left, right, top, bottom)]
     line = _best_line(records, direction)
     if line:
@@ -88,12 +89,16 @@ def best_so_far_svg(records: Sequence[dict[str, Any]], direction: str, objective
         best = next(r for r in shown if r.get("status") == "finished" and r["value"] == line[-1][1])
         parts.append(f'<circle class="best" cx="{x(best["number"]):.1f}" cy="{y(best["value"]):.1f}" r="6.5" '
                      f'fill="none" stroke="{BEST_LINE}" stroke-width="1.5"/>')
-    low, high = min(r["value"] for r in shown), max(r["value"] for r in shown)
     numbers = [r["number"] for r in records]
-    parts.append(f'<text x="2" y="{top + 6}" font-size="10">{fmt(float(high))}</text>'
-                 f'<text x="2" y="{bottom}" font-size="10">{fmt(float(low))}</text>'
-                 f'<text x="{left}" y="{HEIGHT - 16}" font-size="10">trial {min(numbers)}</text>'
-                 f'<text x="{right}" y="{HEIGHT - 16}" font-size="10" text-anchor="end">trial {max(numbers)}</text>'
+    if len(set(numbers)) == 1:  # one trial: one tick, under its point ("trial 0 ... trial 0" said nothing)
+        ticks = (f'<text class="tick" x="{x(numbers[0]):.1f}" y="{HEIGHT - 16}" font-size="10" '
+                 f'text-anchor="middle">trial {numbers[0]}</text>')
+    else:
+        ticks = (f'<text class="tick" x="{left}" y="{HEIGHT - 16}" font-size="10">trial {min(numbers)}</text>'
+                 f'<text class="tick" x="{right}" y="{HEIGHT - 16}" font-size="10" text-anchor="end">'
+                 f'trial {max(numbers)}</text>')
+    parts.append(f'<text class="high" x="2" y="{top + 6}" font-size="10">{fmt(float(high))}</text>'
+                 f'<text class="low" x="2" y="{bottom}" font-size="10">{fmt(float(low))}</text>{ticks}'
                  f'<text x="{left}" y="{HEIGHT - 3}" font-size="10">{html.escape(objective)} by trial · '
                  f'best so far ({html.escape(direction)})</text>')
     return _svg(WIDTH, HEIGHT, "".join(parts), "nbtune-best-so-far")
@@ -132,7 +137,8 @@ def _param_svg(records: Sequence[dict[str, Any]], name: str, objective: str) -> 
     caption = html.escape(name)
     if not shown:
         return _svg(w, h, _note(w, h, f"{caption}: no value yet"), "nbtune-param")
-    y = _linear([r["value"] for r in shown], bottom - INSET, top + INSET)
+    low, high = padded([r["value"] for r in shown])
+    y = _linear([low, high], bottom - INSET, top + INSET)
     if categorical(values):
         levels = _levels(values)
         step = (right - left) / len(levels)
@@ -146,14 +152,18 @@ def _param_svg(records: Sequence[dict[str, Any]], name: str, objective: str) -> 
         start, end = left + INSET, right - INSET
         x = _log(numbers, start, end) if log else _linear(numbers, start, end)
         caption += " (log)" if log else ""
-        ticks = (f'<text x="{left}" y="{bottom + 12}" font-size="9">{html.escape(fmt(min(numbers)))}</text>'
-                 f'<text x="{right}" y="{bottom + 12}" font-size="9" text-anchor="end">'
-                 f'{html.escape(fmt(max(numbers)))}</text>')
+        if len(set(numbers)) == 1:  # one value so far: one tick, under its points
+            ticks = (f'<text class="tick" x="{x(numbers[0]):.1f}" y="{bottom + 12}" font-size="9" '
+                     f'text-anchor="middle">{html.escape(fmt(values[0]))}</text>')
+        else:
+            ticks = (f'<text class="tick" x="{left}" y="{bottom + 12}" font-size="9">'
+                     f'{html.escape(fmt(min(numbers)))}</text>'
+                     f'<text class="tick" x="{right}" y="{bottom + 12}" font-size="9" text-anchor="end">'
+                     f'{html.escape(fmt(max(numbers)))}</text>')
     points = "".join(_point(x(r["params"][name]), y(r["value"]), r,
                             f"trial {r['number']}: {fmt(r['params'][name])} → {fmt(r['value'])}") for r in shown)
-    low, high = min(r["value"] for r in shown), max(r["value"] for r in shown)
-    labels = (f'<text x="2" y="{top + 6}" font-size="9">{fmt(float(high))}</text>'
-              f'<text x="2" y="{bottom}" font-size="9">{fmt(float(low))}</text>'
+    labels = (f'<text class="high" x="2" y="{top + 6}" font-size="9">{fmt(float(high))}</text>'
+              f'<text class="low" x="2" y="{bottom}" font-size="9">{fmt(float(low))}</text>'
               f'<text x="{left}" y="{h - 4}" font-size="10">{html.escape(objective)} by {caption}</text>')
     return _svg(w, h, _axes(left, right, top, bottom) + points + ticks + labels, "nbtune-param")
 
@@ -184,6 +194,16 @@ def _log_axis(numbers: Sequence[float]) -> bool:
 
 
 # --------------------------------------------------------------------------- SVG pieces
+def padded(values: Sequence[float]) -> tuple[float, float]:
+    """The value axis' range: the values' own, or for one value (or a flat series) that value +- 5% (0.05 about
+    0), as matplotlib pads a singular range; an axis from 0.127 to 0.127 has no scale to read."""
+    low, high = float(min(values)), float(max(values))
+    if high > low:
+        return low, high
+    pad = abs(low) * 0.05 or 0.05
+    return low - pad, high + pad
+
+
 def _linear(values: Sequence[float], start: float, end: float) -> Callable[[Any], float]:
     """Maps the range of `values` onto [start, end] (end < start for a y axis); one value lands mid-way."""
     low, high = min(values), max(values)
@@ -239,6 +259,11 @@ def sweep_status_html(sweep: Any, detail: str = "") -> str:
             f"{html.escape(' · '.join(parts))}")
 
 
+def done_count(records: Sequence[dict[str, Any]]) -> int:
+    """Trials done: all but one a Stop or an interrupt cut short (the sweep tries its params again)."""
+    return sum(r.get("status") != "stopped" for r in records)
+
+
 def charts_html(sweep: Any) -> str:
     """The best-so-far chart and one scatter per parameter, side by side, wrapping."""
     scatters = objective_by_param_svgs(sweep.records, sweep.params, sweep.objective)
@@ -249,7 +274,7 @@ def charts_html(sweep: Any) -> str:
 def sweep_snapshot_html(sweep: Any) -> str:
     """The static end state of a sweep: status line, trials table and charts, as plain HTML (no script), which
     a saved notebook, nbconvert and GitHub show without a kernel."""
-    done = f"{len(sweep.records)} of {sweep.planned} trials"
+    done = f"{done_count(sweep.records)} of {sweep.planned} trials"
     error = getattr(sweep, "error", None)
     best = sweep.best.get("number") if sweep.best else None
     return (f"<div class='nbtune-sweep-snapshot'>{sweep_status_html(sweep, f'{done} · {error}' if error else done)}"
