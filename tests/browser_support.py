@@ -7,6 +7,7 @@ anything: the browser is the system's Chromium (Debian's `/usr/bin/chromium`), d
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import secrets
 import signal
@@ -29,6 +30,8 @@ ARTIFACTS = Path(__file__).parent / "artifacts"  # ignored by git; screenshots f
 _LAB_SETTINGS = {
     "@jupyterlab/apputils-extension/notification.jupyterlab-settings":
         '{"fetchNews": "false", "checkForUpdates": false}',
+    # every cell in the page, not only those scrolled into view: a test reads the whole notebook's text
+    "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": '{"windowingMode": "none"}',
 }
 
 
@@ -65,6 +68,7 @@ class JupyterServer:
             path.write_text(text, encoding="utf-8")
         env = {**os.environ, **self.extra_env,
                "JUPYTER_CONFIG_DIR": str(self.home / "config"),
+               "JUPYTER_DATA_DIR": str(self.home / "data"),  # its own notebook signatures (`trust`)
                "JUPYTER_RUNTIME_DIR": str(self.home / "runtime"),
                "JUPYTERLAB_SETTINGS_DIR": str(self.home / "settings"),
                "JUPYTERLAB_WORKSPACES_DIR": str(self.home / "workspaces"),
@@ -92,6 +96,16 @@ class JupyterServer:
                 pass
             time.sleep(0.5)
         raise RuntimeError(f"jupyter lab did not answer on port {self.port} in {timeout:.0f} s\n{self.log_tail()}")
+
+    def trust(self, path: Path) -> None:
+        """Sign the notebook at `path` as this server's own, as JupyterLab signs a notebook it saves after
+        running it: reopened, its HTML outputs show as they were (an untrusted notebook's are sanitised,
+        which drops inline SVG)."""
+        import nbformat
+        from nbformat.sign import NotebookNotary
+
+        notebook = nbformat.read(path, as_version=4)
+        NotebookNotary(data_dir=str(self.home / "data")).sign(notebook)
 
     def api(self, method: str, path: str) -> Any:
         import json
@@ -153,6 +167,74 @@ class JupyterServer:
                                  f"--- jupyter server log, last lines ---\n{self.log_tail()}") from exc
 
 
+# ---------------------------------------------------------------------------- the fixtures' parts
+LONG = 120_000  # ms: a shared 2-core CI machine can be several times slower than a laptop
+SHORT = 60_000
+
+
+def require_browser() -> None:
+    """Skip without Chromium or the Python packages the browser tests drive it with; in CI (CI=true) fail."""
+    missing = None if CHROMIUM.exists() else str(CHROMIUM)
+    for package in ("jupyterlab", "nbformat", "playwright"):
+        if missing is None and importlib.util.find_spec(package) is None:
+            missing = f"python package {package}"
+    if missing is None:
+        return
+    import pytest
+
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{missing} is missing; CI must run the browser test (`make test` installs chromium)")
+    pytest.skip(f"{missing} is missing (apt-get install chromium); CI=true makes this a failure")
+
+
+@contextlib.contextmanager
+def lab_server(tmp_path_factory: Any) -> Iterator[JupyterServer]:
+    """A started JupyterServer whose root holds a small jsonl data file (32 demo rows); stopped afterwards."""
+    import json
+
+    from nbtune.data.demo import demo_splits
+
+    root, home = tmp_path_factory.mktemp("notebooks"), tmp_path_factory.mktemp("jupyter-home")
+    with (root / "train.jsonl").open("w", encoding="utf-8") as f:
+        for row in demo_splits()[0][:32]:
+            f.write(json.dumps(row) + "\n")
+    server = JupyterServer(root, home, env={
+        "NBTUNE_CACHE": str(tmp_path_factory.mktemp("nbtune-cache")),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    })
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def chromium() -> Iterator[Any]:
+    """The system's Chromium, launched by Playwright."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        launched = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+@contextlib.contextmanager
+def new_page(browser: Any, server: JupyterServer) -> Iterator[Any]:
+    """A page in a fresh browser context; afterwards every kernel is stopped (each holds torch)."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1300})
+    context.set_default_timeout(SHORT)
+    try:
+        yield context.new_page()
+    finally:
+        context.close()
+        server.shutdown_kernels()
+
+
 # ---------------------------------------------------------------------------- page helpers
 # Both UIs (JupyterLab and Notebook 7) are the same Lumino notebook widget: the same selectors work in each.
 CELL = ".jp-Notebook .jp-Cell"
@@ -198,3 +280,63 @@ def run_cell(page: Any, index: int, attempts: int = 3) -> None:
         except Exception:  # playwright's TimeoutError: not accepted, try again
             continue
     raise TimeoutError(f"cell {index} did not start running after {attempts} tries")
+
+
+# ---------------------------------------------------------------------------- a notebook executed and saved
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def saved_notebook_cells(model_dir: Path) -> list[str]:
+    """What a researcher's notebook holds: two evaluated runs (exact match, so the answering bars show; one
+    with sample answers), their comparison, a predictions table, and a background run whose Stop comes
+    from a later cell, as the panel's Stop button calls it."""
+    common = ("data: train.jsonl\neval_split: 0.25\nsteps: 4\nbatch_size: 2\nmetric: exact_match\n"
+              "metric_samples: 4\nsave: false\n")
+    return [
+        f"%load_ext nbtune\n%config Finetune.defaults = {{'model': {str(model_dir)!r}}}\nimport nbtune",
+        f"%%finetune ev\n{common}sample_every: 2",
+        f"%%finetune ev_lr\nlr: 0.001\n{common}",
+        "nbtune.compare('ev', 'ev_lr')",
+        "nbtune.runs['ev'].predictions()",
+        "%%finetune bg --background\ndata: train.jsonl\nsteps: 1000\nbatch_size: 2\nmetric: none\nsave: false",
+        "import time\nbg = nbtune.runs['bg']\n"
+        "while len(bg.history) < 3 and bg.status in ('pending', 'running'):\n    time.sleep(0.05)\n"
+        "bg.stop()\nbg.wait(120)\nprint(bg.status)",
+    ]
+
+
+def execute_and_save(root: Path, name: str, model_dir: Path, timeout: int = 300) -> Path:
+    """Execute `saved_notebook_cells` top to bottom in a real kernel of this Python (nbclient, as
+    notebooks/execute.py does) with `root` as working directory, and save it there as `name`: what
+    JupyterLab writes to disk after "Run All" and save: outputs as the frontend holds them, and no widget
+    state (JupyterLab saves it only with "Save Widget State Automatically", off by default; nbclient would
+    save it, and a reopened page would then draw dead copies of the widgets instead of the error line)."""
+    import json
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    from nbtune.data.demo import demo_splits
+
+    data = root / "train.jsonl"
+    if not data.exists():
+        data.write_text("".join(json.dumps(row) + "\n" for row in demo_splits()[0][:32]), encoding="utf-8")
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in saved_notebook_cells(model_dir)])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+    # The kernel inherits this process's environment: conftest.py made it offline (HF_HUB_OFFLINE).
+    client = NotebookClient(notebook, timeout=timeout, kernel_name="python3", allow_errors=False,
+                            store_widget_state=False, extra_arguments=["--IPKernelApp.log_level=ERROR"],
+                            resources={"metadata": {"path": str(root)}})
+    client.execute()
+    path = root / name
+    nbformat.write(notebook, path)
+    return path
+
+
+def output_mimes(path: Path) -> list[tuple[int, str, list[str]]]:
+    """(cell index, output type, mime types) of every output the saved notebook holds."""
+    import nbformat
+
+    notebook = nbformat.read(path, as_version=4)
+    return [(i, out["output_type"], sorted(out.get("data", {})))
+            for i, cell in enumerate(notebook.cells) for out in cell.get("outputs", [])]

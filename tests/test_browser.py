@@ -11,8 +11,6 @@ except in CI (CI=true), where that is a failure: `make test` installs chromium.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from pathlib import Path
 
@@ -20,79 +18,42 @@ import pytest
 from browser_support import (
     ARTIFACTS,
     CELL,
-    CHROMIUM,
-    CHROMIUM_ARGS,
+    LONG,
+    SHORT,
     JupyterServer,
     cell,
+    chromium,
+    lab_server,
+    new_page,
     open_notebook,
+    require_browser,
     run_cell,
 )
 
 STEPS = 1000  # far more than the test lets it train (about 50): Stop always comes first
-LONG = 120_000  # ms: a shared 2-core CI machine can be several times slower than a laptop
-SHORT = 60_000
-
-
-def _require(what: str, ok: bool) -> None:
-    if ok:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{what} is missing; CI must run the browser test (`make test` installs chromium)")
-    pytest.skip(f"{what} is missing (apt-get install chromium); CI=true makes this a failure")
 
 
 @pytest.fixture(scope="module")
 def jupyter(tmp_path_factory):
     """A JupyterLab server whose root holds the notebooks and a small jsonl data file (32 demo rows)."""
-    _require(str(CHROMIUM), CHROMIUM.exists())
-    try:
-        import jupyterlab  # noqa: F401
-        import nbformat  # noqa: F401
-        import playwright  # noqa: F401
-    except ImportError as exc:
-        _require(f"python package {exc.name}", False)
-    from nbtune.data.demo import demo_splits
-
-    root, home = tmp_path_factory.mktemp("notebooks"), tmp_path_factory.mktemp("jupyter-home")
-    with (root / "train.jsonl").open("w", encoding="utf-8") as f:
-        for row in demo_splits()[0][:32]:
-            f.write(json.dumps(row) + "\n")
-    server = JupyterServer(root, home, env={
-        "NBTUNE_CACHE": str(tmp_path_factory.mktemp("nbtune-cache")),
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    })
-    try:
-        server.start()
+    require_browser()
+    with lab_server(tmp_path_factory) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
 def browser(jupyter):
-    from playwright.sync_api import sync_playwright
-
     ARTIFACTS.mkdir(exist_ok=True)
     for old in ARTIFACTS.glob("browser-*.png"):  # a human looks at these: only this run's
         old.unlink()
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with chromium() as launched:
+        yield launched
 
 
 @pytest.fixture
 def page(browser, jupyter):
-    context = browser.new_context(viewport={"width": 1400, "height": 1300})
-    context.set_default_timeout(SHORT)
-    try:
-        yield context.new_page()
-    finally:
-        context.close()
-        jupyter.shutdown_kernels()  # each test's kernel holds torch; free it for the next
+    with new_page(browser, jupyter) as opened:
+        yield opened
 
 
 # ---------------------------------------------------------------------------- notebooks

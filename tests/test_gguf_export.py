@@ -134,7 +134,8 @@ def test_an_unsupported_architecture_is_refused_naming_the_supported_ones(gpt2_b
 
 
 @pytest.mark.parametrize(("quant", "message"), [("Q8_0", "Did you mean `q8_0`"),
-                                                  ("q4_k_m", "Choose one of: f16, bf16, q8_0")])
+                                                  ("q4_k_m", "Choose one of: f16, bf16, q8_0"),
+                                                  ("", "unknown GGUF quantisation ''. Choose one of")])
 def test_an_unknown_quantisation_is_refused(lora_run, tmp_path, quant, message):
     with pytest.raises(NbtuneError, match=message):
         lora_run.export(tmp_path / "q", format="gguf", quant=quant)
@@ -166,6 +167,15 @@ def test_a_folder_of_other_files_is_refused_and_an_earlier_export_replaced(lora_
     lora_run.export(tmp_path / "again", format="gguf", quant="f16")
     out = lora_run.export(tmp_path / "again", format="gguf", quant="q8_0")
     assert sorted(p.name for p in out.path.parent.iterdir()) == ["Modelfile", "dates-q8_0.gguf", "gguf_export.json"]
+
+
+def test_the_runs_own_saved_folder_is_refused_as_a_saved_run(tmp_path, llama_base):
+    run = _train(llama_base, name="saved", save=True, output_dir=str(tmp_path / "saved"))
+    before = sorted(p.name for p in run.saved_to.iterdir())
+    for fmt in ("gguf", "safetensors"):
+        with pytest.raises(NbtuneError, match=r"exists and is a saved run; export the merged model to a new"):
+            run.export(run.saved_to, format=fmt)
+    assert sorted(p.name for p in run.saved_to.iterdir()) == before
 
 
 def test_too_little_disk_space_is_refused_with_the_size_needed(lora_run, tmp_path, monkeypatch):

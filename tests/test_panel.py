@@ -160,3 +160,110 @@ def test_the_memory_table_shows_small_amounts_instead_of_zero():
     assert "812 MB" in table and "1,535 MB" in table
     assert "0.06 MB" in table and "0.12 MB" in table  # a tiny adapter is small, not nothing
     assert "<td>base weights</td><td style='text-align:right'>0 MB</td>" in table
+
+
+# ---------------------------------------------------------------------------- what the tables and charts show
+def _polyline_ys(svg: str) -> list[float]:
+    import re
+
+    points = re.search(r'<polyline[^>]*points="([^"]*)"', svg).group(1).split()
+    return [float(p.split(",")[1]) for p in points]
+
+
+def test_a_flat_loss_sits_mid_chart_between_two_different_labels():
+    import re
+
+    chart = render.loss_chart([1, 2, 3], [0.127, 0.127, 0.127], total=3)
+    middle = 8 + (render.HEIGHT - render.PAD - 8) / 2
+    assert all(abs(y - middle) < 1 for y in _polyline_ys(chart))  # not on the bottom edge
+    top, bottom = re.findall(r'font-size="10">([-\d.e]+)</text>', chart)[:2]
+    assert float(top) > 0.127 > float(bottom)  # "0.14" over "0.114", not 0.127 twice or a made-up 1.127
+
+
+def test_a_single_step_is_drawn_as_a_dot():
+    chart = render.loss_chart([1], [2.5], total=1)
+    assert "nbtune-only-step" in chart  # a one-point polyline draws nothing
+    assert "step 1" in chart and "2.75" in chart and "2.25" in chart
+
+
+def test_the_comparison_draws_a_flat_or_one_step_curve_mid_chart():
+    from nbtune.widgets.compare_view import curves_svg
+
+    svg = curves_svg({"a": {"step": [1], "loss": [0.5], "elapsed_seconds": [0.1]}}, "step")
+    assert "<circle" in svg and "0.55" in svg and "0.45" in svg
+    middle = 8 + (render.HEIGHT - render.PAD - 8) / 2
+    assert abs(_polyline_ys(svg)[0] - middle) < 1
+
+
+def _sample(step, prompt, answer):
+    return {"step": step, "prompt": prompt, "answer": answer}
+
+
+def test_the_samples_table_has_no_empty_before_column_and_padded_headers():
+    first = render.samples_table([_sample(2, "p1", "a"), _sample(2, "p2", "b")])
+    assert "<th" in first and ">before</th>" not in first  # nothing came before the first round
+    assert first.count("<th style='padding:") == 3 and first.count("<td style='padding:") == 6
+    later = render.samples_table([_sample(2, "p1", "a"), _sample(4, "p1", "c"), _sample(4, "p2", "d")])
+    assert ">before</th>" in later and "step 2:</span> a" in later
+    assert later.count("<td style='padding:") == 8 and ">-</td>" in later  # p2 has no earlier answer: '-'
+
+
+def test_short_answers_and_references_never_break_in_the_predictions_table():
+    from nbtune.engine.predictions import Predictions
+    from nbtune.widgets.predictions_view import predictions_html
+
+    long = "the answer is probably a date in April of the year 2046, the seventh"
+    rows = [{"row": 0, "prompt": "When? " * 20, "reference": "2046-04-07", "base": "2046-04-0", "tuned": "2046-04-07",
+             "exact_match": 1.0, "base_exact_match": 0.0},
+            {"row": 1, "prompt": "p", "reference": "2046-04-07", "base": None, "tuned": long, "exact_match": 0.0,
+             "base_exact_match": 0.0}]
+    page = predictions_html(Predictions(rows, ["exact_match"], run="r", best={"exact_match": 1.0}))
+    cells = page.split("<td style='")[1:]
+
+    def style_of(text):
+        return next(c.split("'")[0] for c in cells if text in c.split("</td>")[0])
+
+    assert "white-space:pre;" in style_of(">2046-04-07<") + ";"  # the reference, one line
+    assert "white-space:pre;" in style_of("2046-04-0</span>") + ";"  # the base answer, one line
+    assert "white-space:pre-wrap" in style_of("When? When?")  # a long prompt wraps
+    assert "white-space:pre-wrap" in style_of("the answer is probably")  # so does a long answer
+
+
+class RecordingHandle:
+    """Stands in for a display handle: what the panel's output was last updated to."""
+
+    def __init__(self):
+        self.shown = None
+
+    def update(self, obj, **kwargs):
+        self.shown = obj
+
+
+def _ended_run(status="finished"):
+    class EndedRun:
+        name, total_steps, eval_history, model, samples, metrics, error = "r", 2, [], None, [], {}, None
+        method = nbtune.methods("lora")
+        history = [{"step": 1, "loss": 2.0, "rss_mb": 100.0}, {"step": 2, "loss": 1.5, "rss_mb": 100.0}]
+
+    run = EndedRun()
+    run.status = status
+    return run
+
+
+@pytest.mark.parametrize("broken", ["progress_line", "rewards_chart"])
+def test_the_live_widget_is_replaced_even_when_drawing_the_end_fails(comms, monkeypatch, broken):
+    # a widget left in the output is saved without its state: reopened, "Error displaying widget"
+    panel, run, handle = _panel(), _ended_run(), RecordingHandle()
+    panel._handle = handle
+    panel.on_run_start(run)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("drawing failed")
+
+    monkeypatch.setattr(render, broken, fail)
+    with pytest.raises(RuntimeError):
+        panel.on_run_end(run)
+    assert handle.shown is not None and "finished" in handle.shown.data  # static HTML, not the widget
+    assert panel.widget.comm is None  # closed
+    if broken == "rewards_chart":  # the snapshot itself could not draw: the status line says why
+        assert "the snapshot failed to draw" in handle.shown.data

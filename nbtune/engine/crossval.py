@@ -249,11 +249,10 @@ def _rows_checked(first_fold: RunConfig) -> int:
 
 
 def _fold_bar(folds: int) -> Any:
-    from tqdm.auto import tqdm
-
     from nbtune.engine.distributed import is_main_process
+    from nbtune.engine.progress import progress_bar
 
-    return tqdm(total=folds, desc="cross-validation", unit="fold", disable=not is_main_process())
+    return progress_bar(total=folds, desc="cross-validation", unit="fold", leave=True, disable=not is_main_process())
 
 
 def _postfix(run: Run) -> dict[str, str]:

@@ -178,12 +178,13 @@ def answer_budget(tokenizer: Any, references: Sequence[str]) -> int:
 
 def answers(model: Any, tokenizer: Any, prompts: Sequence[Any], *, max_new_tokens: int, desc: str,
             should_stop: Callable[[], bool] = lambda: False) -> list[str]:
-    """Greedy answers in batches under a progress bar (tqdm.auto). A Stop (`should_stop()`) ends it after the
-    current batch: the rows answered so far are returned. Ctrl-C goes through as it is."""
-    from tqdm.auto import tqdm
+    """Greedy answers in batches under a progress bar (engine/progress.py: never a widget a saved notebook
+    cannot show). A Stop (`should_stop()`) ends it after the current batch: the rows answered so far are
+    returned. Ctrl-C goes through as it is."""
+    from nbtune.engine.progress import progress_bar
 
     out: list[str] = []
-    with tqdm(total=len(prompts), desc=desc, unit="row", leave=False, dynamic_ncols=True) as bar:
+    with progress_bar(total=len(prompts), desc=desc, unit="row") as bar:
         for start in range(0, len(prompts), BATCH):
             if should_stop():
                 break

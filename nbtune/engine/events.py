@@ -53,15 +53,16 @@ class NullObserver:
 
 
 class ProgressObserver(NullObserver):
-    """A tqdm progress bar with loss and throughput (tqdm.auto: a widget in notebooks, text elsewhere)."""
+    """A progress bar with loss and throughput (engine/progress.py: a text line, in a notebook one updated in
+    place, never a widget a saved notebook cannot show again)."""
 
     def __init__(self) -> None:
         self._bar: Any = None
 
     def on_run_start(self, run: Run) -> None:
-        from tqdm.auto import tqdm
+        from nbtune.engine.progress import progress_bar
 
-        self._bar = tqdm(total=run.total_steps, desc=run.name, unit="step", dynamic_ncols=True)
+        self._bar = progress_bar(total=run.total_steps, desc=run.name, unit="step", leave=True)
 
     def on_step(self, run: Run, record: dict[str, Any]) -> None:
         if self._bar is None:
@@ -74,7 +75,7 @@ class ProgressObserver(NullObserver):
 
     def on_samples(self, run: Run, step: int, records: list[dict[str, Any]]) -> None:
         # The CLI has no panel: with `sample_every` set, these lines are where its user sees the answers.
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         for record in records:
             tqdm.write(sample_line(record))

@@ -74,7 +74,7 @@ def export_run(run: Run, path: str | Path, *, format: str = "safetensors", quant
             raise NbtuneError("`quant` is for format='gguf'; safetensors keeps the model's own precision.",
                               field="quant")
         return export_safetensors(run, path)
-    return export_gguf(run, path, quant or DEFAULT_QUANT)
+    return export_gguf(run, path, DEFAULT_QUANT if quant is None else quant)  # "" is no quant: refused
 
 
 def export_safetensors(run: Run, path: str | Path) -> Path:
@@ -84,9 +84,7 @@ def export_safetensors(run: Run, path: str | Path) -> Path:
 
     run.require_model()
     target = Path(path).expanduser()
-    if (target / "run.json").exists():
-        raise NbtuneError(f"{str(path)!r} exists and is a saved run; export the merged model to a new or empty "
-                          "folder (nbtune only replaces an earlier export).", field="path")
+    refuse_saved_run(target, path)
     check_target(target, replaceable="config.json", field="path")  # before a merge that may take a while
     model = merged_for_export(run)
     with atomic_directory(target, replaceable="config.json", field="path") as tmp, no_hf_progress_bars():
@@ -97,13 +95,12 @@ def export_safetensors(run: Run, path: str | Path) -> Path:
 
 def export_gguf(run: Run, path: str | Path, quant: str) -> GgufExport:
     """The merged model and tokenizer as one GGUF file in the folder `path`, loaded back and compared."""
-    from tqdm.auto import tqdm
-
     from nbtune.engine.gguf_check import check_gguf
     from nbtune.engine.gguf_file import check_architecture, check_quant, embedding_rows, file_bytes, write_gguf
     from nbtune.engine.gguf_vocab import check_tokenizer, gguf_vocab, vocab_bytes
     from nbtune.engine.merging import merged_for_export
     from nbtune.engine.modelfile import modelfile
+    from nbtune.engine.progress import progress_bar  # no widget left in a saved notebook
 
     check_quant(quant)
     run.require_model()
@@ -111,9 +108,10 @@ def export_gguf(run: Run, path: str | Path, quant: str) -> GgufExport:
     check_tokenizer(run.tokenizer)
     _check_mergeable(run)
     target = Path(path).expanduser()
+    refuse_saved_run(target, path)
     check_target(target, replaceable=REPORT, field="path")
     file_name = f"{run.name.replace('/', '-')}-{quant}.gguf"
-    with tqdm(total=4, desc=f"{run.name}: GGUF {quant}", unit="stage", leave=False) as bar:
+    with progress_bar(total=4, desc=f"{run.name}: GGUF {quant}", unit="stage") as bar:
         bar.set_postfix_str("merging")
         merged = _fp32(merged_for_export(run))
         bar.update()
@@ -140,6 +138,13 @@ def export_gguf(run: Run, path: str | Path, quant: str) -> GgufExport:
                       "size_bytes": size, "check": check.to_dict()}
             (tmp / REPORT).write_text(json.dumps(report, indent=2), encoding="utf-8")
     return GgufExport(path=target / file_name, modelfile=target / MODELFILE, size_bytes=size, check=check, run=run)
+
+
+def refuse_saved_run(target: Path, path: str | Path) -> None:
+    """A saved run's folder is never an export's: its run.json and adapter would be replaced."""
+    if (target / "run.json").exists():
+        raise NbtuneError(f"{str(path)!r} exists and is a saved run; export the merged model to a new or empty "
+                          "folder (nbtune only replaces an earlier export).", field="path")
 
 
 def check_disk_space(target: Path, needed: int) -> None:

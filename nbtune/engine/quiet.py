@@ -6,20 +6,33 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 
 @contextlib.contextmanager
 def no_hf_progress_bars() -> Iterator[None]:
-    """transformers draws a bar per load and per save ("Loading weights", "Writing model shards")."""
+    """transformers draws a bar per load and per save ("Loading weights", "Writing model shards"), and its GGUF
+    reader one of its own ("Converting and de-quantizing GGUF tensors...", a tqdm.auto widget that a saved
+    notebook cannot show again), which its progress-bar switch does not reach."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_reader
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    reader_bar = getattr(gguf_reader, "tqdm", None)
+    if reader_bar is not None:
+        gguf_reader.tqdm = _no_bar
     try:
         yield
     finally:
+        if reader_bar is not None:
+            gguf_reader.tqdm = reader_bar
         if was_enabled:
             hf_logging.enable_progress_bar()
+
+
+def _no_bar(iterable: Any = None, *args: Any, **kwargs: Any) -> Any:
+    return iterable
 
 
 class _DropBitsandbytesNoise(logging.Filter):

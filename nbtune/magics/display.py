@@ -5,22 +5,36 @@ A `%%finetune --background` cell returns at once, so its `<Run 'x', lora, pendin
 and then stayed "pending" for good, under a panel that said "finished". IPython displays a `Run` through
 the display formatter registered here: the line is a display with an id, updated when the run starts,
 ends or fails (not every step: the panel draws those).
+
+The engine's own bars (answering eval rows, writing a GGUF file) are drawn the same way: a text line with
+an id, emptied when the bar closes. A tqdm.auto widget bar would stay in the saved notebook as an output
+whose widget state is not saved, which the reopened notebook shows as "Error displaying widget: model
+not found".
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from tqdm.std import tqdm
+
 from nbtune.engine.events import NullObserver
 from nbtune.engine.result import Run
 
 
 def register(ipython: Any) -> None:
+    from nbtune.engine.progress import draw_progress_with
+
     ipython.display_formatter.ipython_display_formatter.for_type(Run, show_run)
+    if type(ipython).__name__ == "ZMQInteractiveShell":  # a kernel with a frontend; a terminal keeps tqdm's bar
+        draw_progress_with(LineBar)
 
 
 def unregister(ipython: Any) -> None:
+    from nbtune.engine.progress import draw_progress_with
+
     ipython.display_formatter.ipython_display_formatter.type_printers.pop(Run, None)
+    draw_progress_with(None)
 
 
 def show_run(run: Run) -> None:
@@ -93,3 +107,44 @@ class ProgressLine(NullObserver):
     def _show(self, text: str) -> None:
         if self.handle is not None:
             self.handle.update({"text/plain": text}, raw=True)
+
+
+class _Nowhere:
+    """The file a LineBar's tqdm writes to: the line in the cell is drawn by `LineBar.display` instead."""
+
+    def write(self, text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+class LineBar(tqdm):
+    """tqdm's text ('ev: answering:  50%|█████     | 2/4 [00:01<00:01, 1.5row/s]') as one text line in
+    the cell, updated in place (a display with an id) and emptied when the bar closes with `leave=False`:
+    what the saved notebook keeps is an empty text output, never a widget.
+
+    Only on the kernel's main thread: a display made from a background run's thread would land under
+    whichever cell runs at the time, so there the bar draws nothing (the run's panel or its progress
+    line says it is evaluating)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        import threading
+
+        self._handle: Any = None
+        kwargs["file"] = _Nowhere()
+        kwargs.pop("dynamic_ncols", None)  # no terminal to measure: tqdm's default width
+        if threading.current_thread() is not threading.main_thread():
+            kwargs["disable"] = True
+        super().__init__(*args, **kwargs)
+
+    def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+        from IPython.display import display
+
+        text = str(self) if msg is None else msg
+        if self._handle is None:
+            if text:  # a bar closed before it drew leaves no output at all
+                self._handle = display({"text/plain": text}, raw=True, display_id=True)
+        else:
+            self._handle.update({"text/plain": text}, raw=True)
+        return True

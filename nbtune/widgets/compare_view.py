@@ -8,16 +8,16 @@ from typing import Any
 from nbtune.engine.compare import Comparison
 from nbtune.engine.text import cell as _fmt
 from nbtune.errors import NbtuneError
-from nbtune.widgets.render import HEIGHT, PAD, WIDTH, smooth
+from nbtune.widgets.render import HEIGHT, PAD, WIDTH, smooth, value_range
 
 AGREEMENT_ROWS = 20
 COLOURS = ("#08519c", "#e6550d", "#31a354", "#756bb1", "#636363", "#d6616b", "#3182bd", "#8c6d31")
 
 
 class ComparisonView(Comparison):
-    """A `Comparison` that shows itself in a notebook: a live widget (with a prompt box that asks every
-    run at once) where a frontend can show widgets, and the same content as static HTML for saved
-    notebooks, nbconvert and GitHub."""
+    """A `Comparison` that shows itself in a notebook as static HTML: the same in the live notebook, the
+    saved one reopened, nbconvert and GitHub. The interactive view (a prompt box that asks every run at
+    once) needs the kernel that holds the runs, so it is shown only when asked for: `cmp.widget()`."""
 
     def _repr_html_(self) -> str:
         return (f"<div class='nbtune-compare'>{table_html(self.table())}{self._significance_html()}"
@@ -40,7 +40,7 @@ class ComparisonView(Comparison):
         """Which rows each run gets right (first metric they share): counts, then the rows, the ones the
         runs disagree on first."""
         from nbtune.engine.metrics import METRICS
-        from nbtune.engine.significance import BASE, agreement_counts, primary_metric, scored
+        from nbtune.engine.significance import agreement_counts, base_columns, primary_metric, scored
 
         runs = scored(self.runs)
         if not runs:
@@ -51,28 +51,26 @@ class ComparisonView(Comparison):
         except NbtuneError:
             return ""
         best = METRICS[metric].best if metric in METRICS else 1.0
-        names = [r.name for r in runs]
+        names, bases = [r.name for r in runs], base_columns(runs)  # `base`, or one column per base
         counts = agreement_counts(rows, names, best)
         # rows the runs disagree on first, then those where they agree and the base does not
         disagreeing = sorted(rows, key=lambda r: (len({_mark(r.get(n), best) for n in names}) == 1,
-                                                  len({_mark(r.get(n), best) for n in [BASE, *names]}) == 1))
+                                                  len({_mark(r.get(n), best) for n in [*bases, *names]}) == 1))
         shown_rows = [{"row": r["row"], "prompt": r["prompt"], "reference": r["reference"],
-                       **{n: _mark(r.get(n), best) for n in [BASE, *names]}} for r in disagreeing[:shown]]
+                       **{n: _mark(r.get(n), best) for n in [*bases, *names]}} for r in disagreeing[:shown]]
         summary = f"{metric}: " + " · ".join(f"{k}: {v}" for k, v in counts.items())
         more = f"<p><i>{len(rows) - shown} more rows: cmp.agreement() has them all</i></p>" if len(rows) > shown else ""
         return (f"<p><b>per-example agreement</b> ({html.escape(summary)})</p>{table_html(shown_rows)}{more}")
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
-        bundle = {"text/html": self._repr_html_(), "text/plain": f"<comparison of {len(self.runs)} runs>"}
-        try:
-            bundle.update(self.widget()._repr_mimebundle_(**kwargs) or {})
-        except ImportError:  # no ipywidgets: the static HTML is the whole view
-            pass
-        bundle["text/html"] = self._repr_html_()  # what a saved notebook shows without a kernel
-        return bundle
+        # HTML and text only, never a widget view: a frontend prefers the widget when both are offered, and a
+        # saved notebook keeps the widget's output but not its state, so reopened it shows "Error displaying
+        # widget: model not found" where the table was.
+        return {"text/html": self._repr_html_(), "text/plain": f"<comparison of {len(self.runs)} runs>"}
 
     def widget(self) -> Any:
-        """The interactive view: the static comparison, plus prompts answered by the base and every run."""
+        """The interactive view: the static comparison, plus prompts answered by the base and every run
+        (`cmp.widget()` in a cell; it needs this kernel, so a saved notebook keeps no working copy of it)."""
         import ipywidgets as w
 
         prompts = w.Textarea(placeholder="one prompt per line", layout=w.Layout(width="600px", height="80px"))
@@ -123,8 +121,7 @@ def curves_svg(curves: dict[str, dict[str, list[float]]], x_key: str) -> str:
         return ""
     xs = [x for x_values, _ in series.values() for x in x_values] or [1]
     ys = [y for _, y_values in series.values() for y in y_values]
-    x_max, low, high = max(max(xs), 1e-9), min(ys), max(ys)
-    high = high if high > low else low + 1.0
+    x_max, (low, high) = max(max(xs), 1e-9), value_range(ys)  # a flat or one-point curve sits mid-chart
     lines, legend = [], []
     def xy(x: float, y: float) -> str:
         return f"{PAD + (WIDTH - PAD - 8) * x / x_max:.1f},{8 + (HEIGHT - PAD - 8) * (high - y) / (high - low):.1f}"
@@ -133,6 +130,9 @@ def curves_svg(curves: dict[str, dict[str, list[float]]], x_key: str) -> str:
         colour = COLOURS[i % len(COLOURS)]
         points = " ".join(xy(x, y) for x, y in zip(x_values, y_values, strict=True))
         lines.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{points}"/>')
+        if len(y_values) == 1:  # a line through one point draws nothing: a dot for a one-step run
+            cx, cy = points.split(",")
+            lines.append(f'<circle cx="{cx}" cy="{cy}" r="3" fill="{colour}"/>')
         legend.append(f'<text x="{WIDTH - 10}" y="{16 + 12 * i}" font-size="10" text-anchor="end" '
                       f'fill="{colour}">{html.escape(name)}</text>')
     label = "step" if x_key == "step" else "seconds"

@@ -111,19 +111,33 @@ class LivePanel(NullObserver):
         return render.snapshot_html(self._run, self._memory(None), self.log_scale)
 
     def _finish(self, run: Any) -> None:
+        self._run = run
+        try:
+            self.stop_button.disabled = True
+            self.stop_button.description = run.status.capitalize()  # not "Stopping ..." forever
+            self.status.value = render.status_html(run.name, run.method.name, run.status, run.error or "")
+            if run.history:
+                self.draw(run.history[-1], ended=run.status)
+            else:
+                self.chart.value = render.loss_chart([], [], empty=render.ended_before_a_step(run.status))
+        finally:  # whatever failed above, the widget must not outlive the run (see `_leave_snapshot`)
+            self._leave_snapshot(run)
+
+    def _leave_snapshot(self, run: Any) -> None:
+        """Replace the live widget in its output (same display id) by static HTML: a widget left there is saved
+        without its state, and the reopened notebook shows "Error displaying widget: model not found" instead.
+        A snapshot that fails to draw still leaves the status line, with why."""
         from IPython.display import HTML
 
-        self._run = run
-        self.stop_button.disabled = True
-        self.stop_button.description = run.status.capitalize()  # not "Stopping ..." forever
-        self.status.value = render.status_html(run.name, run.method.name, run.status, run.error or "")
-        if run.history:
-            self.draw(run.history[-1], ended=run.status)
-        else:
-            self.chart.value = render.loss_chart([], [], empty=render.ended_before_a_step(run.status))
-        if self._handle is not None:
-            self._handle.update(HTML(self.snapshot()))  # replaces the live widget in the same output
-            self.widget.close()
+        if self._handle is None:
+            return
+        try:
+            snapshot = self.snapshot()
+        except Exception as exc:
+            snapshot = render.status_html(run.name, run.method.name, run.status,
+                                          f"{run.error or ''} (the snapshot failed to draw: {exc!r})".strip())
+        self._handle.update(HTML(snapshot))
+        self.widget.close()
 
     def _chart(self, run: Any) -> str:
         history = [r for r in run.history if "loss" in r]

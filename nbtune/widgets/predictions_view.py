@@ -20,6 +20,11 @@ STYLES = {"same": "background:#e5f5e0", "extra": "background:#fcc",
           "miss": "background:#fdd;text-decoration:line-through;color:#a00",
           "right": "color:#238b45;font-weight:bold", "wrong": "color:#cb181d;font-weight:bold"}
 CELL_STYLE = "vertical-align:top;text-align:left;font-family:monospace;white-space:pre-wrap"
+# An answer or reference this short stays on one line: a browser breaks after a hyphen, so a narrow column
+# showed "2046-04-0" above "7". Longer text wraps, at spaces first.
+SHORT = 40
+SHORT_STYLE = "vertical-align:top;text-align:left;font-family:monospace;white-space:pre"
+HEAD_STYLE = "text-align:left"  # over the columns' text, which starts at the left (a notebook right-aligns <th>)
 
 
 def _span(kind: str, text: str) -> str:
@@ -41,7 +46,7 @@ def predictions_html(table: Predictions) -> str:
     legend = (f"<small>answers: {_span('same', 'matches the reference')} {_span('extra', 'not in the reference')} "
               f"{_span('miss', 'missing from it')}</small>")
     return (f"<div class='nbtune-pred'><p><b>{html.escape(summary_line(table))}</b></p>{legend}"
-            f"<table><thead><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in head)}</tr></thead>"
+            f"<table><thead><tr>{''.join(f'<th style={HEAD_STYLE!r}>{html.escape(h)}</th>' for h in head)}</tr></thead>"
             f"<tbody>{body}</tbody></table>{more}</div>")
 
 
@@ -51,12 +56,20 @@ def _header(name: str, has_base: bool) -> str:
 
 def _row_html(table: Predictions, row: dict[str, Any], has_base: bool) -> str:
     reference = str(row["reference"])
-    cells = [str(row.get("row", "")), html.escape(str(row["prompt"])), html.escape(reference)]
+    cells = [(str(row.get("row", "")), True), (html.escape(str(row["prompt"])), False),
+             (html.escape(reference), _short(reference))]
     if has_base:
-        cells.append(diff_html(row.get("base"), reference))
-    cells.append(diff_html(row["tuned"], reference))
-    cells += [_scores(table, name, row, has_base) for name in table.metrics]
-    return "<tr>" + "".join(f"<td style='{CELL_STYLE}'>{c}</td>" for c in cells) + "</tr>"
+        cells.append((diff_html(row.get("base"), reference), _short(row.get("base"), reference)))
+    cells.append((diff_html(row["tuned"], reference), _short(row["tuned"], reference)))
+    cells += [(_scores(table, name, row, has_base), True) for name in table.metrics]
+    return "<tr>" + "".join(f"<td style='{SHORT_STYLE if short else CELL_STYLE}'>{c}</td>"
+                            for c, short in cells) + "</tr>"
+
+
+def _short(*texts: Any) -> bool:
+    """Whether a cell's text is short enough to keep on one line; an answer's cell counts the reference too,
+    whose missing characters it shows struck through."""
+    return sum(len(str(t)) for t in texts if t is not None) <= SHORT
 
 
 def diff_html(answer: str | None, reference: str) -> str:

@@ -40,9 +40,8 @@ def loss_chart(steps: Sequence[float], losses: Sequence[float], eval_steps: Sequ
     values = [v for _, v in points + evals]
     if log_scale:
         values = [math.log10(max(v, 1e-12)) for v in values]
-    low, high = min(values), max(values)
-    high = high if high > low else low + 1.0
-    x_max = max([total or 0] + [s for s, _ in points + evals] + [1])
+    low, high = value_range(values)
+    x_max = max([total or 0] + [s for s, _ in points + evals] + [1])  # from step 0: one step still has a width
 
     def xy(step: float, value: float) -> tuple[float, float]:
         v = math.log10(max(value, 1e-12)) if log_scale else value
@@ -59,6 +58,9 @@ def loss_chart(steps: Sequence[float], losses: Sequence[float], eval_steps: Sequ
         parts.append(polyline(points, 'stroke="#9ecae1" stroke-width="1"'))
         smoothed = list(zip([s for s, _ in points], smooth([v for _, v in points]), strict=True))
         parts.append(polyline(smoothed, 'stroke="#08519c" stroke-width="2"'))
+    if len(points) == 1:  # a line through one point draws nothing: a dot shows the one step
+        x, y = xy(*points[0])
+        parts.append(f'<circle class="nbtune-only-step" cx="{x:.1f}" cy="{y:.1f}" r="3" fill="#08519c"/>')
     for s, v in evals:
         x, y = xy(s, v)
         parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="#e6550d"/>')
@@ -74,20 +76,40 @@ def loss_chart(steps: Sequence[float], losses: Sequence[float], eval_steps: Sequ
 
 
 def rewards_chart(run: Any) -> str:
-    """A preference run's reward margin (chosen minus rejected) per step and at each evaluation, titled with
-    the latest reward accuracy; "" for a run that logs no rewards (sft)."""
-    history = [r for r in run.history if "reward_margin" in r]
-    evals = [e for e in run.eval_history if "eval_rewards/margins" in e]
+    """A preference run's margin (chosen minus rejected) per step and at each evaluation, titled with the
+    latest share of pairs it gets right; "" for a run that logs none (sft). DPO and KTO: the reward margin and
+    reward accuracy, relative to the reference; ORPO and SimPO (no reference): the average log-prob margin per
+    token and `chosen_preferred`, absolute (config_objective.py says why they are named apart)."""
+    from nbtune.config_objective import PREFERENCE_MEANING, WITH_REFERENCE, preference_values
+
+    objective = getattr(getattr(run, "config", None), "objective", "dpo")
+    margin, share, label = (("reward_margin", "reward_accuracy", "reward margin (chosen - rejected)")
+                            if objective in WITH_REFERENCE else
+                            ("logp_margin", "chosen_preferred", "log-prob margin (chosen - rejected)"))
+    history = [r for r in run.history if margin in r]
+    evals = [{"step": e.get("step"), **preference_values(objective, e, prefix="eval_")} for e in run.eval_history]
+    evals = [e for e in evals if margin in e]
     if not history and not evals:
         return ""
-    accuracy = next((r["reward_accuracy"] for r in reversed(history) if "reward_accuracy" in r), None)
-    evaluated = next((e["eval_rewards/accuracies"] for e in reversed(evals) if "eval_rewards/accuracies" in e), None)
-    title = " · ".join(f"{what} reward accuracy {value:.2f}" for what, value in
-                       (("train", accuracy), ("held-out", evaluated)) if _finite(value))
-    chart = loss_chart([r["step"] for r in history], [r["reward_margin"] for r in history],
-                       [e["step"] for e in evals], [e["eval_rewards/margins"] for e in evals], total=run.total_steps,
-                       label="reward margin (chosen - rejected)")
-    return f"<div><div style='font-size:11px'>{html.escape(title)}</div>{chart}</div>"
+    latest = [(what, next((r[share] for r in reversed(records) if share in r), None))
+              for what, records in (("train", history), ("held-out", evals))]
+    name = share.replace("_", " ")
+    title = " · ".join(f"{what} {name} {value:.2f}" for what, value in latest if _finite(value))
+    chart = loss_chart([r["step"] for r in history], [r[margin] for r in history], [e["step"] for e in evals],
+                       [e[margin] for e in evals], total=run.total_steps, label=label)
+    meaning = html.escape(f"{share}: {PREFERENCE_MEANING[share]}; {margin}: {PREFERENCE_MEANING[margin]}", quote=True)
+    return f"<div><div style='font-size:11px' title=\"{meaning}\">{html.escape(title)}</div>{chart}</div>"
+
+
+def value_range(values: Sequence[float]) -> tuple[float, float]:
+    """(bottom, top) of a chart's value axis: the values' range, or, for a flat series (one point, or a value
+    that never moved), 10% either side of it (0.5 around zero), so the line sits mid-chart under two labels
+    that differ, not on the bottom edge of a made-up range."""
+    low, high = min(values), max(values)
+    if high > low:
+        return low, high
+    pad = abs(low) * 0.1 or 0.5
+    return low - pad, high + pad
 
 
 def _frame(inner: str) -> str:
@@ -124,7 +146,8 @@ def memory_html(memory: dict[str, Any]) -> str:
 
 
 def metrics_table(metrics: dict[str, Any]) -> str:
-    keys = ("trainable_params", "trainable_percent", "train_loss", "eval_loss", "exact_match", "tokens_per_second",
+    keys = ("trainable_params", "trainable_percent", "train_loss", "final_loss", "eval_loss", "exact_match",
+            "tokens_per_second",
             "train_seconds", "peak_rss_mb", "cuda_peak_mb", "processes", "saved_to")
     cells = "".join(f"<tr><td>{k}</td><td>{html.escape(_value(metrics[k]))}</td></tr>"
                     for k in keys if metrics.get(k) is not None)
@@ -132,27 +155,40 @@ def metrics_table(metrics: dict[str, Any]) -> str:
 
 
 def status_html(name: str, method: str, status: str, detail: str = "") -> str:
-    colour = {"running": "#08519c", "finished": "#238b45", "stopped": "#d94801", "failed": "#cb181d"}.get(
+    colour = {"running": "#08519c", "finished": "#238b45", "stopped": "#d94801", "failed": "#cb181d",
+              "pruned": "#888888"}.get(
         status, "#555")
     extra = f" — {html.escape(detail)}" if detail else ""
     return (f"<b>{html.escape(name)}</b> · {html.escape(method)} · "
             f"<span style='color:{colour}'><b>{html.escape(status)}</b></span>{extra}")
 
 
+# Inline padding and alignment: the live panel's HTML widget gets none of the notebook's table styles, and
+# without them the headers read "promptstepanswerbefore" and the columns touch.
+_CELL = "padding:2px 10px 2px 0;text-align:left;vertical-align:top"
+
+
 def samples_table(samples: Sequence[dict[str, Any]], width: int = 160) -> str:
-    """The latest answer to each sample prompt, with its step and the answer before it ('' when none)."""
+    """The latest answer to each sample prompt, with its step and the answer before it; the "before" column
+    only once some prompt has an earlier answer (the first round has none, and an empty column reads as
+    a missing answer), '-' for a prompt without one then."""
     if not samples:
         return ""
+    groups = _by_prompt(samples)
+    with_before = any(len(records) > 1 for _, records in groups)
     rows = []
-    for prompt, records in _by_prompt(samples):
+    for prompt, records in groups:
         latest = records[-1]
-        before = records[-2] if len(records) > 1 else None
-        earlier = (f"<span style='color:#888'>step {before['step']}:</span> {_text(before['answer'], width)}"
-                   if before else "")
-        rows.append(f"<tr><td>{_text(prompt, width // 2)}</td><td style='text-align:right'>{latest['step']}</td>"
-                    f"<td><b>{_text(latest['answer'], width)}</b></td><td>{earlier}</td></tr>")
-    head = "<tr><th>prompt</th><th>step</th><th>answer</th><th>before</th></tr>"
-    return f"<table class='nbtune-samples' style='text-align:left'>{head}{''.join(rows)}</table>"
+        cells = [_text(prompt, width // 2), str(latest["step"]), f"<b>{_text(latest['answer'], width)}</b>"]
+        if with_before:
+            before = records[-2] if len(records) > 1 else None
+            cells.append(f"<span style='color:#888'>step {before['step']}:</span> {_text(before['answer'], width)}"
+                         if before else "-")
+        rows.append("<tr>" + "".join(f"<td style='{_CELL}'>{c}</td>" for c in cells) + "</tr>")
+    names = ["prompt", "step", "answer", *(["before"] if with_before else [])]
+    head = "<tr>" + "".join(f"<th style='{_CELL}'>{name}</th>" for name in names) + "</tr>"
+    style = "text-align:left;border-collapse:collapse"
+    return f"<table class='nbtune-samples' style='{style}'>{head}{''.join(rows)}</table>"
 
 
 def samples_history(samples: Sequence[dict[str, Any]], width: int = 160) -> str:
