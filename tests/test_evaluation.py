@@ -135,7 +135,7 @@ def test_the_comparison_has_the_base_as_reference_row_agreement_and_a_bootstrap(
                         **{**FAST, "lr": lr})
     cmp = nbtune.compare("a", "b")
     table = cmp.table()
-    assert table[0]["run"] == "base (reference)"
+    assert table[0]["run"] == f"base: {tiny_model_dir.name}"
     assert table[0]["token_f1"] == nbtune.runs["a"].metrics["base_token_f1"]
     assert [r["run"] for r in table[1:]] == ["a", "b"] and table[1]["token_f1"] == nbtune.runs["a"].metrics["token_f1"]
     rows = cmp.agreement()
@@ -146,9 +146,9 @@ def test_the_comparison_has_the_base_as_reference_row_agreement_and_a_bootstrap(
     expected = nbtune.runs["a"].metrics["token_f1"] - nbtune.runs["b"].metrics["token_f1"]
     assert result["difference"] == pytest.approx(expected)
     against_base = cmp.bootstrap("a", "base", resamples=100)
-    assert against_base["b"] == "base"
+    assert against_base["b"] == f"base: {tiny_model_dir.name}"
     page = cmp._repr_html_()
-    assert "is it real?" in page and "per-example agreement" in page and "base (reference)" in page
+    assert "is it real?" in page and "per-example agreement" in page and f"base: {tiny_model_dir.name}" in page
 
 
 def test_a_stop_ends_generation_after_the_current_batch(llama_base):

@@ -82,9 +82,13 @@ def test_run_json_records_versions_device_model_data_seed_and_git(model_dir, jso
     assert saved["git"] is None  # the test's working folder is no repository
 
 
-def test_a_base_passed_in_memory_has_no_folder_or_fingerprint(llama_base, demo_rows):
+def test_a_base_passed_in_memory_has_no_folder_and_a_fingerprint_of_its_weights(llama_base, demo_rows):
+    from nbtune.engine.provenance import weights_sample_fingerprint
+
+    digest = weights_sample_fingerprint(llama_base[0])
     run = nbtune.finetune(data=demo_rows, base=llama_base, output_dir="out", **FAST)
-    assert run.provenance["model"] == {"name": "in-memory", "path": None, "weights": None}
+    assert run.provenance["model"] == {"name": "in-memory", "path": None, "weights": None, "in_memory": True,
+                                       "merged_from": None, "fingerprint": digest}
     assert run.provenance["data"]["train"]["rows"] == len(demo_rows)
 
 

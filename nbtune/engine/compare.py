@@ -15,18 +15,18 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from nbtune.config_objective import COMPARE_COLUMNS
 from nbtune.engine.generation import generate_texts
 from nbtune.engine.history import SavedRun, saved_mb, saved_record, with_model
 from nbtune.engine.result import Run
+from nbtune.engine.significance import base_groups
 from nbtune.errors import NbtuneError
 
 TABLE_KEYS = ("trainable_params", "trainable_percent", "adapter_mb", "train_seconds", "tokens_per_second",
               "peak_rss_mb", "train_loss", "eval_loss")
-BASE_ROW = "base (reference)"
 _NOT_CONFIG = {"name", "output_dir", "derived"}
 
 
-PREFERENCE_COLUMNS = ("reward_accuracy", "reward_margin")  # engine/preference.py
 
 class Comparison:
     """Several runs side by side; renders as static HTML (survives saving the notebook)."""
@@ -42,21 +42,21 @@ class Comparison:
     # ------------------------------------------------------------------ data
     def table(self) -> list[dict[str, Any]]:
         """One row per run: method, size, speed, memory, losses and every task metric; first, when the runs
-        were scored, the base model's metrics on the same rows (the reference the tuned numbers are read
-        against)."""
+        were scored, a row per base model they were read against, named after it ('base: SmolLM2-135M-
+        Instruct', 'base: p_sft (merged)'): its metrics on the same rows."""
         metrics = self.metric_names()
-        # a preference run's held-out reward accuracy and margin, where any run has them (sft runs: blank)
-        preference = [k for k in PREFERENCE_COLUMNS if any(r.metrics.get(k) is not None for r in self.runs)]
+        # a preference run's held-out numbers (config_objective.COMPARE_COLUMNS), where any run has them
+        preference = [k for k in COMPARE_COLUMNS if any(r.metrics.get(k) is not None for r in self.runs)]
         rows = [{"run": r.name, "method": r.method.name, "status": r.status,
                  **{k: (adapter_mb(r) if k == "adapter_mb" else r.metrics.get(k)) for k in TABLE_KEYS},
                  **{k: r.metrics.get(k) for k in [*preference, *metrics]}} for r in self.runs]
-        reference = next((r for r in self.runs if any(r.metrics.get(f"base_{k}") is not None for k in metrics)),
-                         None)
-        if reference is not None:
-            base = {"run": BASE_ROW, "method": "-", "status": "-", **dict.fromkeys([*TABLE_KEYS, *preference]),
-                    **{k: reference.metrics.get(f"base_{k}") for k in metrics}}
-            rows.insert(0, base)
-        return rows
+        # One row per base the runs were scored against, named after it: runs on a merged SFT model and runs
+        # on the raw model are read against different references.
+        scored = [r for r in self.runs if any(r.metrics.get(f"base_{k}") is not None for k in metrics)]
+        bases = [{"run": label, "method": "-", "status": "-", **dict.fromkeys([*TABLE_KEYS, *preference]),
+                  **{k: members[0].metrics.get(f"base_{k}") for k in metrics}}
+                 for label, members in base_groups(scored).items()]
+        return [*bases, *rows]
 
     def metric_names(self) -> list[str]:
         """The task metrics any run was scored with, in first-seen order (the table's last columns)."""
@@ -80,7 +80,8 @@ class Comparison:
     def bootstrap(self, a: str | None = None, b: str | None = None, *, metric: str | None = None,
                   resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict[str, Any]:
         """Paired bootstrap interval of metric(a) - metric(b) over the rows both scored: is the difference
-        real? Default: the two runs compared (or one run against its base; `b="base"` asks that of any run)."""
+        real? Default: the two runs compared (or one run against its base). `b` is a run, a base row's name as
+        the table shows it, or "base" (refused, naming the choices, when the runs have several bases)."""
         from nbtune.engine.significance import bootstrap
 
         return bootstrap(self.runs, a, b, metric=metric, resamples=resamples, confidence=confidence, seed=seed)

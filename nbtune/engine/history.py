@@ -206,8 +206,7 @@ def with_model(run: Run) -> Run:
     from nbtune.engine.reopen import load
     from nbtune.engine.workbench import WORKBENCH
 
-    view = WORKBENCH.view_for(run.config)
-    loaded = load(run.saved_to, base=view)
+    loaded = load(run.saved_to, view_for=WORKBENCH.view_for)  # the base it trained on: cached, or rebuilt
     run.model, run.tokenizer, run.eval_pairs = loaded.model, loaded.tokenizer, loaded.eval_pairs
     run.provenance = loaded.provenance
     run.base_name = loaded.base_name

@@ -363,4 +363,15 @@ def as_base(base: Any) -> Base | None:
     if base is None or isinstance(base, Base):
         return base
     model, tokenizer = base
+    origin = merged_from(model)
+    if origin is not None:  # `run.merge()`'s model: named after that run, not its base's folder
+        return Base(model=model, tokenizer=tokenizer, name=f"{origin['run']} (merged)")
     return Base(model=model, tokenizer=tokenizer, name=getattr(model, "name_or_path", "") or "in-memory")
+
+
+MERGED_FROM = "_nbtune_merged_from"  # set by Run.merge() on the model it returns: which run, which id, where saved
+
+
+def merged_from(model: Any) -> dict[str, Any] | None:
+    """The run `model` was merged from (`run.merge()`), or None."""
+    return getattr(model, MERGED_FROM, None)

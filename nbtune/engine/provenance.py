@@ -28,6 +28,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nbtune.engine.models import merged_from
+
 if TYPE_CHECKING:
     from nbtune.config import RunConfig
     from nbtune.engine.models import Base
@@ -92,11 +94,48 @@ def device_and_precision(config: RunConfig) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- the base model
 def model_record(run: Run, base: Base) -> dict[str, Any]:
-    """The base's name, the folder its weights were read from, and a SHA-256 of each weights file; no
-    folder and no fingerprint for a model passed in memory (its weights may be anything)."""
+    """The base's name, the folder its weights were read from, and a SHA-256 of each weights file. A model
+    passed in memory has no folder: it is recorded as such (`in_memory`), with a fingerprint of its weights
+    (`weights_sample_fingerprint`) and, for a model `run.merge()` made, the run it was merged from, so that
+    reopening the run can rebuild that base or say how to pass it, never put the adapter on another model."""
     folder = model_folder(run, base)
+    in_memory = folder is None and run.trained_on_a_base_in_memory
     return {"name": base.name, "path": str(folder) if folder is not None else None,
-            "weights": weights_fingerprint(folder) if folder is not None else None}
+            "weights": weights_fingerprint(folder) if folder is not None else None,
+            "in_memory": in_memory,
+            "merged_from": merged_from(base.model) if in_memory else None,
+            "fingerprint": weights_sample_fingerprint(base.model) if in_memory else None}
+
+
+_SAMPLED_VALUES = 4096  # per tensor: enough to tell two trainings apart, cheap on a GPU and for billions of weights
+
+
+def weights_sample_fingerprint(model: Any) -> str:
+    """A SHA-256 over every tensor's name, shape, dtype and an evenly strided sample of its values: the same
+    weights give the same digest on any device; a model trained or merged differently, another one. Sampled
+    because a model in memory has no file to hash, and hashing every byte would copy a GPU model to the CPU."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // _SAMPLED_VALUES)
+        sample = flat[::step][:_SAMPLED_VALUES].contiguous().cpu()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(sample.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def trained_in_memory(recorded: dict[str, Any], model: str) -> bool:
+    """Whether a saved run's base was a model passed in memory (so `config.model` is not its base). run.json
+    files from before `in_memory` was recorded: no folder, no weights' digests, and a name that is not the
+    config's model (a cached base's record always has its folder)."""
+    if "in_memory" in recorded:
+        return bool(recorded["in_memory"])
+    from nbtune.engine.models import ALIASES
+
+    return bool(recorded) and recorded.get("path") is None and recorded.get("name") not in (
+        model, ALIASES.get(model, model))
 
 
 def model_folder(run: Run, base: Base) -> Path | None:
@@ -247,5 +286,6 @@ def _short(part: Any) -> str:
     return f"{part.get('rows')} rows, sha256 {str(part.get('sha256'))[:12]}"
 
 
-__all__ = ["changes", "data_recheckable", "data_record", "file_sha256", "git_state", "model_folder", "of_run",
-           "rows_fingerprint", "versions", "weights_fingerprint"]
+__all__ = ["changes", "data_recheckable", "data_record", "file_sha256", "git_state", "model_folder",
+           "of_run", "rows_fingerprint", "trained_in_memory", "versions", "weights_fingerprint",
+           "weights_sample_fingerprint"]

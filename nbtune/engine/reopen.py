@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from nbtune.config import RunConfig
 from nbtune.data import prepare_tokenizer, prompts_and_answers
 from nbtune.engine import provenance
-from nbtune.engine.models import Base, load_base
+from nbtune.engine.models import Base, as_base, load_base
 from nbtune.engine.predictions import read_rows
 from nbtune.engine.quiet import no_hf_progress_bars
 from nbtune.engine.result import History, Run
@@ -24,27 +25,28 @@ from nbtune.methods import MethodContext, get_method
 from nbtune.safety import check_loadable_folder
 
 
-def load(path: str | Path, *, base: Base | tuple[Any, Any] | None = None, quantization: str | None = None) -> Run:
+def load(path: str | Path, *, base: Base | tuple[Any, Any] | None = None, quantization: str | None = None,
+         view_for: Callable[[RunConfig], Base] | None = None) -> Run:
     """Re-open a folder written by `Run.save`: config, metrics and history from run.json, and the model.
 
     `base` is an already loaded (model, tokenizer) to put the result on; otherwise the run's own base
     model is loaded (`quantization` overrides how, e.g. 'none' to merge a QLoRA adapter in full precision).
-    An `NbtuneWarning` names the data or base weights that differ from those run.json's provenance recorded.
+    A run that trained on a model passed in memory is put on that model again: rebuilt when it was another
+    saved run merged (`run.merge()`; that run's folder is found where it was saved, or beside this one),
+    else refused with how to pass it (`base=`). An `NbtuneWarning` names the data or base weights that differ
+    from those run.json's provenance recorded. `view_for(config)` gives the base instead of loading one (the
+    kernel's cached base).
     """
     path = Path(path)
     info = _read_run_json(path)
-    given = dict(info["config"])
-    given.pop("output_dir", None)  # where it was saved is `path`; a save from here goes to runs/<name>
-    given["metric"] = openable_metric(given.get("metric", "auto"))
-    if quantization is not None:
-        given["quantization"] = quantization
-    config = RunConfig.parse(given)
+    config = saved_config(info, quantization)
     method = get_method(config.method)
+    recorded = (info.get("provenance") or {}).get("model") or {}
     if base is None:
-        base = load_base(config.model, quantization=config.quantization, dtype=config.dtype,
-                         trust_remote_code=config.trust_remote_code)
-    elif not isinstance(base, Base):
-        base = Base(model=base[0], tokenizer=base[1], name="in-memory")
+        base = saved_base(path, info, config, view_for=view_for)
+    else:
+        base = as_base(base)
+        _warn_if_another_model(config, recorded, base)
     from transformers import AutoTokenizer
 
     check_loadable_folder(path, what="saved run")
@@ -81,6 +83,69 @@ def load(path: str | Path, *, base: Base | tuple[Any, Any] | None = None, quanti
     _warn_of_changes(info, config, model_folder=base.path,
                      data=data if provenance.data_recheckable(config) else None)
     return run
+
+
+def saved_config(info: dict[str, Any], quantization: str | None = None) -> RunConfig:
+    """The config a saved run's run.json holds, parsed as this version reads it."""
+    given = dict(info["config"])
+    given.pop("output_dir", None)  # where it was saved is the folder; a save from here goes to runs/<name>
+    given["metric"] = openable_metric(given.get("metric", "auto"))
+    if quantization is not None:
+        given["quantization"] = quantization
+    return RunConfig.parse(given)
+
+
+def saved_base(path: Path, info: dict[str, Any], config: RunConfig, *,
+               view_for: Callable[[RunConfig], Base] | None = None) -> Base:
+    """The base the saved run in `path` trained on: `config.model` (a view of the kernel's cached base with
+    `view_for`, else loaded), or the in-memory model it trained on, rebuilt or refused (see `load`)."""
+    recorded = (info.get("provenance") or {}).get("model") or {}
+    if not provenance.trained_in_memory(recorded, config.model):
+        if view_for is not None:
+            return view_for(config)
+        return load_base(config.model, quantization=config.quantization, dtype=config.dtype,
+                         trust_remote_code=config.trust_remote_code)
+    parent = _merged_from_folder(path, recorded.get("merged_from"))
+    if parent is None:
+        origin = recorded.get("merged_from") or {}
+        what = (f"run {origin['run']!r} merged (run.merge()), whose saved folder is not where it was nor beside "
+                f"this one" if origin.get("run") else f"{recorded.get('name') or 'a model'} passed in memory")
+        example = (f"(nbtune.load_run({str(Path(path).parent / origin['run'])!r}).merge(), tokenizer)"
+                   if origin.get("run") else "(model, tokenizer)")
+        raise NbtuneError(f"run {info.get('name', path.name)!r} trained on {what}, which nbtune cannot rebuild; "
+                          f"pass that model as its base: nbtune.load_run({str(path)!r}, base={example}).",
+                          field="base")
+    source = load(parent, view_for=view_for)  # its own base found the same way: a chain of merges rebuilds
+    rebuilt = as_base((source.merge(), source.tokenizer))
+    _warn_if_another_model(config, recorded, rebuilt)
+    return rebuilt
+
+
+def _merged_from_folder(path: Path, origin: dict[str, Any] | None) -> Path | None:
+    """The folder of the run a base was merged from: where it was saved then, or beside this run, if it still
+    holds that very run (its id)."""
+    if not isinstance(origin, dict) or not origin.get("run"):
+        return None
+    for folder in (origin.get("saved_to"), Path(path).parent / str(origin["run"])):
+        if folder is None:
+            continue
+        try:
+            saved = json.loads((Path(folder) / "run.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(saved, dict) and saved.get("id") == origin.get("id"):
+            return Path(folder)
+    return None
+
+
+def _warn_if_another_model(config: RunConfig, recorded: dict[str, Any], base: Base) -> None:
+    """The base given (or rebuilt) is checked against the fingerprint recorded of the in-memory model the run
+    trained on: an adapter on other weights answers something else."""
+    then = recorded.get("fingerprint")
+    if then and provenance.weights_sample_fingerprint(base.model) != then:
+        warnings.warn(f"run {config.name!r}: the base it is put on ({base.name}) is not the model it trained on "
+                      "(their weights' fingerprints differ); its answers and metrics may not match the saved ones.",
+                      NbtuneWarning, stacklevel=3)
 
 
 def openable_metric(spec: Any) -> Any:
