@@ -30,7 +30,7 @@ __all__ = [
     "DEFAULT_MODEL", "ConfigError", "DataError", "DependencyError", "MethodError", "MethodSpec", "ModelError",
     "NbtuneError", "Run", "RunConfig", "combine", "compare", "finetune", "history", "ledger", "load", "load_run",
     "methods",
-    "picker", "preview", "reclaim", "register_method", "runs",
+    "picker", "preview", "reclaim", "register_method", "runs", "sweeps",
 ]
 
 
@@ -57,6 +57,10 @@ def __getattr__(name: str) -> Any:
         from nbtune.engine.workbench import WORKBENCH
 
         return WORKBENCH.runs
+    if name == "sweeps":  # by name: the Sweep of a cell that raised (interrupted) is reached here
+        from nbtune.engine.workbench import WORKBENCH
+
+        return WORKBENCH.sweeps
     if name == "load":
         from nbtune.engine.reopen import load
 

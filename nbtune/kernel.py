@@ -6,7 +6,6 @@ traceback keep tensors alive long after a run is gone, so it clears those too wh
 
 from __future__ import annotations
 
-import gc
 import sys
 from typing import Any
 
@@ -79,21 +78,14 @@ def combine(runs: list[Any], weights: list[float], *, how: str = "linear", name:
     return combined
 
 
-def load_run(path: Any) -> Any:
-    """A saved run back into this kernel's nbtune.runs, its adapter on the cached base (loaded once)."""
-    import json
-    from pathlib import Path
-
-    from nbtune.config import RunConfig
+def load_run(path: Any, *, base: Any = None) -> Any:
+    """A saved run back into this kernel's nbtune.runs, its adapter on the cached base (loaded once), or
+    on the model it trained on when that was passed in memory: rebuilt when it was a saved run merged
+    (`run.merge()`), else refused with how to pass it as `base=(model, tokenizer)`."""
     from nbtune.engine.reopen import load
     from nbtune.engine.workbench import WORKBENCH
 
-    try:
-        config = RunConfig.parse(json.loads((Path(path) / "run.json").read_text(encoding="utf-8"))["config"])
-    except (OSError, ValueError, KeyError) as exc:
-        raise NbtuneError(f"{str(path)!r} is not a folder written by Run.save ({exc}).") from None
-    view = WORKBENCH.view_for(config)
-    run = load(path, base=view)  # a Base: its folder lets load check the weights it trained on
+    run = load(path, base=base, view_for=WORKBENCH.view_for)
     WORKBENCH.runs[run.name] = run
     return run
 
@@ -124,7 +116,9 @@ def _notebook_default(key: str) -> Any:
 
 
 def ledger() -> list[dict[str, Any]]:
-    """What each run and each cached base holds, in MB (weights it owns, adapter, gradients)."""
+    """What each run and each cached base holds, in MB (weights it owns, adapter, gradients), then the
+    kernel's own (kind "process"): freed memory the allocator still kept (given back as the ledger is read),
+    resident memory in all, and everything else in it."""
     from nbtune.engine.workbench import WORKBENCH
 
     rows = []
@@ -142,13 +136,37 @@ def ledger() -> list[dict[str, Any]]:
         grads = [p.grad for p in run.model.parameters() if p.grad is not None]
         rows.append({"holder": name, "kind": "adapter on the shared base" if shares else "own copy of the weights",
                      "mb": round((_bytes(own) + _bytes(grads)) / 2**20, 1)})
+    return rows + _process_rows(rows)
+
+
+def _process_rows(held: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rest of the kernel's resident memory. First what the C allocator kept freed for reuse is given back
+    (a background run's thread keeps an arena of its own, and RSS would only grow) and shown, then RSS and
+    everything else in it (Python, torch, tokenizers, data). On a GPU the weights are not in RSS, so the rest
+    is not split out there."""
+    from nbtune.engine.memory import give_back_to_os, rss_mb
+
+    returned = give_back_to_os()
+    rss = rss_mb()
+    rows = [{"holder": "freed memory the allocator had kept, given back now", "kind": "process",
+             "mb": round(returned, 1)},
+            {"holder": "resident memory of this kernel (RSS)", "kind": "process", "mb": round(rss, 1)}]
+    if not _weights_on_an_accelerator():
+        rows.append({"holder": "everything else (Python, torch, tokenizers, data)", "kind": "process",
+                     "mb": round(max(rss - sum(row["mb"] for row in held), 0.0), 1)})
     return rows
+
+
+def _weights_on_an_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_initialized() and torch.cuda.memory_allocated() > 0
 
 
 def reclaim(target: Any = "all") -> dict[str, float]:
     """Free the memory a run (or every run and cached base: 'all') holds; returns RSS before/after in MB."""
     from nbtune.data import tokenize
-    from nbtune.engine.memory import rss_mb
+    from nbtune.engine.memory import give_back_to_os, rss_mb
     from nbtune.engine.workbench import WORKBENCH
 
     before = rss_mb()
@@ -167,8 +185,7 @@ def reclaim(target: Any = "all") -> dict[str, float]:
     for run in chosen:  # a stopped run's checkpoint is on disk: it stays, and resume() builds the model again
         run.release_model()
     _forget_notebook_references()
-    gc.collect()
-    _give_back_to_os()
+    give_back_to_os()
     after = rss_mb()
     return {"rss_before_mb": round(before, 1), "rss_after_mb": round(after, 1), "freed_mb": round(before - after, 1)}
 
@@ -187,19 +204,6 @@ def _forget_notebook_references() -> None:
         for formatter in (getattr(shell, "InteractiveTB", None), getattr(shell, "SyntaxTB", None)):
             if getattr(formatter, "tb", None) is not None:
                 formatter.tb = None  # IPython's traceback printer keeps the last traceback it printed
-
-
-def _give_back_to_os() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    try:  # glibc keeps freed memory in its arenas; malloc_trim returns it, so RSS really drops
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): the OS reclaims lazily
-        pass
 
 
 def _bytes(tensors: Any) -> int:

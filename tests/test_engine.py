@@ -60,6 +60,29 @@ def test_lora_learns_and_records_every_step(llama_base, demo_rows):
     assert "lora" in repr(run) and "finished" in repr(run)
 
 
+def test_loss_names_have_one_meaning_each(llama_base, demo_rows):
+    """`train_loss` is the mean over the run, as the Trainer (and TensorBoard) report it; the last step's
+    loss is `last_loss`, the mean of the last 10% of steps `final_loss`."""
+    run = nbtune.finetune(data=demo_rows, base=llama_base, **{**FAST, "steps": 10})
+    losses = [r["loss"] for r in run.history]
+    m = run.metrics
+    assert m["train_loss"] == pytest.approx(sum(losses) / len(losses))
+    assert m["last_loss"] == losses[-1] and m["first_loss"] == losses[0]
+    assert m["final_loss"] == pytest.approx(losses[-1])  # 10% of 10 steps: the last one
+    assert m["train_loss"] != pytest.approx(m["last_loss"])  # a learning run: the two differ
+    assert "train_loss_mean" not in m
+
+
+def test_final_loss_smooths_over_the_last_tenth_of_the_steps():
+    from nbtune.engine.callbacks import loss_summary
+
+    history = [{"step": i, "loss": float(i)} for i in range(1, 41)] + [{"step": 41, "loss": float("nan")}]
+    summary = loss_summary(history)
+    assert summary["final_loss"] == pytest.approx((37 + 38 + 39 + 40) / 4)  # 4 of 40 finite steps
+    assert summary["train_loss"] == pytest.approx(20.5) and summary["last_loss"] == 40.0
+    assert loss_summary([])["train_loss"] is None
+
+
 def test_events_arrive_in_order(llama_base, demo_rows):
     recorder = Recorder()
     run = nbtune.finetune(data=demo_rows, base=llama_base, eval_split=0.25, eval_steps=3, observers=[recorder],

@@ -190,3 +190,70 @@ def test_a_background_runs_progress_stays_in_its_own_cell(kernel):
     # nothing of the run's progress is drawn as the later cell's own output
     own = [m for m in kernel.outputs[later] if m["msg_type"] in ("stream", "display_data")]
     assert [m["content"].get("text", "") for m in own] == ["waited\n"], own
+
+
+def test_an_interrupt_before_the_first_step_says_nothing_was_kept_and_keeps_nothing(kernel):
+    """Issue 29 item 6: the ■ in the first step used to promise a resumable run that was not there (and save
+    a `stopped 0/N` run that nbtune.history() listed)."""
+    reply, _ = kernel.run(cell("early", steps=2).replace("save: false", "save: true"))
+    assert reply["status"] == "ok"
+    kernel.run("from nbtune.engine import loss\nimport time\n_real = loss.AnswerOnlyLossTrainer.compute_loss\n"
+               "def _slow(self, *args, **kwargs):\n    print('IN STEP', flush=True)\n    time.sleep(60)\n"
+               "    return _real(self, *args, **kwargs)\nloss.AnswerOnlyLossTrainer.compute_loss = _slow")
+    again = kernel.submit(cell("early", steps=5, lr=0.5).replace("save: false", "save: true"))
+    assert kernel.drain(again, until="IN STEP")
+    kernel.manager.interrupt_kernel()
+
+    reply = kernel.reply(again)
+    shown = kernel.text(again)
+    assert reply["status"] == "error" and reply["ename"] == "RunInterrupted"
+    assert "run 'early' was interrupted before its first step: nothing trained, and nothing of it was kept" in shown
+    assert "keeps its adapter" not in shown and "resume" not in shown and "Traceback" not in shown
+    kernel.run("loss.AnswerOnlyLossTrainer.compute_loss = _real")
+    _, text = kernel.run("r = nbtune.runs['early']; h = nbtune.history()\n"
+                         "print(r.status, r.config.steps, [(x.name, x.row()['steps']) for x in h])")
+    assert text.split("\n")[0] == "finished 2 [('early', '2/2')]"  # the earlier run, in the kernel and on disk
+
+
+def test_a_second_cell_of_the_same_name_with_another_method_says_it_replaced_the_first(kernel):
+    """Issue 29 item 10: the earlier run's folder was overwritten without a line."""
+    saved = cell("dup", steps=2).replace("save: false", "save: true")
+    assert kernel.run(saved)[0]["status"] == "ok"
+    reply, text = kernel.run(saved)  # the same cell again: its own result, replaced without a word
+    assert reply["status"] == "ok" and "replaced" not in text
+    reply, text = kernel.run(saved.replace("method: lora\nr: 4\n", "method: ia3\n"))
+    assert reply["status"] == "ok"
+    assert ("run 'dup' (ia3) replaced the run saved earlier in 'runs/dup' (method lora, finished at step 2, saved "
+            in text), text
+    assert "nbtune.history() no longer lists that one" in text
+
+
+def test_a_run_on_a_merged_base_comes_back_on_it_in_a_new_kernel(kernel, tiny_model_dir, tmp_path):
+    """Issue 29 item 1: SFT, then DPO on `sft.merge()` as notebook 09 does; a new kernel's load_run used to put
+    the adapter on the raw model without a word."""
+    from jupyter_client.manager import start_new_kernel
+
+    probe = ("import torch\nids = r.tokenizer(['Convert this date: 4 July 1976'], return_tensors='pt')\n"
+             "with torch.no_grad(): print('LOGITS', round(float(r.model(**ids).logits.double().sum()), 3))")
+    kernel.run(cell("p_sft", steps=2).replace("save: false", "save: true"))
+    reply, text = kernel.run(
+        "from nbtune.data.demo import demo_pair_splits\nsft = nbtune.runs['p_sft']\n"
+        "r = nbtune.finetune(name='p_dpo', objective='dpo', data=demo_pair_splits()[0][:8], steps=2, batch_size=4, "
+        "metric='none', base=(sft.merge(), sft.tokenizer))\n" + probe)
+    assert reply["status"] == "ok", text
+    trained = next(line for line in text.splitlines() if line.startswith("LOGITS"))
+
+    manager, client = start_new_kernel(kernel_name="python3", cwd=str(tmp_path))
+    fresh = Kernel(manager, client)
+    try:
+        reply, text = fresh.run(SETUP.format(model=str(tiny_model_dir)) + "r = nbtune.load_run('runs/p_dpo')\n"
+                                "print('BASE', r.base_name)\n" + probe)
+        assert reply["status"] == "ok", text
+        assert "BASE p_sft (merged)" in text and trained in text
+        fresh.run("import shutil; shutil.rmtree('runs/p_sft'); nbtune.runs.clear()")
+        reply, text = fresh.run("nbtune.load_run('runs/p_dpo')")
+        assert reply["status"] == "error" and "Traceback" not in text
+        assert "which nbtune cannot rebuild; pass that model as its base: nbtune.load_run('runs/p_dpo', base=" in text
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)

@@ -177,14 +177,42 @@ def test_a_folder_of_the_users_files_is_refused_and_left_byte_identical(trained,
     assert snapshot(mine.parent) == before
 
 
-def test_a_run_whose_output_dir_holds_the_users_files_keeps_them_and_says_where_to_save(
-        llama_base, demo_rows, tmp_path_factory):
+def test_an_output_dir_of_the_users_files_is_refused_before_anything_loads(demo_rows, tmp_path_factory,
+                                                                            no_loading):
+    """Said when the cell starts, as every config mistake is, not in a warning after the whole run."""
     mine = tmp_path_factory.mktemp("mine")
     (mine / "notes.txt").write_text("my notes\n")
     before = snapshot(mine.parent)
+    with pytest.raises(nbtune.NbtuneError, match="already holds files nbtune did not write") as info:
+        nbtune.finetune(name="mine", data=demo_rows, output_dir=str(mine), **FAST)
+    assert info.value.field == "output_dir" and "new or empty folder" in one_line(info)
+    assert "mine" not in nbtune.runs and snapshot(mine.parent) == before
+
+
+def test_a_run_named_like_a_sweeps_folder_is_refused_before_anything_loads(demo_rows, no_loading):
+    sweep = Path("runs/dates")
+    (sweep / "0").mkdir(parents=True)
+    (sweep / "study.db").write_bytes(b"SQLite format 3\x00")
+    (sweep / "0" / "run.json").write_text('{"name": "dates/0", "status": "finished", "config": {}}')
+    before = snapshot(sweep)
+    with pytest.raises(nbtune.NbtuneError, match=r"holds sweep 'dates' \(its study and trials\), which saving "
+                                                 r"run 'dates' there would replace; give the run another name"):
+        nbtune.finetune(name="dates", data=demo_rows, **FAST)
+    assert snapshot(sweep) == before and "dates" not in nbtune.runs
+
+
+def test_a_run_whose_folder_gets_the_users_files_while_it_trains_keeps_them_and_says_where_to_save(
+        llama_base, demo_rows, tmp_path_factory):
+    """Checked again when saving: files that arrived during training are kept, the run too (a warning)."""
+    mine = tmp_path_factory.mktemp("mine")
+
+    class Intruder:
+        def on_step(self, run, record):
+            (mine / "notes.txt").write_text("my notes\n")
+
     with pytest.warns(NbtuneWarning, match="did not write"):
-        run = nbtune.finetune(data=demo_rows, base=llama_base, output_dir=str(mine), **FAST)
-    assert run.model is not None and snapshot(mine.parent) == before
+        run = nbtune.finetune(data=demo_rows, base=llama_base, output_dir=str(mine), observers=[Intruder()], **FAST)
+    assert run.model is not None and [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
 def test_a_file_is_never_a_run_folder(trained, tmp_path):

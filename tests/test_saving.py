@@ -139,9 +139,13 @@ def test_save_never_replaces_a_folder_it_did_not_write(llama_base, demo_rows, tm
 
 
 def test_a_failed_final_save_keeps_the_trained_run(llama_base, demo_rows, tmp_path):
-    (tmp_path / "taken").write_text("a file, not a folder")
+    class TakesTheFolder:  # a file where the run saves, arriving while it trains (checked before, it was free)
+        def on_step(self, run, record):
+            (tmp_path / "taken").write_text("a file, not a folder")
+
     with pytest.warns(UserWarning, match="run.save"):
-        run = nbtune.finetune(data=demo_rows, base=llama_base, output_dir=str(tmp_path / "taken"), **FAST)
+        run = nbtune.finetune(data=demo_rows, base=llama_base, output_dir=str(tmp_path / "taken"),
+                              observers=[TakesTheFolder()], **FAST)
     assert run.status == "finished" and "saving" in run.error and run.model is not None
     assert run.save(tmp_path / "elsewhere").is_dir()
 

@@ -41,7 +41,7 @@ def test_a_python_call_joins_nbtune_runs_and_trains_on_the_cached_base(tiny_mode
     second = nbtune.finetune(common, name="api-b", method="ia3")
     assert nbtune.runs["api-a"] is first and nbtune.runs["api-b"] is second
     assert len(loads) == 1  # the second call trained on the base the first loaded
-    assert [row["holder"] for row in nbtune.ledger()][-2:] == ["api-a", "api-b"]
+    assert [row["holder"] for row in nbtune.ledger() if row["kind"] != "process"][-2:] == ["api-a", "api-b"]
     assert nbtune.compare("api-a", "api-b").table()[1]["method"] == "ia3"
     nbtune.reclaim("api-a")
     assert first.model is None
@@ -194,7 +194,8 @@ def test_the_ledger_says_a_run_still_loading_is_loading(tiny_model_dir, demo_row
     run = start_run({**FAST, "model": str(tiny_model_dir), "data": demo_rows, "name": "arriving"})
     set_status(run, "running")
     WORKBENCH.runs["arriving"] = run
-    assert nbtune.ledger()[-1] == {"holder": "arriving", "kind": "loading", "mb": 0.0}
+    assert [row for row in nbtune.ledger() if row["kind"] != "process"][-1] == {"holder": "arriving",
+                                                                                 "kind": "loading", "mb": 0.0}
 
 
 def test_a_data_error_found_while_tokenising_leaves_no_failed_run(tiny_model_dir, demo_rows, capsys):

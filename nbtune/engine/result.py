@@ -12,6 +12,7 @@ import contextlib
 import json
 import threading
 import uuid
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,20 +20,22 @@ from typing import TYPE_CHECKING, Any
 from nbtune.engine.events import Broadcast
 from nbtune.engine.generation import Prompt, generate_texts
 from nbtune.engine.quiet import no_hf_progress_bars
-from nbtune.engine.saving import atomic_directory, write_json
-from nbtune.errors import NbtuneError, RunInterrupted
+from nbtune.engine.saving import atomic_directory, other_saved_run, write_json
+from nbtune.errors import NbtuneError, NbtuneWarning, RunInterrupted
 
 if TYPE_CHECKING:
     from nbtune.config import RunConfig
     from nbtune.methods.registry import MethodContext, MethodSpec
 
-STATUSES = ("pending", "running", "finished", "stopped", "failed", "combined")
+# "pruned": a sweep trial its pruner ended early (engine/sweep.py); unlike "stopped", nothing to resume.
+STATUSES = ("pending", "running", "finished", "stopped", "pruned", "failed", "combined")
 
 
 def set_status(run: Run, status: str, error: str | None = None) -> None:
-    """The one way a run's status changes (the pipeline's steps, a launch's outcome); `error` says why a
-    failed run failed."""
+    """The one way a run's status changes (pipeline, launch, sweep); `error` says why a failed run failed."""
     run._status = _checked(status)
+    if status == "pruned":  # its sweep stopped it for good: nothing of it is to be continued
+        run._session = None
     if error is not None:
         run.error = error
 
@@ -58,6 +61,11 @@ def failure_recorded(run: Run) -> Iterator[None]:
         if run.status in ("pending", "running"):
             fail(run, exc)
         raise
+
+
+def pruned_refusal(name: str) -> str:  # why a trial its sweep pruned does not resume
+    return (f"run {name!r} was pruned by its sweep; a pruned trial is not resumed (the sweep tries other settings "
+            "instead): train its config again to see it to the end.")
 
 
 def _checked(status: str) -> str:
@@ -120,7 +128,7 @@ class Run:
     # ------------------------------------------------------------ state
     @property
     def status(self) -> str:
-        """pending, running, finished, stopped, failed, or combined (`nbtune.combine`); see `set_status`."""
+        """pending, running, finished, stopped, pruned, failed, or combined (`nbtune.combine`); see STATUSES."""
         return self._status
 
     @property
@@ -160,6 +168,8 @@ class Run:
 
     def resume(self) -> Run:
         """Continue a stopped run where it stopped (weights, optimizer, schedule, data order) to its end."""
+        if self.status == "pruned":
+            raise NbtuneError(pruned_refusal(self.name))
         if self._session is None:  # finished, failed, loaded from a folder or combined: nothing to continue
             loaded = (" (a run loaded from a folder continues with nbtune.finetune(run.config, "
                       "resume_from=CHECKPOINT_FOLDER))" if self.status == "stopped" else "")
@@ -242,8 +252,13 @@ class Run:
                 "quantization='none')), and merge that.",
                 field="quantization",
             )
+        from nbtune.engine.models import MERGED_FROM
+
         merged = self.method.merged(copy.deepcopy(self.model), self.config.options)
         merged.__dict__.pop("_nbtune_trained_by", None)  # a new model no run has trained: a base for the next
+        # A run trained on it records where it came from: reopened later, it is rebuilt from this run's folder.
+        setattr(merged, MERGED_FROM, {"run": self.name, "id": self.id, "method": self.method.name,
+                                      "saved_to": str(self.saved_to) if self.owns_saved_folder() else None})
         return merged
 
     def merge_and_export(self, path: str | Path) -> Path:
@@ -297,6 +312,7 @@ class Run:
         """Write the adapter (or weights), tokenizer and run.json to `path` atomically; returns the path."""
         self.require_model()
         target = Path(path).expanduser() if path is not None else self.config.resolved_output_dir
+        replaced = other_saved_run(target, self.id, self.config.to_json_dict())
         with atomic_directory(target, replaceable="run.json") as tmp, no_hf_progress_bars():
             if self.method.save is not None:
                 self.method.save(self.model, tmp, self.context)
@@ -309,6 +325,9 @@ class Run:
                 write_rows(tmp, self.prediction_rows)
             write_json(tmp / "run.json", self.to_dict())
         self.saved_to = target
+        if replaced is not None:
+            warnings.warn(f"run {self.name!r} ({self.method.name}) replaced the run saved earlier in {str(target)!r} "
+                          f"({replaced}); nbtune.history() no longer lists that one.", NbtuneWarning, stacklevel=2)
         return target
 
     def to_dict(self) -> dict[str, Any]:

@@ -6,12 +6,13 @@
 
 Everything expensive happens after everything checkable has been checked: a typo in the config or a
 missing data file fails in milliseconds, before a single weight is read. The `Run` is the record the user
-keeps; what exists only while it trains lives in its `TrainingSession`, created and dropped here. How
-examples become tensors and which Trainer learns is the run's objective (engine/objectives.py).
+keeps; what exists only while it trains lives in its `TrainingSession`, created and dropped here. The
+run's objective (engine/objectives.py) tokenises and builds the Trainer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import threading
@@ -27,7 +28,7 @@ from nbtune.config import RunConfig
 from nbtune.data import prepare_tokenizer, prompts_and_answers
 from nbtune.data.splits import read_data
 from nbtune.engine import provenance
-from nbtune.engine.callbacks import remove_neftune
+from nbtune.engine.callbacks import loss_summary, remove_neftune
 from nbtune.engine.checkpoints import resume_checkpoint
 from nbtune.engine.distributed import is_main_process
 from nbtune.engine.evaluation import check_metrics_on_data, score_finished_run
@@ -38,8 +39,9 @@ from nbtune.engine.models import Base, as_base, check_callers_base, load_base, n
 from nbtune.engine.objectives import objective_for
 from nbtune.engine.precision import training_speedups
 from nbtune.engine.preflight import check_fits, is_allocator_failure, out_of_memory
-from nbtune.engine.result import Run, fail, failure_recorded, set_status
+from nbtune.engine.result import Run, fail, failure_recorded, pruned_refusal, set_status
 from nbtune.engine.samples import check_sample_prompts
+from nbtune.engine.saving import check_run_folder
 from nbtune.engine.trainer import collect_run_garbage, expected_steps, older_objects_frozen, release_from_trainer
 from nbtune.errors import NbtuneError, NbtuneWarning, RunInterrupted
 from nbtune.methods import MethodContext, get_method
@@ -47,9 +49,8 @@ from nbtune.methods import MethodContext, get_method
 
 @dataclass
 class TrainingSession:
-    """What exists only while a run trains or may resume, owned by this module (as torchtune's recipe owns
-    its training state): `start_run` creates it, a run that ends finished or failed drops it, a stopped run
-    keeps it to resume from. The `Run` itself is the record the user keeps."""
+    """What exists only while a run trains or may resume (as torchtune's recipe owns its training state):
+    `start_run` creates it, a finished or failed run drops it, a stopped run keeps it to resume from."""
 
     run: Run
     data: tuple[Any, Any, str] | None  # (train records, eval records, format), until tokenised
@@ -80,8 +81,10 @@ def session_of(run: Run) -> TrainingSession:
 
 def start_run(config: RunConfig | dict[str, Any] | str | None = None, *, observers: Iterable[Any] = (),
               progress: bool = False, **overrides: Any) -> Run:
-    """A pending `Run`: config checked and data read (cheap, and where most mistakes are caught)."""
+    """A pending `Run`: config checked, data read (cheap: where most mistakes are caught)."""
     config = RunConfig.parse(config, **overrides)
+    if config.save:  # a folder it may not save into is said now, not after the whole run has trained
+        check_run_folder(config.resolved_output_dir, config.name)
     method = get_method(config.method)
     data = read_data(config)
     check_metrics_on_data(config, *data[1:])  # metric functions and `sample_every`'s prompts, checked
@@ -124,15 +127,15 @@ def train_run(run: Run, *, base: Base | tuple[Any, Any] | None = None, resume_fr
 
 
 def _guarded(run: Run, train: Callable[[PeakSampler], bool]) -> tuple[bool, float]:
-    """`train(memory)` with its failure recorded on the run: (interrupted, peak memory in MB)."""
+    """`train(memory)`, its failure recorded on the run: (interrupted, peak MB)."""
     try:
         with PeakSampler() as memory:
             interrupted = train(memory)
     except KeyboardInterrupt as exc:
-        if not run.history:  # while loading or tokenising: nothing learned, nothing to keep
+        if not run.history:  # while loading, tokenising or in the first step: nothing learned, nothing kept
             fail(run, exc, "interrupted before its first step")
-            raise RunInterrupted(f"run {run.name!r} was interrupted before its first step; nothing trained.",
-                                 run) from None
+            raise RunInterrupted(f"run {run.name!r} was interrupted before its first step: nothing trained, and "
+                                 "nothing of it was kept or saved.", run) from None
         # after training, in the loss evaluation or a Stop's checkpoint: what it learned stays
         set_status(run, "finished" if run.history[-1]["step"] >= run.total_steps else "stopped")
         interrupted = True
@@ -258,9 +261,10 @@ def _train_and_evaluate(run: Run, session: TrainingSession, trainer: Any, eval_s
     guard = session.guard
     try:
         with training_speedups(run.model), older_objects_frozen():
-            output = trainer.train(resume_from_checkpoint=resume_from)
-        run.metrics["train_loss_mean"] = output.training_loss
+            trainer.train(resume_from_checkpoint=resume_from)
     except KeyboardInterrupt:  # the kernel's interrupt: stop here, keeping everything learned so far
+        if not run.history:  # nothing learned yet: not a stopped run to keep or save (_guarded says so)
+            raise
         run.stop()
         interrupted = True
     except Exception as exc:
@@ -306,6 +310,8 @@ def _resumable_checkpoint(trainer: Any, run: Run) -> str | None:
 def not_resumable(run: Run) -> str | None:
     """Why `run` cannot resume (None if it can): it is not stopped, its method keeps no checkpoint, or the
     model to rebuild after a reclaim came from the caller."""
+    if run.status == "pruned":
+        return pruned_refusal(run.name)
     if run.status != "stopped" or run._session is None:
         return f"run {run.name!r} is {run.status}; only a stopped run of this kernel with steps left can resume."
     session = run._session
@@ -357,10 +363,8 @@ def in_background(run: Run, work: Callable[[], Any]) -> threading.Thread:
     and error; a thread has nobody to raise to."""
 
     def quietly() -> None:
-        try:
+        with contextlib.suppress(BaseException):
             work()
-        except BaseException:
-            pass
 
     run._thread = threading.Thread(target=quietly, daemon=True, name=f"nbtune-{run.name}")
     run._thread.start()
@@ -368,23 +372,16 @@ def in_background(run: Run, work: Callable[[], Any]) -> threading.Thread:
 
 
 def resume_in_background(run: Run) -> threading.Thread:
-    """`resume_run` on a thread. The earlier Stop is cleared here, before the thread: a Stop pressed as soon
-    as this returns must hold."""
+    """`resume_run` on a thread; the earlier Stop is cleared first: a Stop pressed as this returns must hold."""
     run._stop.clear()
     return in_background(run, lambda: resume_run(run, stop_cleared=True))
 
 
 def _finish(run: Run) -> None:
-    losses = [r["loss"] for r in run.history if "loss" in r]
-    tokens = sum(r["tokens"] for r in run.history)
-    train_seconds = run.metrics.get("train_seconds") or 0.0
-    run.metrics.update({
-        "steps": run.history[-1]["step"] if run.history else 0,
-        "first_loss": losses[0] if losses else None,
-        "train_loss": losses[-1] if losses else None,
-        "tokens": tokens,
-        "tokens_per_second": round(tokens / train_seconds, 1) if train_seconds and tokens else None,  # None: uncounted
-    })
+    tokens, train_seconds = sum(r["tokens"] for r in run.history), run.metrics.get("train_seconds") or 0.0
+    run.metrics.update({"steps": run.history[-1]["step"] if run.history else 0, **loss_summary(run.history),
+                        "tokens": tokens,  # and tokens/s None when uncounted:
+                        "tokens_per_second": round(tokens / train_seconds, 1) if train_seconds and tokens else None})
     if not is_main_process():  # the other ranks of a multi-process run: rank 0 evaluates and writes
         run.emit("on_run_end")
         return

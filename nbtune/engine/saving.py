@@ -12,6 +12,7 @@ in the folder's place is refused (`check_target`).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import shutil
@@ -49,6 +50,23 @@ def check_target(target: Path, *, replaceable: str | None = None, field: str = "
         raise NbtuneError(f"`{field}` {shown!r} already holds files nbtune did not write, and nbtune never "
                           f"overwrites them; give a new or empty folder, e.g. {str(target / 'my-run')!r}.",
                           field=field)
+
+
+def check_run_folder(target: Path, name: str) -> None:
+    """Before a run loads anything: refuse the folder it would save into when saving there would fail or
+    destroy something (a folder of the user's files, a sweep's study and trials), rather than after training."""
+    target = Path(target).expanduser()
+    if target.is_dir() and not (target / "run.json").exists() and _holds_sweep(target):
+        raise NbtuneError(f"{str(target)!r} holds sweep {target.name!r} (its study and trials), which saving run "
+                          f"{name!r} there would replace; give the run another name (or `output_dir`).",
+                          field="name")
+    check_target(target, replaceable="run.json")
+
+
+def _holds_sweep(folder: Path) -> bool:
+    """A sweep's folder: its Optuna study file, or trial folders that each hold a saved run."""
+    return (folder / "study.db").is_file() or any(
+        (child / "run.json").is_file() for child in folder.iterdir() if child.is_dir())
 
 
 @contextlib.contextmanager
@@ -127,6 +145,25 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def other_saved_run(target: Path, run_id: str, config: dict[str, Any]) -> str | None:
+    """What `target` holds when it is another run whose config differs from `config` (a cell changed and run
+    again, another method under the same name): its method, status, steps and when it was saved. The same
+    cell run again replaces its own earlier result without a word, as a notebook re-run should."""
+    try:
+        saved = json.loads((target / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or saved.get("id") == run_id:
+        return None
+    theirs = saved.get("config") if isinstance(saved.get("config"), dict) else {}
+    if {k: v for k, v in theirs.items() if k != "derived"} == {k: v for k, v in config.items() if k != "derived"}:
+        return None
+    history = saved.get("history") or [{}]
+    steps = history[-1].get("step", 0) if isinstance(history[-1], dict) else 0
+    when = datetime.datetime.fromtimestamp((target / "run.json").stat().st_mtime).strftime("%Y-%m-%d %H:%M")
+    return f"method {saved.get('method', '?')}, {saved.get('status', '?')} at step {steps}, saved {when}"
 
 
 def write_json(path: Path, data: Any) -> None:

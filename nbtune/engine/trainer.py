@@ -251,8 +251,11 @@ def older_objects_frozen() -> Iterator[None]:
 
 def collect_run_garbage() -> None:
     """Collect a finished run's reference cycles now, while the user reads its results, rather than at the
-    start of the next run (see `older_objects_frozen`)."""
-    gc.collect()
+    start of the next run (see `older_objects_frozen`), and give what it freed back to the OS: otherwise the
+    allocator keeps it (per thread that trained) and the kernel's RSS only ever grows (engine/memory.py)."""
+    from nbtune.engine.memory import give_back_to_os
+
+    give_back_to_os()
 
 
 class _WithoutLength:

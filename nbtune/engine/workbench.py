@@ -75,6 +75,9 @@ class Workbench:
         self.bases: dict[tuple[str, str, str, bool], Base] = {}
         self.runs = Runs()
         self._threads: dict[str, threading.Thread] = {}
+        # Sweeps by name, registered by engine/sweep.py once a sweep's study opens: `nbtune.sweeps[name]` is
+        # how a cell that raised (an interrupt) still reaches its sweep, to resume it.
+        self.sweeps: dict[str, Sweep] = {}
 
     def base(self, config: RunConfig) -> Base:
         """The cached pristine base for this config, loaded on first use."""
@@ -182,8 +185,8 @@ class Workbench:
         # A background sweep's thread trains its own trials through this workbench: not refused.
         busy = [n for n, t in self._threads.items() if t.is_alive() and t is not threading.current_thread()]
         if busy and self._threads[busy[0]].name.startswith("nbtune-sweep-"):  # engine/sweep.py names it so
-            raise NbtuneError(f"sweep {busy[0]!r} is still running in the background; stop it (sweep.stop()) or "
-                              "wait for it (sweep.wait()) first.")
+            raise NbtuneError(f"sweep {busy[0]!r} is still running in the background; stop it "
+                              f"(nbtune.sweeps[{busy[0]!r}].stop()) or wait for it (.wait()) first.")
         if busy:
             raise NbtuneError(f"run {busy[0]!r} is still training in the background; stop it "
                               f"(nbtune.runs[{busy[0]!r}].stop()) or wait for it (.wait()) first.")
