@@ -19,7 +19,7 @@ from common import versions, write_result
 
 
 def exact_match_of(model, tokenizer, run, rows: int) -> float:
-    from nbtune.engine.evaluation import score_model
+    from nbtune.engine.evaluation.scoring import score_model
 
     return score_model(run, model, tokenizer, samples=rows)["exact_match"]  # metric none: exact match
 
@@ -28,7 +28,7 @@ def main() -> None:
     import warnings
 
     import nbtune
-    from nbtune.engine.merging import merged_for_export
+    from nbtune.engine.export.merging import merged_for_export
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=40)

@@ -50,7 +50,7 @@ def model_folder(shape: str) -> Path:
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
     from nbtune.config import DEFAULT_MODEL
-    from nbtune.engine.models import cache_dir, resolve_model
+    from nbtune.engine.bases.loading import cache_dir, resolve_model
 
     folder = cache_dir() / "bench-models" / f"smollm2-{shape}"
     if (folder / "config.json").is_file():
@@ -140,7 +140,7 @@ def nbtune_job(folder: Path, data: list[dict[str, str]], method: str, steps: int
                meter: StepMeter, changes: dict[str, Any]) -> dict[str, Any]:
     """The same job through nbtune's public API; `changes` alter the device policy for this process."""
     import nbtune
-    from nbtune.engine import device
+    from nbtune.engine.compute import device
 
     if changes:
         changed = device.with_changes(device.policy_for(device.detect()), **changes)

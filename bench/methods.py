@@ -33,7 +33,7 @@ def _step_seconds(run: Any) -> float:
 
 def measure(method: str, rows: list[dict[str, Any]], steps: int, repeats: int, out: Path) -> dict[str, Any]:
     import nbtune
-    from nbtune.engine.compare import adapter_mb
+    from nbtune.engine.evaluation.compare import adapter_mb
 
     ratios, run = [], None
     for i in range(repeats):

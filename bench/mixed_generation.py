@@ -16,8 +16,8 @@ from common import versions, write_result
 
 def main() -> None:
     from nbtune.data.demo import demo_splits
-    from nbtune.engine.adapters import lora_stack, mixed_generate
-    from nbtune.engine.generation import generate_texts
+    from nbtune.engine.evaluation.adapters import lora_stack, mixed_generate
+    from nbtune.engine.evaluation.generation import generate_texts
     from nbtune.engine.workbench import Workbench
 
     parser = argparse.ArgumentParser()

@@ -23,7 +23,7 @@ from common import median_min, report, run_child, versions, vmhwm_mb, write_resu
 
 def _ready_seconds(cache: str) -> float:
     from nbtune.config import DEFAULT_MODEL
-    from nbtune.engine.models import load_base
+    from nbtune.engine.bases.loading import load_base
 
     os.environ["NBTUNE_CACHE"] = cache
     started = time.perf_counter()
@@ -39,7 +39,7 @@ def _bf16_child(source: str) -> None:
     from transformers import AutoModelForCausalLM
 
     from nbtune.config import DEFAULT_MODEL
-    from nbtune.engine.models import load_base, resolve_model
+    from nbtune.engine.bases.loading import load_base, resolve_model
 
     path = resolve_model(DEFAULT_MODEL)
     before = vmhwm_mb()

@@ -29,9 +29,9 @@ def child(precision: str, seed: int, steps: int, batch_size: int, lr: float) -> 
     from throughput import exact_match, heldout_loss
 
     import nbtune
-    import nbtune.engine.run as engine_run
+    import nbtune.engine.training.pipeline as engine_run
     from nbtune.data.demo import demo_splits
-    from nbtune.engine.precision import training_speedups
+    from nbtune.engine.compute.precision import training_speedups
 
     warnings.simplefilter("ignore")
     train, test = demo_splits()

@@ -41,8 +41,8 @@ def nbtune_side(steps: int, batch_size: int, checkpointing: bool, cpu_fp32_sums:
                 model: str | None = None) -> None:
     import nbtune
 
-    if not cpu_fp32_sums:  # nbtune's CPU numerics policy off, to see what it costs (engine/precision.py)
-        from nbtune.engine import device
+    if not cpu_fp32_sums:  # nbtune's CPU numerics policy off, to see what it costs (engine/compute/precision.py)
+        from nbtune.engine.compute import device
 
         plain = device.with_changes(device.current(), fp32_sums=False, fp32_attention_backward=False)
         device.current = lambda: plain
@@ -68,8 +68,8 @@ def trl_side(steps: int, batch_size: int, checkpointing: bool, model: str | None
 
     from nbtune.config import DEFAULT_MODEL
     from nbtune.data.demo import demo_pair_splits
-    from nbtune.engine import device
-    from nbtune.engine.models import resolve_model
+    from nbtune.engine.bases.loading import resolve_model
+    from nbtune.engine.compute import device
 
     path = model or resolve_model(DEFAULT_MODEL)  # the converted SmolLM2 folder nbtune reads too (nothing loaded)
     policy_choices = device.current()  # the dtype and precision nbtune picks for a LoRA run on this machine

@@ -68,7 +68,7 @@ def stored_mb(model: Any) -> dict[str, float]:
 def child(variant: str, steps: int, batch_size: int) -> None:
     import nbtune
     from nbtune.data.demo import demo_splits
-    from nbtune.engine.memory import rss_mb
+    from nbtune.engine.compute.memory import rss_mb
 
     warnings.simplefilter("ignore")
 

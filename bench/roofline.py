@@ -108,7 +108,7 @@ def main() -> None:
 
     import nbtune
     from nbtune.data.demo import demo_splits
-    from nbtune.engine.models import resolve_model
+    from nbtune.engine.bases.loading import resolve_model
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--chunks", type=int, default=3)

@@ -1,5 +1,5 @@
 """What fits where: memory per GPU for each method, model size and way of spreading the run (computed, not
-measured: nbtune's own estimate on weightless models, see nbtune/engine/estimate.py).
+measured: nbtune's own estimate on weightless models, see nbtune/engine/compute/estimate.py).
 
     python bench/scaling_table.py [--batch-size 4] [--max-length 1024] [--gpus 8]
 
@@ -39,7 +39,7 @@ def model_folder(root: Path, name: str) -> str:
 
 def main() -> None:
     from nbtune.config import RunConfig
-    from nbtune.engine.estimate import estimate, per_process_mb
+    from nbtune.engine.compute.estimate import estimate, per_process_mb
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch-size", type=int, default=4, help="per GPU")

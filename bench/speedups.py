@@ -50,7 +50,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 def child(variant: str, steps: int, batch_size: int) -> None:
     import nbtune
     from nbtune.data.demo import demo_splits
-    from nbtune.engine import device
+    from nbtune.engine.compute import device
 
     warnings.simplefilter("ignore")
     spec = VARIANTS[variant]

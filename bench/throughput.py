@@ -54,7 +54,7 @@ def hand_job(rows: list[dict[str, str]], steps: int, batch_size: int, meter: Ste
         set_seed,
     )
 
-    from nbtune.engine.models import resolve_model
+    from nbtune.engine.bases.loading import resolve_model
 
     path = resolve_model(MODEL)  # the same local safetensors folder nbtune loads
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -98,8 +98,8 @@ def nbtune_job(rows: list[dict[str, str]], steps: int, batch_size: int, meter: S
 def exact_match(model: Any, tokenizer: Any, rows: list[dict[str, str]]) -> float:
     """Share of held-out rows whose greedy answer (16 new tokens) equals the reference: nbtune's own
     generation helper (chat template, left-padded batches), applied the same way to both jobs' models."""
-    from nbtune.engine.generation import exact_match as share_equal
-    from nbtune.engine.generation import generate_texts
+    from nbtune.engine.evaluation.generation import exact_match as share_equal
+    from nbtune.engine.evaluation.generation import generate_texts
 
     answers = generate_texts(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=16)
     return share_equal(answers, [r["completion"] for r in rows])
@@ -110,7 +110,7 @@ def heldout_loss(model: Any, tokenizer: Any, rows: list[dict[str, str]]) -> floa
     as trained and in eval mode: one definition for both jobs, unlike their differently batched train losses."""
     import torch
 
-    from nbtune.engine.precision import inference_precision
+    from nbtune.engine.compute.precision import inference_precision
 
     model.eval()
     total = count = 0.0

@@ -46,7 +46,7 @@ def one_run(bench, name: str, batch_size: int) -> dict[str, float]:
 def main() -> None:
     import warnings
 
-    from nbtune.engine.models import resolve_model
+    from nbtune.engine.bases.loading import resolve_model
     from nbtune.engine.workbench import Workbench
 
     parser = argparse.ArgumentParser()

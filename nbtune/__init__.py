@@ -13,17 +13,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from nbtune.api import combine, compare, history, ledger, load_run, picker, preview, reclaim
 from nbtune.catalog import methods
 from nbtune.config import DEFAULT_MODEL, RunConfig
 from nbtune.errors import ConfigError, DataError, DependencyError, MethodError, ModelError, NbtuneError
-from nbtune.kernel import combine, compare, history, ledger, load_run, picker, preview, reclaim
 from nbtune.methods import MethodSpec, register_method
 
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from nbtune.engine.reopen import load
-    from nbtune.engine.result import Run
+    from nbtune.engine.records.reopen import load
+    from nbtune.engine.records.run import Run
     from nbtune.engine.workbench import finetune
 
 __all__ = [
@@ -62,11 +62,11 @@ def __getattr__(name: str) -> Any:
 
         return WORKBENCH.sweeps
     if name == "load":
-        from nbtune.engine.reopen import load
+        from nbtune.engine.records.reopen import load
 
         return load
     if name == "Run":
-        from nbtune.engine.result import Run
+        from nbtune.engine.records.run import Run
 
         return Run
     raise AttributeError(f"module 'nbtune' has no attribute {name!r}")

@@ -146,7 +146,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = RunConfig.parse(Path(args.config), **parse_overrides(args.overrides))  # fail fast, before imports
     if config.sweep is not None and args.resume is None:  # a search: the trials, then the best
         return _cmd_sweep(args)
-    from nbtune.engine.distributed import is_main_process
+    from nbtune.engine.training.distributed import is_main_process
     from nbtune.engine.workbench import finetune
 
     run = finetune(config, progress=not args.json and is_main_process(), resume_from=args.resume)
@@ -163,7 +163,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _report_cross_validation(cv: Any, *, as_json: bool) -> int:
     """Each fold and mean +- std (`--json`: `cv.to_dict()`); status 1 when a fold failed (diverged)."""
-    from nbtune.engine.distributed import is_main_process
+    from nbtune.engine.training.distributed import is_main_process
 
     if is_main_process():  # under a launcher: rank 0 reports for all
         print(json.dumps(cv.to_dict(), indent=2, default=str) if as_json else repr(cv))
@@ -193,7 +193,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from nbtune.config import RunConfig
-    from nbtune.engine.launch_files import write_launch_files
+    from nbtune.engine.export.launch_files import write_launch_files
 
     config = RunConfig.parse(Path(args.config), **parse_overrides(args.overrides))
     written = write_launch_files(config, args.output, processes=args.processes or config.num_processes,
@@ -206,12 +206,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_model(args: argparse.Namespace) -> int:
-    from nbtune.engine.reopen import load
+    from nbtune.engine.records.reopen import load
 
     folder = Path(args.run_dir)
     output = args.output or f"{folder}-{'gguf-' + args.gguf if args.gguf else 'merged'}"
     if args.gguf is not None:
-        from nbtune.engine.gguf_file import check_quant
+        from nbtune.engine.export.gguf_file import check_quant
 
         check_quant(args.gguf)  # before the run's weights load
     run = load(folder)
@@ -225,7 +225,7 @@ def _cmd_export_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_preview(args: argparse.Namespace) -> int:
-    from nbtune.kernel import preview
+    from nbtune.api import preview
 
     print(preview(Path(args.config), args.n, **parse_overrides(args.overrides)))
     return 0
@@ -239,7 +239,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _cmd_fetch(args: argparse.Namespace) -> int:
-    from nbtune.engine.models import resolve_model
+    from nbtune.engine.bases.loading import resolve_model
 
     print(resolve_model(args.model))
     return 0

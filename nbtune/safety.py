@@ -3,7 +3,7 @@
 A config file or a saved run downloaded from the internet must not be able to overwrite the user's files,
 run code, or unpickle objects. `output_dir` may be any folder the user names (relative, absolute or `~`):
 what keeps their files safe is that a save only goes into a new folder, an empty one, or one nbtune wrote
-(nbtune/engine/saving.py). An admin who wants more can confine output to some folders with the environment
+(nbtune/engine/records/saving.py). An admin who wants more can confine output to some folders with the environment
 variable `NBTUNE_WORKSPACE` (`check_output_dir`). Here too: the checks on folders before anything is loaded
 from them (no pickle weights, sane safetensors headers). `trust_remote_code` is a per-run setting
 (`RunConfig.trust_remote_code`, default false).

@@ -185,7 +185,7 @@ def training_device() -> Any:
     that compare a run's model with a model of their own compute both there."""
     import torch
 
-    from nbtune.engine import device
+    from nbtune.engine.compute import device
 
     return torch.device(device.current().device.type)
 
@@ -202,14 +202,14 @@ def logits_of(model: Any, inputs: dict[str, Any]) -> Any:
 
 
 def memory_in_use_mb() -> float:
-    """What the device policy counts (engine/device.py): CUDA memory allocated on a GPU, else this
+    """What the device policy counts (engine/compute/device.py): CUDA memory allocated on a GPU, else this
     process's RSS, after a garbage collection."""
     import gc
 
     import torch
 
-    from nbtune.engine import device
-    from nbtune.engine.memory import rss_mb
+    from nbtune.engine.compute import device
+    from nbtune.engine.compute.memory import rss_mb
 
     gc.collect()
     if device.current().memory == "cuda":

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import nbtune
-from nbtune.engine.checkpoints import MANIFEST, latest_good, verify
+from nbtune.engine.training.checkpoints import MANIFEST, latest_good, verify
 
 SETTINGS = {"steps": 6, "batch_size": 4, "lr": 1e-2, "metric": "none", "seed": 7, "precision": "fp32",
             "checkpoint_steps": 2}
@@ -81,8 +81,8 @@ def test_every_damaged_file_makes_resume_fall_back_to_the_previous_checkpoint(ch
 
 
 def test_a_damaged_checkpoint_given_by_path_falls_back_and_says_so(checkpointed, tmp_path, tiny_model_dir):
-    from nbtune.engine.checkpoints import resume_checkpoint
-    from nbtune.engine.run import start_run
+    from nbtune.engine.training.checkpoints import resume_checkpoint
+    from nbtune.engine.training.pipeline import start_run
 
     _, root = checkpointed
     copy = tmp_path / "checkpoints"
@@ -104,8 +104,8 @@ def test_latest_without_checkpoints_is_one_clear_error(tiny_model_dir, tmp_path)
                                                ({"model": "HuggingFaceTB/SmolLM2-135M-Instruct"}, "model")])
 def test_a_run_whose_settings_cannot_continue_a_checkpoint_is_refused_by_name(checkpointed, tiny_model_dir,
                                                                                change, field):
-    from nbtune.engine.checkpoints import resume_checkpoint
-    from nbtune.engine.run import start_run
+    from nbtune.engine.training.checkpoints import resume_checkpoint
+    from nbtune.engine.training.pipeline import start_run
 
     _, root = checkpointed
     run = start_run({"model": str(tiny_model_dir), "data": "demo", **SETTINGS, **change})
@@ -115,8 +115,8 @@ def test_a_run_whose_settings_cannot_continue_a_checkpoint_is_refused_by_name(ch
 
 
 def test_settings_the_checkpoint_restores_are_named_and_the_same_global_batch_resumes(checkpointed, tiny_model_dir):
-    from nbtune.engine.checkpoints import resume_checkpoint
-    from nbtune.engine.run import start_run
+    from nbtune.engine.training.checkpoints import resume_checkpoint
+    from nbtune.engine.training.pipeline import start_run
 
     _, root = checkpointed
     same_rows = start_run({"model": str(tiny_model_dir), "data": "demo", **SETTINGS, "batch_size": 2,
@@ -185,7 +185,7 @@ def test_kill_9_then_resume_is_exact(tiny_model_dir, tmp_path):
 
 KILL_INSIDE_SAVE = textwrap.dedent("""
     import os, signal, sys
-    import nbtune.engine.checkpoints as checkpoints
+    import nbtune.engine.training.checkpoints as checkpoints
     original = checkpoints.publish
     def publish(folder, root, *, extra):
         if extra["step"] == 4:  # the second save: its files are written, the rename has not happened
@@ -216,7 +216,7 @@ def test_a_cell_resumes_a_crashed_run_from_its_checkpoints(tiny_model_dir, demo_
     # from the newest verified checkpoint and ends where an uninterrupted run ends.
     from conftest import nbtune_shell
 
-    from nbtune.engine.callbacks import RunCallback
+    from nbtune.engine.training.callbacks import RunCallback
 
     body = ("data: {{ rows }}\nsteps: 8\nbatch_size: 4\nlr: 0.01\nmetric: none\nprecision: fp32\n"
             "checkpoint_steps: 2\nseed: 7\n")

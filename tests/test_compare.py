@@ -11,7 +11,7 @@ import torch
 from conftest import logits_of, memory_in_use_mb, training_device
 
 import nbtune
-from nbtune.engine.generation import generate_texts
+from nbtune.engine.evaluation.generation import generate_texts
 from nbtune.engine.workbench import Workbench
 
 SETTINGS = {"steps": 3, "batch_size": 4, "metric": "none", "save": False}
@@ -60,7 +60,7 @@ def test_curves_and_html_survive_without_a_kernel(three_runs):
 
 
 def test_generations_match_each_adapter_alone_and_the_base(three_runs, tiny_model_dir):
-    from nbtune.engine.models import load_base
+    from nbtune.engine.bases.loading import load_base
 
     rows = nbtune.compare("lora8", "ia3", "prefix").generations(PROMPTS, max_new_tokens=4)
     for name, run in three_runs.runs.items():
@@ -116,8 +116,8 @@ def two_loras(bench, tiny_model_dir, demo_rows):
 
 
 def test_lora_runs_answer_in_one_mixed_batch_equal_to_each_alone(two_loras, tiny_model_dir, monkeypatch):
-    import nbtune.engine.adapters as adapters
-    from nbtune.engine.models import load_base
+    import nbtune.engine.evaluation.adapters as adapters
+    from nbtune.engine.bases.loading import load_base
 
     calls = []
     original = adapters.mixed_generate
@@ -205,7 +205,7 @@ def test_an_exported_script_carries_in_memory_data_and_runs(bench, tiny_model_di
 def test_merge_and_export_writes_a_plain_model(two_loras, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from nbtune.engine.models import load_base
+    from nbtune.engine.bases.loading import load_base
 
     run = two_loras.runs["r4"]
     path = run.merge_and_export(tmp_path / "merged")
@@ -293,7 +293,7 @@ def test_the_ledger_shows_the_memory_the_allocator_kept_and_gives_it_back():
 
     import torch
 
-    from nbtune.engine.memory import rss_mb
+    from nbtune.engine.compute.memory import rss_mb
 
     kept_alive: list = []
 

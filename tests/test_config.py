@@ -9,9 +9,9 @@ import pytest
 
 import nbtune
 from nbtune import ConfigError, MethodError, NbtuneError, RunConfig
+from nbtune.config.params import Param
 from nbtune.methods import MethodSpec, get_method, register_method
 from nbtune.methods import registry as registry_module
-from nbtune.params import Param
 
 # ---------------------------------------------------------------- parsing from every source
 
@@ -558,7 +558,7 @@ def _error(source):
 
 def test_foreign_names_never_shadow_nbtune_keys_and_point_to_real_ones():
     from nbtune.config import common_params
-    from nbtune.foreign_names import foreign_name, foreign_names
+    from nbtune.config.foreign_names import foreign_name, foreign_names
     from nbtune.methods.registry import all_methods
 
     keys = set(common_params()) | {name for m in all_methods() for name in m.option_names()}

@@ -8,7 +8,7 @@ import doctest
 
 import pytest
 
-import nbtune.config_text
+import nbtune.config.text
 from nbtune import ConfigError, RunConfig
 from nbtune.config import load_yaml
 
@@ -89,5 +89,5 @@ def test_omit_names_keys_and_refuses_unknown_words_with_a_suggestion():
 
 
 def test_the_modules_example_runs():  # the `builtins._` doctest leaves goes in conftest's _no_stray_underscore
-    result = doctest.testmod(nbtune.config_text)
+    result = doctest.testmod(nbtune.config.text)
     assert result.attempted and not result.failed

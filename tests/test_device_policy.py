@@ -1,4 +1,4 @@
-"""The device policy (engine/device.py), driven on this CPU machine for every kind of device people train
+"""The device policy (engine/compute/device.py), driven on this CPU machine for every kind of device people train
 on: what each choice is, and that the config, the Trainer's arguments, the model loading and the
 speed-ups read it rather than deciding again."""
 
@@ -10,8 +10,8 @@ from conftest import tiny_llama
 
 import nbtune
 from nbtune.config import RunConfig
-from nbtune.engine import device
-from nbtune.engine.device import Device, policy_for
+from nbtune.engine.compute import device
+from nbtune.engine.compute.device import Device, policy_for
 
 CPU = Device("cpu", bf16=False)
 CPU_BF16 = Device("cpu", bf16=True)  # AVX512-BF16 / AMX
@@ -101,7 +101,7 @@ def test_the_trainer_a_run_builds_reads_the_policy(on, llama_base, demo_rows, mo
     TrainingArguments say CPU and the run's precision."""
     import dataclasses
 
-    import nbtune.engine.trainer as trainer_module
+    import nbtune.engine.training.trainer as trainer_module
 
     policy = dataclasses.replace(policy_for(CPU), pad_to_multiple_of=16)
     monkeypatch.setattr(device, "current", lambda: policy)
@@ -113,7 +113,7 @@ def test_the_trainer_a_run_builds_reads_the_policy(on, llama_base, demo_rows, mo
         seen["args"], seen["collator"] = trainer.args, trainer.data_collator
         return trainer
 
-    monkeypatch.setattr("nbtune.engine.trainer.make_trainer", spy)  # the objective builds it from there
+    monkeypatch.setattr("nbtune.engine.training.trainer.make_trainer", spy)  # the objective builds it from there
     run = nbtune.finetune(data=demo_rows, base=llama_base, steps=1, batch_size=4, metric="none", save=False)
     assert run.status == "finished"
     assert seen["args"].use_cpu and not seen["args"].bf16 and not seen["args"].fp16
@@ -126,7 +126,7 @@ def test_the_trainer_a_run_builds_reads_the_policy(on, llama_base, demo_rows, mo
 def test_cpu_speed_ups_follow_the_policy_and_a_gpu_policy_applies_none(on, chat_tokenizer):
     from peft import LoraConfig, get_peft_model
 
-    from nbtune.engine.precision import FP32_ATTENTION, FastDropout, training_speedups
+    from nbtune.engine.compute.precision import FP32_ATTENTION, FastDropout, training_speedups
 
     model = get_peft_model(tiny_llama(chat_tokenizer).to(torch.bfloat16),
                            LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj"]))
@@ -144,7 +144,7 @@ def test_cpu_speed_ups_follow_the_policy_and_a_gpu_policy_applies_none(on, chat_
 
 def test_models_load_onto_the_policys_device_with_its_attention(on, tiny_model_dir, monkeypatch):
     """What load_base asks transformers for, per policy (the load itself is intercepted: no GPU here)."""
-    import nbtune.engine.models as models
+    import nbtune.engine.bases.loading as models
 
     calls = []
 
@@ -172,7 +172,7 @@ def test_models_load_onto_the_policys_device_with_its_attention(on, tiny_model_d
 
 
 def test_memory_readings_count_the_gpu_on_a_gpu(on, monkeypatch):
-    from nbtune.engine import preflight
+    from nbtune.engine.compute import preflight
 
     on(H100)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (40 * 2**30, 80 * 2**30))
@@ -182,7 +182,7 @@ def test_memory_readings_count_the_gpu_on_a_gpu(on, monkeypatch):
 
 
 def test_a_run_that_fits_only_with_checkpointing_gets_it(on, llama_base, demo_rows, monkeypatch):
-    from nbtune.engine import preflight
+    from nbtune.engine.compute import preflight
 
     on(CPU)
     # The estimate as preflight makes it, made small enough to fit only with checkpointing: 100 MB

@@ -17,7 +17,7 @@ import yaml
 from conftest import finetune_interrupted, nbtune_shell, tiny_llama, tiny_mixtral
 
 import nbtune
-from nbtune.engine.events import NullObserver
+from nbtune.engine.training.events import NullObserver
 
 REPO = Path(__file__).resolve().parents[1]
 # fp32 and no dropout: with dropout each process draws its own masks, so no two process counts can agree.
@@ -142,8 +142,8 @@ def test_a_kernel_interrupt_stops_every_rank_at_the_same_step(chat_tokenizer, de
 
 def test_a_second_interrupt_ends_the_processes(demo_rows):
     """The relay's own logic, with a real process standing in for a rank stuck outside the loop."""
-    from nbtune.engine.distributed import _relay
-    from nbtune.engine.run import start_run
+    from nbtune.engine.training.distributed import _relay
+    from nbtune.engine.training.pipeline import start_run
 
     stuck = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
 
@@ -285,7 +285,7 @@ def test_exported_accelerate_configs_load_with_accelerates_own_reader(tmp_path, 
     from accelerate.commands.config.config_args import load_config_from_file
 
     from nbtune.config import RunConfig
-    from nbtune.engine.launch_files import write_launch_files
+    from nbtune.engine.export.launch_files import write_launch_files
 
     written = write_launch_files(RunConfig.parse({"name": "x", "precision": "bf16"}), tmp_path, **options)
     assert RunConfig.parse(str(written["config"])).name == "x"
@@ -310,7 +310,7 @@ def test_exported_accelerate_configs_load_with_accelerates_own_reader(tmp_path, 
     ({"processes": 2, "strategy": "fsdp", "cpu": True}, "strategy"),
 ])
 def test_impossible_launch_options_are_refused_by_name(options, field):
-    from nbtune.engine.launch_files import accelerate_config
+    from nbtune.engine.export.launch_files import accelerate_config
 
     with pytest.raises(nbtune.NbtuneError) as caught:
         accelerate_config(**options)
@@ -343,7 +343,7 @@ def test_nbtune_run_under_torchrun_writes_once_and_resumes_every_rank(tmp_path, 
     assert [r["step"] for r in saved["history"]] == [1, 2, 3, 4]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ddp-out")) == \
         ["ddp-out", "ddp-out-checkpoints"]
-    from nbtune.engine.checkpoints import verify
+    from nbtune.engine.training.checkpoints import verify
 
     checkpoint = tmp_path / "ddp-out-checkpoints" / "checkpoint-2"
     assert verify(checkpoint) is None
@@ -373,7 +373,7 @@ def test_exported_cpu_launch_script_runs_two_processes(tmp_path, tiny_model_dir)
 def test_nbtune_run_under_accelerate_launch(tmp_path, tiny_model_dir):
     """accelerate's launcher with one of its config files; on CPU it starts several processes only through
     mpirun, so here it starts one (the multi-process path is torchrun's, which accelerate uses for GPUs)."""
-    from nbtune.engine.launch_files import accelerate_config
+    from nbtune.engine.export.launch_files import accelerate_config
 
     (tmp_path / "accelerate.yaml").write_text(yaml.safe_dump(accelerate_config(processes=1, cpu=True,
                                                                                precision="fp32")))

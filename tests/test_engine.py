@@ -9,7 +9,7 @@ import torch
 from conftest import finetune_interrupted
 
 import nbtune
-from nbtune.engine.events import NullObserver
+from nbtune.engine.training.events import NullObserver
 
 FAST = {"steps": 6, "batch_size": 4, "lr": 1e-2, "metric": "none", "output_dir": "out"}
 
@@ -74,7 +74,7 @@ def test_loss_names_have_one_meaning_each(llama_base, demo_rows):
 
 
 def test_final_loss_smooths_over_the_last_tenth_of_the_steps():
-    from nbtune.engine.callbacks import loss_summary
+    from nbtune.engine.training.callbacks import loss_summary
 
     history = [{"step": i, "loss": float(i)} for i in range(1, 41)] + [{"step": 41, "loss": float("nan")}]
     summary = loss_summary(history)

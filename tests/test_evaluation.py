@@ -10,9 +10,9 @@ import pytest
 
 import nbtune
 import nbtune.engine.workbench as workbench
-from nbtune.engine import evaluation
-from nbtune.engine.generation import generate_texts
-from nbtune.engine.predictions import Predictions, read_rows
+from nbtune.engine.evaluation.generation import generate_texts
+from nbtune.engine.evaluation.predictions import Predictions, read_rows
+from nbtune.engine.evaluation.scoring import scoring as evaluation
 from nbtune.errors import ConfigError, DataError, NbtuneError, NbtuneWarning
 
 FAST = {"steps": 2, "batch_size": 4, "lr": 1e-2, "eval_split": 0.25, "precision": "fp32"}
@@ -77,7 +77,7 @@ def test_a_saved_run_brings_its_predictions_back_without_generating(scored_run, 
     loaded = nbtune.load(folder)
     assert loaded.predictions().rows == scored_run.predictions().rows
     history_row = nbtune.history()["scored"]
-    from nbtune.engine.history import saved_record
+    from nbtune.engine.records.history import saved_record
 
     assert saved_record(history_row).prediction_rows == scored_run.prediction_rows
 
@@ -211,7 +211,7 @@ def test_a_metric_function_is_written_by_its_import_path_and_a_notebook_one_left
     assert "metric:\n- exact_match\n- team_metrics:close\n" in config.to_text()
     assert config.to_json_dict()["metric"] == ["exact_match", "team_metrics:close"]
     again = nbtune.RunConfig.parse(config.to_text())
-    from nbtune.engine.metrics import resolve_metrics
+    from nbtune.engine.evaluation.metrics import resolve_metrics
 
     assert [m.name for m in resolve_metrics(again.metric, demo=False)] == ["exact_match", "close"]
 

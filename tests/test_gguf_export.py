@@ -34,8 +34,8 @@ def _reader(path):
 
 @pytest.mark.parametrize("quant", ["f16", "bf16", "q8_0"])
 def test_a_lora_run_exports_one_gguf_file_that_loads_back_and_matches(lora_run, tmp_path, quant):
-    from nbtune.engine.gguf_check import TOLERANCE, load_gguf
-    from nbtune.engine.merging import merged_for_export
+    from nbtune.engine.export.gguf_check import TOLERANCE, load_gguf
+    from nbtune.engine.export.merging import merged_for_export
 
     out = lora_run.export(tmp_path / "out", format="gguf", quant=quant)
     assert out.path == tmp_path / "out" / f"dates-{quant}.gguf" and out.path.is_file()
@@ -190,7 +190,7 @@ def test_too_little_disk_space_is_refused_with_the_size_needed(lora_run, tmp_pat
 
 
 def test_a_file_that_does_not_match_is_not_kept(lora_run, tmp_path, monkeypatch):
-    from nbtune.engine import gguf_file
+    from nbtune.engine.export.exporting import gguf_file
 
     monkeypatch.setattr(gguf_file, "_llama_rope_order", lambda weights, heads: weights)  # a layout bug
     with pytest.raises(NbtuneError, match=r"did not match the merged model, so nothing was written: f16: max"):
@@ -213,7 +213,7 @@ def test_a_4bit_qlora_run_is_merged_into_its_base_reloaded_in_fp32(tiny_model_di
 
 
 def test_evaluate_scores_the_runs_metrics_with_the_model_read_back_from_the_file(llama_base, tmp_path, monkeypatch):
-    from nbtune.engine import gguf_check
+    from nbtune.engine.export.exporting import gguf_check
 
     run = _train(llama_base, name="scored", eval_split=0.25, metric="exact_match")
     out = run.export(tmp_path / "s", format="gguf", quant="f16")

@@ -69,7 +69,7 @@ def test_skip_still_stops_when_every_step_is_bad(chat_tokenizer, demo_rows):
 
 
 def test_the_optimizer_gets_its_own_step_back(chat_tokenizer, demo_rows, monkeypatch):
-    from nbtune.engine import guards
+    from nbtune.engine.training import guards
 
     made, install = [], guards.NonFiniteGuard.on_train_begin
     monkeypatch.setattr(guards.NonFiniteGuard, "on_train_begin",

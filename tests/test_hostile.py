@@ -13,7 +13,7 @@ import pytest
 
 import nbtune
 from nbtune.config import RunConfig
-from nbtune.engine.models import load_base
+from nbtune.engine.bases.loading import load_base
 from nbtune.safety import check_safetensors_header
 
 

@@ -25,7 +25,7 @@ SETUP = """
 %load_ext nbtune
 %config Finetune.defaults = {{'model': {model!r}}}
 from nbtune.data.demo import demo_splits
-from nbtune.engine import events
+from nbtune.engine.training import events
 rows = demo_splits()[0][:16]
 _on_step = events.ProgressObserver.on_step
 def _print_step(self, run, record):
@@ -128,7 +128,7 @@ def test_a_config_mistake_fails_the_cell_and_run_all_stops_there(kernel):
 
 
 def test_a_crash_in_training_fails_the_cell_and_tb_shows_the_cause(kernel):
-    kernel.run("from nbtune.engine import loss\n"
+    kernel.run("from nbtune.engine.training import loss\n"
                "def _boom(*args, **kwargs):\n    raise RuntimeError('boom in the loss')\n"
                "loss.AnswerOnlyLossTrainer.compute_loss = _boom")
     crash, after = kernel.submit(cell("crash")), kernel.submit("print('after')")
@@ -197,7 +197,7 @@ def test_an_interrupt_before_the_first_step_says_nothing_was_kept_and_keeps_noth
     a `stopped 0/N` run that nbtune.history() listed)."""
     reply, _ = kernel.run(cell("early", steps=2).replace("save: false", "save: true"))
     assert reply["status"] == "ok"
-    kernel.run("from nbtune.engine import loss\nimport time\n_real = loss.AnswerOnlyLossTrainer.compute_loss\n"
+    kernel.run("from nbtune.engine.training import loss\nimport time\n_real = loss.AnswerOnlyLossTrainer.compute_loss\n"
                "def _slow(self, *args, **kwargs):\n    print('IN STEP', flush=True)\n    time.sleep(60)\n"
                "    return _real(self, *args, **kwargs)\nloss.AnswerOnlyLossTrainer.compute_loss = _slow")
     again = kernel.submit(cell("early", steps=5, lr=0.5).replace("save: false", "save: true"))

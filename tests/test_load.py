@@ -85,7 +85,7 @@ def test_twenty_runs_back_to_back_leave_the_kernel_healthy(shell, capsys, medium
 
 
 def test_a_failed_cells_traceback_does_not_pin_the_model(shell, medium_model, monkeypatch):
-    from nbtune.engine.callbacks import RunCallback
+    from nbtune.engine.training.callbacks import RunCallback
 
     shell.run_cell_magic("finetune", "warm-up --no-panel", cell("full"))
     nbtune.reclaim("all")

@@ -9,7 +9,7 @@ from conftest import tiny_gpt2, tiny_llama
 from transformers import TrainingArguments
 
 import nbtune
-from nbtune.engine.loss import IGNORE, AnswerOnlyLossTrainer
+from nbtune.engine.training.loss import IGNORE, AnswerOnlyLossTrainer
 
 
 def _batch(vocab: int, rows: int = 3, length: int = 14) -> dict[str, torch.Tensor]:

@@ -193,7 +193,7 @@ def test_dry_run_checks_everything_and_trains_nothing(ip, capsys):
 
 
 def test_a_crash_mid_run_marks_it_failed_and_keeps_its_history(ip, capsys, monkeypatch):
-    from nbtune.engine.callbacks import RunCallback
+    from nbtune.engine.training.callbacks import RunCallback
 
     original = RunCallback.on_step_end
 
@@ -345,7 +345,7 @@ def test_reclaim_all_refused_for_a_training_run_frees_nothing(ip):
 
 
 def test_compare_of_every_run_answers_with_the_runs_that_hold_a_model(ip, monkeypatch):
-    from nbtune.engine.callbacks import RunCallback
+    from nbtune.engine.training.callbacks import RunCallback
 
     good = finetune(ip, "good")
     original = RunCallback.on_step_end

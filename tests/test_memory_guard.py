@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_llama
 
 import nbtune
-import nbtune.engine.preflight as preflight
+import nbtune.engine.compute.preflight as preflight
 from nbtune.config import RunConfig
 
 SETTINGS = {"steps": 3, "batch_size": 8, "metric": "none", "save": False, "precision": "fp32"}
@@ -92,7 +92,7 @@ def test_processes_sharing_one_machine_each_get_their_share(chat_tokenizer, monk
 
 
 def test_the_estimate_per_gpu_follows_checkpointing_and_the_strategy(tiny_model_dir):
-    from nbtune.engine.estimate import estimate, per_process_mb
+    from nbtune.engine.compute.estimate import estimate, per_process_mb
 
     settings = {"model": str(tiny_model_dir), "method": "full", "max_length": 4096, "precision": "fp32"}
     plain = estimate(RunConfig.parse(settings))
@@ -113,7 +113,7 @@ def test_the_estimate_per_gpu_follows_checkpointing_and_the_strategy(tiny_model_
 
 @pytest.mark.parametrize("method", [m.name for m in nbtune.methods()])
 def test_every_method_has_an_estimate_or_a_reason(tiny_model_dir, method):
-    from nbtune.engine.estimate import estimate
+    from nbtune.engine.compute.estimate import estimate
 
     try:
         counts = estimate(nbtune.RunConfig.parse({"model": str(tiny_model_dir), "method": method, "steps": 4}))

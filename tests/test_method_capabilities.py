@@ -179,7 +179,7 @@ def test_a_moe_run_with_moe_train_lora_merges_and_exports_a_plain_model(chat_tok
 
 # ---------------------------------------------------------------- 4. the engine asks the declarations
 def test_out_of_memory_advice_comes_from_the_method_declarations():
-    from nbtune.engine.preflight import advice
+    from nbtune.engine.compute.preflight import advice
 
     few = [m.name for m in all_methods() if m.few_parameters]
     assert few, "some method should declare few_parameters, or the advice loses its lighter methods"
@@ -196,7 +196,7 @@ def test_out_of_memory_advice_comes_from_the_method_declarations():
                                    {"method": "prompt", "init": "text", "init_text": "Convert the date"}],
                          ids=["lora-pissa", "lora-olora", "prompt-text"])
 def test_an_estimate_of_an_init_that_needs_real_weights_counts_what_its_default_counts(tiny_model_dir, given):
-    from nbtune.engine.estimate import estimate
+    from nbtune.engine.compute.estimate import estimate
 
     model = {"model": str(tiny_model_dir), "steps": 4}
     counts = estimate(RunConfig.parse({**model, **given}))
@@ -205,8 +205,8 @@ def test_an_estimate_of_an_init_that_needs_real_weights_counts_what_its_default_
 
 
 def test_the_engine_modules_that_advise_and_estimate_name_no_method():
-    import nbtune.engine.estimate as estimate_module
-    import nbtune.engine.preflight as preflight_module
+    import nbtune.engine.compute.estimate as estimate_module
+    import nbtune.engine.compute.preflight as preflight_module
 
     names = {m.name for m in all_methods()}
     for module in (estimate_module, preflight_module):

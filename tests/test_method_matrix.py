@@ -20,7 +20,7 @@ import torch
 from conftest import logits_of, tiny_gpt2, tiny_llama, tiny_mixtral
 
 import nbtune
-from nbtune.engine.models import load_base
+from nbtune.engine.bases.loading import load_base
 
 PROMPT = "Convert this date to ISO format (YYYY-MM-DD): 9 Nov 1989"
 

@@ -9,7 +9,7 @@ from conftest import finetune_interrupted, tiny_gpt2, tiny_llama
 from test_method_matrix import logits, tiny_mixtral
 
 import nbtune
-from nbtune.engine.events import NullObserver
+from nbtune.engine.training.events import NullObserver
 
 FAST = {"steps": 6, "batch_size": 8, "metric": "none", "save": False}
 

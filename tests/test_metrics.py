@@ -1,4 +1,4 @@
-"""Task metrics (nbtune/engine/metrics.py): scores on known pairs, config-time refusals, custom functions,
+"""Task metrics (nbtune/engine/evaluation/metrics.py): scores on known pairs, config-time refusals, custom functions,
 the JSON form of a spec, and the paired bootstrap. No model is loaded."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import sacrebleu
 from rouge_score import rouge_scorer
 
 import nbtune
-import nbtune.engine.metrics as metrics_module
-from nbtune.engine.metrics import (
+import nbtune.engine.evaluation.metrics as metrics_module
+from nbtune.engine.evaluation.metrics import (
     METRICS,
     aggregate_scores,
     check_metric_spec,

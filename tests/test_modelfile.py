@@ -7,7 +7,7 @@ import copy
 
 import pytest
 
-from nbtune.engine.modelfile import chat_pieces, modelfile, stop_words
+from nbtune.engine.export.modelfile import chat_pieces, modelfile, stop_words
 from nbtune.errors import NbtuneError
 
 LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
@@ -99,7 +99,7 @@ def test_pre_tokenizers_get_llama_cpps_names(chat_tokenizer):
     from tokenizers import Regex, pre_tokenizers
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
-    from nbtune.engine.gguf_vocab import pre_tokenizer_name
+    from nbtune.engine.export.gguf_vocab import pre_tokenizer_name
 
     assert pre_tokenizer_name(chat_tokenizer) == "gpt-2"
     digits = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
@@ -119,7 +119,7 @@ def test_a_sentencepiece_style_tokenizer_is_refused_by_name(tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from nbtune.engine.gguf_vocab import gguf_vocab
+    from nbtune.engine.export.gguf_vocab import gguf_vocab
 
     vocab = {"<unk>": 0, "▁a": 1, "a": 2, "▁": 3}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[("▁", "a")], unk_token="<unk>", byte_fallback=True))
@@ -146,7 +146,7 @@ def test_a_bos_the_tokenizer_adds_itself_is_not_written_twice(chat_tokenizer):
 
 
 def test_stop_words_are_written_as_ollama_reads_them(chat_tokenizer):
-    from nbtune.engine.modelfile import _quoted
+    from nbtune.engine.export.modelfile import _quoted
 
     assert _quoted("<|im_end|>") == '"<|im_end|>"'
     assert _quoted('say "x"') == '"""say "x""""'  # Ollama unescapes nothing: no backslashes
@@ -156,7 +156,7 @@ def test_stop_words_are_written_as_ollama_reads_them(chat_tokenizer):
 def test_added_tokens_get_llama_cpps_token_types(chat_tokenizer, tmp_path):
     import gguf
 
-    from nbtune.engine.gguf_vocab import gguf_vocab
+    from nbtune.engine.export.gguf_vocab import gguf_vocab
 
     tokenizer = copy.deepcopy(chat_tokenizer)
     tokenizer.add_tokens(["<|fim_prefix|>", "<think>"])  # neither marked special
@@ -171,7 +171,7 @@ def test_added_tokens_get_llama_cpps_token_types(chat_tokenizer, tmp_path):
 
 
 def test_gpt2s_split_is_named_smollm_when_digits_never_merge_and_spaces_are_kept(chat_tokenizer):
-    from nbtune.engine.gguf_vocab import pre_tokenizer_name
+    from nbtune.engine.export.gguf_vocab import pre_tokenizer_name
 
     assert pre_tokenizer_name(chat_tokenizer) == "gpt-2"  # its vocabulary has tokens like '17': digits merge
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import nbtune
-from nbtune.engine import models
+from nbtune.engine.bases import loading as models
 
 
 def test_a_local_model_folder_is_used_as_is(tiny_model_dir):

@@ -11,7 +11,7 @@ import pytest
 
 import nbtune
 from nbtune.config import RunConfig
-from nbtune.engine.saving import atomic_directory
+from nbtune.engine.records.saving import atomic_directory
 from nbtune.errors import NbtuneWarning
 
 FAST = {"steps": 1, "batch_size": 4, "metric": "none"}

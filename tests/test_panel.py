@@ -101,7 +101,7 @@ def test_the_memory_split_is_sane(llama_base, demo_rows, comms):
 def test_stop_clicked_while_training_ends_the_run_after_that_step(llama_base, demo_rows, comms):
     panel = _panel()
 
-    class ClickAtTwo(nbtune.engine.events.NullObserver):
+    class ClickAtTwo(nbtune.engine.training.events.NullObserver):
         def on_step(self, run, record):
             if record["step"] == 2:
                 panel.stop_button.click()
@@ -209,7 +209,7 @@ def test_the_samples_table_has_no_empty_before_column_and_padded_headers():
 
 
 def test_short_answers_and_references_never_break_in_the_predictions_table():
-    from nbtune.engine.predictions import Predictions
+    from nbtune.engine.evaluation.predictions import Predictions
     from nbtune.widgets.predictions_view import predictions_html
 
     long = "the answer is probably a date in April of the year 2046, the seventh"

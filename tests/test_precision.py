@@ -10,13 +10,13 @@ from conftest import logits_of, tiny_llama
 
 import nbtune
 from nbtune.config import RunConfig
-from nbtune.engine.precision import FP32_ATTENTION, FastDropout, training_speedups
+from nbtune.engine.compute.precision import FP32_ATTENTION, FastDropout, training_speedups
 
 
 @pytest.fixture
 def bf16_hardware(monkeypatch):
     """This process's device policy, as a CPU with (True) or without (False) native bf16."""
-    from nbtune.engine import device
+    from nbtune.engine.compute import device
 
     def set_fast(fast: bool) -> None:
         policy = device.policy_for(device.Device("cpu", bf16=fast))
@@ -112,7 +112,7 @@ def lora_on_tiny_llama(chat_tokenizer):
 
 @pytest.fixture
 def cpu_with_bf16(bf16_hardware):
-    """These speed-ups are the CPU's (engine/device.py): test them under its policy on any machine."""
+    """These speed-ups are the CPU's (engine/compute/device.py): test them under its policy on any machine."""
     bf16_hardware(True)
 
 
@@ -198,7 +198,7 @@ def test_a_small_adapter_contribution_survives_bf16_autocast(chat_tokenizer, cpu
 
 
 def test_inference_on_a_bf16_model_sums_in_fp32_and_leaves_fp32_models_alone(chat_tokenizer):
-    from nbtune.engine.precision import inference_precision
+    from nbtune.engine.compute.precision import inference_precision
 
     exact = tiny_llama(chat_tokenizer).eval()
     halved = copy.deepcopy(exact).to(torch.bfloat16)

@@ -15,9 +15,9 @@ import nbtune
 import nbtune.engine.workbench as wb
 from nbtune.config import RunConfig
 from nbtune.data.demo import demo_pair_splits, demo_splits
-from nbtune.engine.preference import reference_for
 from nbtune.errors import ConfigError, DataError
 from nbtune.methods import get_method
+from nbtune.objectives.preference import reference_for
 
 FAST = {"steps": 2, "batch_size": 2, "lr": 5e-3, "metric": "none", "save": False, "max_length": 96}
 
@@ -64,7 +64,7 @@ def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a weight was loaded")
 
-    monkeypatch.setattr("nbtune.engine.run.load_base", refuse)
+    monkeypatch.setattr("nbtune.engine.training.pipeline.load_base", refuse)
 
 
 def bad(rows, **config):
@@ -169,7 +169,7 @@ def test_a_method_that_trains_the_base_precomputes_the_reference_once(llama_base
 
 
 def test_sft_then_dpo_on_one_cached_base_and_compare_puts_them_side_by_side(tiny_model_dir, pairs, monkeypatch):
-    from nbtune.engine import run as pipeline
+    from nbtune.engine.training import pipeline
 
     loads = []
     real = pipeline.load_base

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import nbtune
 from nbtune.data.demo import demo_pair_splits
-from nbtune.engine.preference import trl_classes
+from nbtune.objectives.preference import trl_classes
 
 RUN = {"steps": 2, "batch_size": 4, "lr": 5e-2, "metric": "none", "save": False, "max_length": 96,
        "precision": "fp32", "dropout": 0.0}

@@ -14,7 +14,7 @@ from test_method_matrix import CASES
 import nbtune
 from nbtune.config import RunConfig
 from nbtune.data.demo import demo_pair_splits
-from nbtune.engine.models import load_base
+from nbtune.engine.bases.loading import load_base
 from nbtune.errors import ConfigError
 from nbtune.methods import get_method
 

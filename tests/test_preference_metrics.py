@@ -10,10 +10,10 @@ import math
 import pytest
 
 import nbtune
-from nbtune.config_objective import COMPARE_COLUMNS, PREFERENCE_MEANING, preference_values
+from nbtune.config.objective import COMPARE_COLUMNS, PREFERENCE_MEANING, preference_values
 from nbtune.data.demo import demo_pair_splits
-from nbtune.engine.callbacks import _records_from_log
-from nbtune.engine.preference import trl_classes
+from nbtune.engine.training.callbacks import _records_from_log
+from nbtune.objectives.preference import trl_classes
 from nbtune.widgets.render import rewards_chart
 
 FAST = {"steps": 2, "batch_size": 2, "lr": 5e-3, "metric": "none", "save": False, "max_length": 96}

@@ -9,7 +9,7 @@ import nbtune
 from nbtune.config import RunConfig
 from nbtune.data.demo import demo_pair_splits
 from nbtune.data.preview import preview_batch
-from nbtune.engine.preference import trl_classes
+from nbtune.objectives.preference import trl_classes
 
 CONFIG = {"steps": 1, "batch_size": 8, "metric": "none", "save": False, "max_length": 96, "eval_split": 0}
 

@@ -130,7 +130,7 @@ def test_data_problems_are_the_usual_data_error(tiny_model_dir):
 
 def test_the_preview_is_the_trainers_first_batch(llama_base, demo_rows, monkeypatch):
     """The order, the encoding and the padding are training's own: a real run's first batch, recorded."""
-    from nbtune.engine import trainer
+    from nbtune.engine.training import trainer
 
     keys = dict(method="lora", data=demo_rows, steps=1, batch_size=4, grad_accum=2, seed=7, metric="none",
                 save=False)
@@ -170,7 +170,7 @@ def test_nbtune_preview_loads_the_tokenizer_only(tiny_model_dir, demo_rows):
 
 def test_a_cached_base_lends_its_tokenizer_without_being_changed(plain_tokenizer, demo_rows):
     from nbtune.engine import workbench
-    from nbtune.engine.models import Base
+    from nbtune.engine.bases.loading import Base
 
     workbench.WORKBENCH.bases[("my-model", "none", "float32", False)] = Base(model=None, tokenizer=plain_tokenizer,
                                                                             name="my-model")
@@ -212,7 +212,7 @@ def test_the_cli_prints_the_preview(tiny_model_dir, demo_rows, tmp_path, capsys)
 
 
 def test_gpu_padding_rounds_the_batch_up_as_training_does(chat_tokenizer, demo_rows, monkeypatch):
-    from nbtune.engine import device
+    from nbtune.engine.compute import device
 
     on_gpu = device.with_changes(device.current(), pad_to_multiple_of=8)  # what the CUDA policy sets
     monkeypatch.setattr(device, "current", lambda: on_gpu)

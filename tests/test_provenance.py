@@ -1,4 +1,4 @@
-"""run.json records what repeating a run takes (engine/provenance.py), and `nbtune.load` says when the data or
+"""run.json records what repeating a run takes (engine/records/provenance.py), and `nbtune.load` says when the data or
 the base weights it names have changed since."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 
 import nbtune
 from nbtune.data.splits import read_data
-from nbtune.engine import provenance
+from nbtune.engine.records import provenance
 from nbtune.errors import NbtuneWarning
 
 FAST = {"steps": 2, "batch_size": 4, "metric": "none"}
@@ -68,7 +68,7 @@ def test_run_json_records_versions_device_model_data_seed_and_git(model_dir, jso
     for module in (nbtune, torch, transformers, peft, datasets, accelerate):
         assert saved["versions"][module.__name__] == str(module.__version__)
     assert saved["versions"]["python"] == ".".join(map(str, sys.version_info[:3]))
-    from nbtune.engine import device
+    from nbtune.engine.compute import device
 
     assert saved["device"]["type"] == device.current().device.type and saved["device"]["processes"] == 1
     assert saved["precision"]["compute"] == run.config.precision in ("fp32", "bf16", "fp16")
@@ -83,7 +83,7 @@ def test_run_json_records_versions_device_model_data_seed_and_git(model_dir, jso
 
 
 def test_a_base_passed_in_memory_has_no_folder_and_a_fingerprint_of_its_weights(llama_base, demo_rows):
-    from nbtune.engine.provenance import weights_sample_fingerprint
+    from nbtune.engine.records.provenance import weights_sample_fingerprint
 
     digest = weights_sample_fingerprint(llama_base[0])
     run = nbtune.finetune(data=demo_rows, base=llama_base, output_dir="out", **FAST)

@@ -49,7 +49,7 @@ def _one_line(exc_info: pytest.ExceptionInfo) -> str:
 
 # ---------------------------------------------------------------- combine
 def test_ties_of_unequal_ranks_is_refused_before_peft_naming_the_ranks(loras, monkeypatch):
-    import nbtune.engine.adapters as adapters
+    import nbtune.engine.evaluation.adapters as adapters
 
     monkeypatch.setattr(adapters, "lora_stack", lambda runs: pytest.fail("peft was reached"))
     with pytest.raises(nbtune.NbtuneError) as caught:
@@ -92,7 +92,7 @@ def test_runs_of_different_bases_are_refused(loras):
 
 
 def test_ties_density_out_of_range_is_refused(loras):
-    from nbtune.engine.adapters import combine
+    from nbtune.engine.evaluation.adapters import combine
 
     runs = [loras.runs["r4"], loras.runs["r4b"]]
     for density in (0, 1.5):  # was: silently an empty adapter, or the whole one

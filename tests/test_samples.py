@@ -9,14 +9,14 @@ from conftest import tiny_llama
 
 import nbtune
 from nbtune.config import RunConfig
-from nbtune.engine.events import NullObserver, ProgressObserver, sample_line
-from nbtune.engine.samples import (
+from nbtune.engine.evaluation.samples import (
     UNKNOWN_LENGTH,
     answer_budget,
     check_sample_prompts,
     sample_prompts_for,
     training_untouched,
 )
+from nbtune.engine.training.events import NullObserver, ProgressObserver, sample_line
 from nbtune.errors import ConfigError
 from nbtune.widgets import render
 

@@ -30,7 +30,7 @@ from browser_support import (
 )
 
 import nbtune
-from nbtune.engine import progress
+from nbtune.engine.training import progress
 
 for _package in ("ipykernel", "nbclient"):  # make test installs them (nbtune[jupyter])
     pytest.importorskip(_package)

@@ -1,8 +1,8 @@
 """The seams between modules, checked on the source (AST), as the layering test checks imports.
 
-- A `Run` is a record: outside `engine/result.py` (the record) and `engine/run.py` (the pipeline, which owns
-  the training session) nothing reads or writes its underscore attributes; the magics, widgets and the rest
-  of the engine use its public surface.
+- A `Run` is a record: outside `engine/records/run.py` (the record) and `engine/training/pipeline.py` (the
+  pipeline, which owns the training session) nothing reads or writes its underscore attributes; the magics,
+  widgets and the rest of the engine use its public surface.
 - The engine imports without cycles (lazy imports count; `TYPE_CHECKING` ones do not).
 - The engine names no method: what a method can do is asked of the method.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "nbtune"
-RECORD = PACKAGE / "engine" / "result.py"
-OWNERS = {RECORD, PACKAGE / "engine" / "run.py"}
+RECORD = PACKAGE / "engine" / "records" / "run.py"
+OWNERS = {RECORD, PACKAGE / "engine" / "training" / "pipeline.py", PACKAGE / "engine" / "training" / "session.py"}
 
 
 def _run_private_names() -> set[str]:
@@ -44,7 +44,7 @@ def test_the_run_has_private_state_to_protect():
 def test_only_the_record_and_the_pipeline_touch_a_runs_private_state():
     names = _run_private_names()
     uses = [use for path in sorted(PACKAGE.rglob("*.py")) if path not in OWNERS for use in _private_uses(path, names)]
-    assert not uses, "use the Run's public surface (or a function of engine/run.py) instead:\n" + "\n".join(uses)
+    assert not uses, "use the Run's public surface (or a function of the pipeline) instead:\n" + "\n".join(uses)
 
 
 def test_the_private_state_rule_catches_a_violation(tmp_path):
@@ -75,7 +75,7 @@ def _module_name(path: Path) -> str:
 
 
 def _engine_graph() -> dict[str, set[str]]:
-    modules = {_module_name(p): p for p in (PACKAGE / "engine").glob("*.py") if p.name != "__init__.py"}
+    modules = {_module_name(p): p for p in (PACKAGE / "engine").rglob("*.py") if p.name != "__init__.py"}
     return {name: {m for m in _runtime_imports(path) if m in modules and m != name} for name, path in modules.items()}
 
 
@@ -105,7 +105,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_engine_imports_without_cycles():
     graph = _engine_graph()
-    assert "nbtune.engine.run" not in graph["nbtune.engine.result"]  # the record does not call the pipeline
+    assert "nbtune.engine.training.pipeline" not in graph["nbtune.engine.records.run"]  # the record calls no pipeline
     assert _cycle(graph) is None, " -> ".join(_cycle(graph) or [])
 
 
@@ -132,7 +132,7 @@ def test_the_method_name_rule_catches_a_branch():
         (1, "lora"), (1, "dora")]
 
 
-@pytest.mark.parametrize("path", sorted((PACKAGE / "engine").glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((PACKAGE / "engine").rglob("*.py")), ids=lambda p: p.name)
 def test_the_engine_names_no_method(path):
     from nbtune.methods.registry import all_methods
 
@@ -142,10 +142,10 @@ def test_the_engine_names_no_method(path):
 
 
 def test_the_pipeline_trains_through_the_runs_objective(llama_base, demo_rows, monkeypatch):
-    """Another objective is one more class in engine/objectives.py: the pipeline asks it to tokenise and for
+    """Another objective is one more class in objectives/registry.py: the pipeline asks it to tokenise and for
     its Trainer, and names nothing else."""
     import nbtune
-    from nbtune.engine import objectives
+    from nbtune.objectives import registry as objectives
 
     calls = []
 

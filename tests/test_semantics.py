@@ -12,8 +12,8 @@ import time
 import pytest
 
 import nbtune
-from nbtune.engine.events import NullObserver
-from nbtune.engine.generation import generate_texts
+from nbtune.engine.evaluation.generation import generate_texts
+from nbtune.engine.training.events import NullObserver
 
 FAST = {"steps": 3, "batch_size": 4, "metric": "none", "save": False}
 
@@ -187,8 +187,8 @@ def test_the_pickers_cell_names_the_notebook_variable_or_carries_the_rows(tiny_m
 
 # ---------------------------------------------------------------- smaller ones (item 12)
 def test_the_ledger_says_a_run_still_loading_is_loading(tiny_model_dir, demo_rows):
-    from nbtune.engine.result import set_status
-    from nbtune.engine.run import start_run
+    from nbtune.engine.records.run import set_status
+    from nbtune.engine.training.pipeline import start_run
     from nbtune.engine.workbench import WORKBENCH
 
     run = start_run({**FAST, "model": str(tiny_model_dir), "data": demo_rows, "name": "arriving"})

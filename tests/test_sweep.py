@@ -17,7 +17,7 @@ from conftest import InterruptAt
 import nbtune
 import nbtune.engine.workbench as wb
 from nbtune.config import RunConfig
-from nbtune.engine.sweep_space import check_sweep_spec
+from nbtune.config.sweep_space import check_sweep_spec
 from nbtune.errors import ConfigError, DataError, NbtuneError, NbtuneWarning, RunInterrupted
 
 FAST = {"steps": 2, "batch_size": 4, "lr": 1e-2, "metric": "none", "eval_split": 0.25}
@@ -281,7 +281,7 @@ def test_a_background_sweep_stops_from_another_thread(sweep_of):
 
 # ------------------------------------------------------------------ trial configs (no training)
 def test_a_trial_of_another_method_keeps_only_the_options_it_has():
-    from nbtune.engine.sweep_space import trial_config
+    from nbtune.config.sweep_space import trial_config
 
     config = RunConfig.parse(name="s", data="demo", steps=10, alpha=32, sweep={"method": ["lora", "ia3", "dora"]})
     spec = check_sweep_spec(config.sweep, config)
@@ -292,7 +292,7 @@ def test_a_trial_of_another_method_keeps_only_the_options_it_has():
 
 
 def test_a_pruner_makes_trials_evaluate_about_five_times():
-    from nbtune.engine.sweep_space import trial_config
+    from nbtune.config.sweep_space import trial_config
 
     for steps, expected in ((40, 8), (4, 1)):
         config = RunConfig.parse(name="s", data="demo", steps=steps, sweep={"r": [4, 8], "pruner": "hyperband"})

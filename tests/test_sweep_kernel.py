@@ -12,7 +12,7 @@ from test_kernel import SETUP, Kernel
 # Each training step sleeps while SLOW[0] holds (an interrupt or a Stop then lands inside a trial), else
 # trains at the tiny model's speed; in the kernel's main thread (a blocking cell) it says it is in a step.
 SLOWLY = """
-from nbtune.engine import loss
+from nbtune.engine.training import loss
 import threading, time
 SLOW = [True]
 _real = loss.AnswerOnlyLossTrainer.compute_loss

@@ -40,7 +40,7 @@ def test_two_processes_run_one_studys_trials_together(tmp_path, tiny_model_dir, 
     assert not mine[0] & mine[1] and mine[0] | mine[1] == set(range(TRIALS))  # each trial once, all of them
     study = optuna.load_study(study_name="shared", storage=f"sqlite:///{tmp_path / 'runs' / 'shared' / 'study.db'}")
     # Both may ask for the last place at once: the later one yields it, told FAIL with `surplus` (by design,
-    # engine/sweep_study.py), which a loaded machine made happen here once. Nothing else may fail.
+    # engine/experiments/sweep_study.py), which a loaded machine made happen here once. Nothing else may fail.
     shown = [(t.number, t.state.name, t.user_attrs) for t in study.trials]
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == TRIALS and all(t.user_attrs.get("surplus") for t in study.trials if t not in done), shown

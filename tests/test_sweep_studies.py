@@ -15,8 +15,8 @@ import pytest
 import nbtune
 import nbtune.engine.workbench as wb
 from nbtune.config import RunConfig
-from nbtune.engine import sweep_study
-from nbtune.engine.sweep_space import check_sweep_spec
+from nbtune.config.sweep_space import check_sweep_spec
+from nbtune.engine.experiments import sweep_study
 from nbtune.errors import ConfigError, NbtuneError, NbtuneWarning
 
 FAST = {"steps": 2, "batch_size": 4, "lr": 1e-2, "metric": "none", "eval_split": 0.25}
@@ -102,7 +102,7 @@ def test_a_sweep_run_again_with_other_steps_starts_a_new_study_and_keeps_the_old
 
 
 def test_what_a_stored_study_must_match_and_how_a_change_is_named(tiny_model_dir, demo_rows):
-    from nbtune.engine.sweep_config import changes, fixed_settings, said_briefly, study_fingerprint
+    from nbtune.engine.experiments.sweep_config import changes, fixed_settings, said_briefly, study_fingerprint
 
     def fingerprint(block, data=None, **config):
         parsed = RunConfig.parse(**{"model": str(tiny_model_dir), "data": demo_rows, "name": "s", **FAST, **config,

@@ -115,7 +115,7 @@ def test_a_tracker_whose_package_is_missing_is_refused_before_training(llama_bas
     assert "`report_to: wandb`" in message and "pip install wandb" in message
     assert "untracked" not in nbtune.runs  # nothing trained: the kernel's runs are as they were
 
-    from nbtune.engine.trainer import check_trackers_installed
+    from nbtune.engine.training.trainer import check_trackers_installed
 
     with pytest.raises(DependencyError, match="pip install comet-ml"):  # the package's name, not the tracker's
         check_trackers_installed("comet_ml")

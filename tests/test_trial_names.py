@@ -11,7 +11,7 @@ import pytest
 from conftest import InterruptAt, finetune_interrupted, nbtune_shell
 
 import nbtune
-from nbtune.engine.history import saved_record
+from nbtune.engine.records.history import saved_record
 from nbtune.errors import ConfigError, NbtuneError
 
 SETTINGS = {"steps": 2, "batch_size": 4, "metric": "none", "precision": "fp32"}
@@ -86,7 +86,7 @@ def test_trials_compare_by_name_in_the_kernel_and_from_disk(trial, tiny_model_di
 
 
 def test_a_trials_script_and_launch_files_are_flat_files_that_save_into_the_sweep(trial, demo_rows, tmp_path):
-    from nbtune.engine.launch_files import write_launch_files
+    from nbtune.engine.export.launch_files import write_launch_files
 
     script = trial.export_script()
     assert "cat > s-0.yaml" in script and "data: s-0.data.jsonl" in script

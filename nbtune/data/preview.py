@@ -12,7 +12,7 @@
 
 `preview_batch` does what training does, with the same functions: it reads the data (`read_data`),
 tokenises it as the run's objective does (chat template, answer-only labels, `max_length`), orders it as
-the Trainer deals it out (length-grouped, shuffled with `seed`: engine/sampling.py, which makes that order
+the Trainer deals it out (length-grouped, shuffled with `seed`: engine/training/sampling.py, which makes that order
 depend on the seed alone, so it is reproduced exactly) and pads it with the training collator. A token
 "carries loss" when its label is not -100: the model is trained to predict it. A template that puts the
 answer's end marker outside the loss, or a `max_length` that cuts answers off, shows here first.
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nbtune.config import RunConfig
-from nbtune.config_objective import is_preference
+from nbtune.config.objective import is_preference
 from nbtune.data.formats import to_messages
 from nbtune.data.splits import read_data
 from nbtune.data.tokenize import IGNORE_INDEX, answer_spans, encode, prepare_tokenizer
@@ -178,7 +178,7 @@ def preview_batch(config: RunConfig, tokenizer: Any, n: int = 4, *, records: tup
     `tokenizer` is the model's (prepared in place with `prepare_tokenizer`, as training prepares it);
     `records`: `(train, format)` that `read_data(config)` gave already, so as not to read the data twice.
 
-        >>> from nbtune.engine.models import load_tokenizer                       # doctest: +SKIP
+        >>> from nbtune.engine.bases.loading import load_tokenizer                       # doctest: +SKIP
         >>> config = RunConfig.parse({"data": "demo", "max_length": 32})          # doctest: +SKIP
         >>> batch = preview_batch(config, load_tokenizer(config.model), n=2)      # doctest: +SKIP
         >>> [ex.truncated for ex in batch.examples], batch.df.loss.sum()          # doctest: +SKIP
@@ -212,13 +212,13 @@ def preview_batch(config: RunConfig, tokenizer: Any, n: int = 4, *, records: tup
 def _training_view(config: RunConfig, train: Any, fmt: str, tokenizer: Any) -> tuple[Any, list[int], Any, Any]:
     """(tokenised train set, the Trainer's order of it, the training collator, the device policy), each from
     the function training itself calls."""
-    from nbtune.engine import device
-    from nbtune.engine.objectives import objective_for
-    from nbtune.engine.sampling import EpochSeededLengthGroupedSampler
-    from nbtune.engine.trainer import make_collator
+    from nbtune.engine.compute import device
+    from nbtune.engine.training.sampling import EpochSeededLengthGroupedSampler
+    from nbtune.engine.training.trainer import make_collator
+    from nbtune.objectives.registry import objective_for
 
     train_set, _ = objective_for(config).tokenize(train, None, fmt, tokenizer, config)  # its cache, warmed
-    # DataOrder (engine/sampling.py) groups over the global batch, train_batch_size x grad_accum x processes,
+    # DataOrder (engine/training/sampling.py) groups over the global batch, train_batch_size x grad_accum x processes,
     # and draws epoch 0 from the seed alone; tests/test_preview.py checks this against a real Trainer.
     group = config.batch_size * config.grad_accum * config.num_processes
     order = list(EpochSeededLengthGroupedSampler(group, train_set["length"], config.seed))

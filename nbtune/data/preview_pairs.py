@@ -108,7 +108,7 @@ def _orpo_cpo_pair(row: dict[str, Any], tokenizer: Any, config: RunConfig) -> li
     from trl.data_utils import maybe_apply_chat_template
     from trl.experimental.utils import DPODataCollatorWithPadding
 
-    from nbtune.engine.preference import trl_classes
+    from nbtune.objectives.preference import trl_classes
 
     trainer_class, _ = trl_classes(config.objective)
     text = maybe_apply_chat_template({k: row[k] for k in ("prompt", "chosen", "rejected")}, tokenizer)

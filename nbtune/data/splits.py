@@ -3,7 +3,7 @@
 
 With `cv: k` the rows of `data` (the demo task's training rows for 'demo') are shuffled with `seed` and
 cut into k contiguous folds; fold `cv_fold` evaluates and the other k - 1 train. Same data and seed give the
-same folds, so a fold run's config alone reproduces its split (nbtune/engine/crossval.py trains them all).
+same folds, so a fold run's config alone reproduces its split (nbtune/engine/experiments/crossval.py trains them all).
 """
 
 from __future__ import annotations

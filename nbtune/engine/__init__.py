@@ -3,6 +3,6 @@
 Nothing here imports IPython, ipywidgets or traitlets; the notebook layer observes the engine.
 """
 
-from nbtune.engine.quiet import install_log_filters
+from nbtune.engine.training.quiet import install_log_filters
 
 install_log_filters()

@@ -22,17 +22,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nbtune.config import RunConfig
-from nbtune.engine.evaluation import use_cached_bases
-from nbtune.engine.models import Base, as_base, load_base, shared_view, tokenizer_view
-from nbtune.engine.result import Run, failure_recorded
-from nbtune.engine.run import in_background, not_resumable, resume_in_background, start_run, train_run
-from nbtune.engine.text import cell
+from nbtune.engine.bases.loading import Base, as_base, load_base, shared_view, tokenizer_view
+from nbtune.engine.evaluation.scoring import use_cached_bases
+from nbtune.engine.records.run import Run, failure_recorded
+from nbtune.engine.records.text import cell
+from nbtune.engine.training.pipeline import resume_in_background, start_run, train_run
+from nbtune.engine.training.session import in_background, not_resumable
 from nbtune.errors import NbtuneError
 from nbtune.methods import get_method
 
 if TYPE_CHECKING:
-    from nbtune.engine.crossval import CrossValidation
-    from nbtune.engine.sweep import Sweep
+    from nbtune.engine.experiments.crossval import CrossValidation
+    from nbtune.engine.experiments.sweep import Sweep
 
 
 class Runs(dict):
@@ -75,7 +76,7 @@ class Workbench:
         self.bases: dict[tuple[str, str, str, bool], Base] = {}
         self.runs = Runs()
         self._threads: dict[str, threading.Thread] = {}
-        # Sweeps by name, registered by engine/sweep.py once a sweep's study opens: `nbtune.sweeps[name]` is
+        # Sweeps by name, registered by engine/experiments/sweep.py once a sweep's study opens: `nbtune.sweeps[name]` is
         # how a cell that raised (an interrupt) still reaches its sweep, to resume it.
         self.sweeps: dict[str, Sweep] = {}
 
@@ -108,9 +109,9 @@ class Workbench:
 
         `on_ready(run)` is called once the config and data passed their checks, before any weight moves
         (the notebook shows its panel then, so a typo never leaves an empty panel behind). A config with
-        `cv` and no `cv_fold` is a cross-validation: one run per fold (engine/crossval.py), `on_ready`
+        `cv` and no `cv_fold` is a cross-validation: one run per fold (engine/experiments/crossval.py), `on_ready`
         called for each. A config with `sweep` is a hyperparameter search: one run per trial
-        (engine/sweep.py), `on_ready(sweep)` called once, before any trial.
+        (engine/experiments/sweep.py), `on_ready(sweep)` called once, before any trial.
         """
         self._refuse_while_training()
         config = RunConfig.parse(config, **overrides)  # parsed once: an unnamed run keeps the name it gets here
@@ -118,7 +119,7 @@ class Workbench:
             return self._sweep(config, base=base, observers=observers, progress=progress, background=background,
                                on_ready=on_ready, resume_from=resume_from)
         if config.cv and config.cv_fold is None:
-            from nbtune.engine.crossval import cross_validate
+            from nbtune.engine.experiments.crossval import cross_validate
 
             return cross_validate(config, base=base, observers=observers, progress=progress, background=background,
                                   on_ready=on_ready, resume_from=resume_from, bench=self)
@@ -133,7 +134,7 @@ class Workbench:
         return run
 
     def _sweep(self, config: RunConfig, *, resume_from: str | Path | None, **how: Any) -> Sweep:
-        from nbtune.engine.sweep import run_sweep
+        from nbtune.engine.experiments.sweep import run_sweep
         from nbtune.errors import ConfigError
 
         if resume_from is not None:
@@ -184,7 +185,7 @@ class Workbench:
     def _refuse_while_training(self) -> None:
         # A background sweep's thread trains its own trials through this workbench: not refused.
         busy = [n for n, t in self._threads.items() if t.is_alive() and t is not threading.current_thread()]
-        if busy and self._threads[busy[0]].name.startswith("nbtune-sweep-"):  # engine/sweep.py names it so
+        if busy and self._threads[busy[0]].name.startswith("nbtune-sweep-"):  # engine/experiments/sweep.py names it so
             raise NbtuneError(f"sweep {busy[0]!r} is still running in the background; stop it "
                               f"(nbtune.sweeps[{busy[0]!r}].stop()) or wait for it (.wait()) first.")
         if busy:
@@ -218,8 +219,8 @@ def finetune(config: RunConfig | dict[str, Any] | str | None = None, *, base: An
     keeps the stopped run in `nbtune.runs` and raises `RunInterrupted`, a KeyboardInterrupt.
     With `cv: k` (and no `cv_fold`) it cross-validates: k runs `<name>-fold<i>`, each evaluated on one fold
     of `data`, on the one cached base; returns a `CrossValidation` (each fold, mean +- std of every metric;
-    see nbtune/engine/crossval.py). With `sweep: {...}` it searches hyperparameters: one run per trial,
-    `<name>/<number>`, on the one cached base; returns a `Sweep` (see nbtune/engine/sweep.py).
+    see nbtune/engine/experiments/crossval.py). With `sweep: {...}` it searches hyperparameters: one run per trial,
+    `<name>/<number>`, on the one cached base; returns a `Sweep` (see nbtune/engine/experiments/sweep.py).
     """
     return WORKBENCH.finetune(config, base=base, observers=observers, progress=progress, background=background,
                               resume_from=resume_from, **overrides)

@@ -18,12 +18,12 @@ from typing import Any
 
 from tqdm.std import tqdm
 
-from nbtune.engine.events import NullObserver
-from nbtune.engine.result import Run
+from nbtune.engine.records.run import Run
+from nbtune.engine.training.events import NullObserver
 
 
 def register(ipython: Any) -> None:
-    from nbtune.engine.progress import draw_progress_with
+    from nbtune.engine.training.progress import draw_progress_with
 
     ipython.display_formatter.ipython_display_formatter.for_type(Run, show_run)
     if type(ipython).__name__ == "ZMQInteractiveShell":  # a kernel with a frontend; a terminal keeps tqdm's bar
@@ -31,7 +31,7 @@ def register(ipython: Any) -> None:
 
 
 def unregister(ipython: Any) -> None:
-    from nbtune.engine.progress import draw_progress_with
+    from nbtune.engine.training.progress import draw_progress_with
 
     ipython.display_formatter.ipython_display_formatter.type_printers.pop(Run, None)
     draw_progress_with(None)

@@ -93,7 +93,7 @@ class Finetune(Magics):
     @line_magic
     def finetune_ui(self, line: str) -> Any:
         """The method picker (a run's name pre-fills it): `%finetune_ui [NAME]`."""
-        from nbtune.kernel import picker
+        from nbtune.api import picker
 
         return picker(line.strip() or None)
 
@@ -105,7 +105,7 @@ class Finetune(Magics):
         """The runs of this kernel, with status and key metrics; `--all [FOLDER]`: every saved run."""
         args = parse_argstring(self.finetune_runs, line)
         if args.saved is not None:
-            from nbtune.kernel import history
+            from nbtune.api import history
 
             return history(args.saved)
         from nbtune.engine.workbench import WORKBENCH
@@ -131,7 +131,8 @@ class Finetune(Magics):
         return config
 
     def _dry_run(self, config: dict[str, Any]) -> Any:
-        from nbtune.engine.run import session_of, start_run
+        from nbtune.engine.training.pipeline import start_run
+        from nbtune.engine.training.session import session_of
 
         run = start_run(config)
         train, evaluation, fmt = session_of(run).data
@@ -142,7 +143,7 @@ class Finetune(Magics):
 
     def _preview(self, config: dict[str, Any]) -> Any:
         """The first 4 examples of the first batch (a BatchPreview: highlighted in the notebook)."""
-        from nbtune.kernel import preview
+        from nbtune.api import preview
 
         return preview(config)
 
@@ -170,7 +171,7 @@ class Finetune(Magics):
     def _sweep(self, config: dict[str, Any], *, panel: bool, background: bool) -> Any:
         """The sweep's live panel (trials table, best so far, objective by parameter, the running trial's loss;
         Stop for a background sweep) shown once the block passed its checks; without one, a bar per trial."""
-        from nbtune.engine.events import ProgressObserver
+        from nbtune.engine.training.events import ProgressObserver
         from nbtune.engine.workbench import WORKBENCH
 
         view = _sweep_panel(background, self.log_scale) if panel else None
@@ -191,7 +192,7 @@ class Finetune(Magics):
         return WORKBENCH.resume(name, observers=observers, background=background, on_ready=show)
 
     def _watchers(self, background: bool, panel: bool) -> tuple[list[Any], Any]:
-        from nbtune.engine.events import ProgressObserver
+        from nbtune.engine.training.events import ProgressObserver
 
         view = _live_panel(background, self.log_scale) if panel else None
         if view is not None:

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from nbtune.config.params import Param
 from nbtune.errors import MethodError
 from nbtune.methods.common import decoder_layers
 from nbtune.methods.registry import MethodContext, MethodSpec, register_method
-from nbtune.params import Param
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -11,10 +11,10 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nbtune.config.params import Param
 from nbtune.errors import MethodError
 from nbtune.methods.common import wrap_with_peft
 from nbtune.methods.registry import MethodContext, MethodSpec, register_method
-from nbtune.params import Param
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

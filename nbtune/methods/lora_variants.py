@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from nbtune.config.params import Param
 from nbtune.errors import MethodError
 from nbtune.methods.common import wrap_with_peft
 from nbtune.methods.lora import LORA_PARAMS, prepare_lora, register_lora_family
 from nbtune.methods.registry import MethodContext, MethodSpec, register_method
-from nbtune.params import Param
 
 if TYPE_CHECKING:
     import torch

@@ -11,12 +11,12 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nbtune.config.params import Param
 from nbtune.errors import MethodError
 from nbtune.methods import partial
 from nbtune.methods.common import wrap_with_peft
 from nbtune.methods.lora import LORA_PARAMS
 from nbtune.methods.registry import MethodContext, MethodSpec, register_method
-from nbtune.params import Param
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nbtune.config.params import Param
 from nbtune.errors import MethodError, did_you_mean
-from nbtune.params import Param
 
 if TYPE_CHECKING:
     import torch

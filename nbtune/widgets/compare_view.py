@@ -5,8 +5,8 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from nbtune.engine.compare import Comparison
-from nbtune.engine.text import cell as _fmt
+from nbtune.engine.evaluation.compare import Comparison
+from nbtune.engine.records.text import cell as _fmt
 from nbtune.errors import NbtuneError
 from nbtune.widgets.render import HEIGHT, PAD, WIDTH, smooth, value_range
 
@@ -27,7 +27,7 @@ class ComparisonView(Comparison):
 
     def _significance_html(self) -> str:
         """The bootstrap interval when two runs (or one run and its base) scored the same rows."""
-        from nbtune.engine.significance import describe, scored
+        from nbtune.engine.evaluation.significance import describe, scored
 
         if not 1 <= len(scored(self.runs)) <= 2:
             return ""
@@ -39,8 +39,8 @@ class ComparisonView(Comparison):
     def _agreement_html(self, shown: int = AGREEMENT_ROWS) -> str:
         """Which rows each run gets right (first metric they share): counts, then the rows, the ones the
         runs disagree on first."""
-        from nbtune.engine.metrics import METRICS
-        from nbtune.engine.significance import agreement_counts, base_columns, primary_metric, scored
+        from nbtune.engine.evaluation.metrics import METRICS
+        from nbtune.engine.evaluation.significance import agreement_counts, base_columns, primary_metric, scored
 
         runs = scored(self.runs)
         if not runs:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from nbtune.widgets.compare_view import table_html
 
 if TYPE_CHECKING:
-    from nbtune.engine.crossval import CrossValidation
+    from nbtune.engine.experiments.crossval import CrossValidation
 
 
 def cv_html(cv: CrossValidation) -> str:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from nbtune.engine.events import NullObserver
-from nbtune.engine.memory import memory_split
+from nbtune.engine.compute.memory import memory_split
+from nbtune.engine.training.events import NullObserver
 from nbtune.widgets import render
 
 
@@ -147,7 +147,7 @@ class LivePanel(NullObserver):
                                  log_scale=self.log_scale, total=run.total_steps)
 
     def _memory(self, rss: float | None) -> dict[str, Any]:
-        from nbtune.engine.memory import cuda_mb, rss_mb
+        from nbtune.engine.compute.memory import cuda_mb, rss_mb
 
         rss = rss if rss is not None else rss_mb()
         held = sum(self._split.values())

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from nbtune.config import RunConfig, common_params
+from nbtune.config.params import Param
 from nbtune.errors import ConfigError, NbtuneError
-from nbtune.params import Param
 
 COMMON = ("name", "data", "steps", "batch_size", "lr", "max_length", "quantization", "neftune_alpha")
 
@@ -147,7 +147,7 @@ class Picker:
         self._show_derived(config)
         self.cell.value = self.cell_text(config)
         try:
-            from nbtune.engine.estimate import estimate
+            from nbtune.engine.compute.estimate import estimate
 
             e = estimate(config)
         except NbtuneError as exc:  # the method cannot work on this model (bitfit without biases, ...)
@@ -277,7 +277,7 @@ def _linear_names(model: str) -> list[str]:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from nbtune.engine.models import resolve_model
+        from nbtune.engine.bases.loading import resolve_model
         from nbtune.methods.common import linear_module_names
 
         with init_empty_weights():

@@ -12,7 +12,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from nbtune.engine.predictions import Predictions
+    from nbtune.engine.evaluation.predictions import Predictions
 
 SHOWN_ROWS = 20  # the worst ones; more make a notebook long to scroll (`.head(n)` and `.df` show others)
 # Inline styles, not a <style> block: a sanitising frontend (GitHub, some viewers) drops <style> elements.
@@ -33,7 +33,7 @@ def _span(kind: str, text: str) -> str:
 
 def predictions_html(table: Predictions) -> str:
     """The whole table: summary, legend, and up to SHOWN_ROWS rows."""
-    from nbtune.engine.predictions import summary_line
+    from nbtune.engine.evaluation.predictions import summary_line
 
     if not table.rows:
         return f"<p><i>{html.escape(summary_line(table))}</i></p>"

@@ -14,7 +14,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from nbtune.engine.events import prompt_text
+from nbtune.engine.training.events import prompt_text
 
 WIDTH, HEIGHT, PAD = 420, 180, 34
 
@@ -80,7 +80,7 @@ def rewards_chart(run: Any) -> str:
     latest share of pairs it gets right; "" for a run that logs none (sft). DPO and KTO: the reward margin and
     reward accuracy, relative to the reference; ORPO and SimPO (no reference): the average log-prob margin per
     token and `chosen_preferred`, absolute (config_objective.py says why they are named apart)."""
-    from nbtune.config_objective import PREFERENCE_MEANING, WITH_REFERENCE, preference_values
+    from nbtune.config.objective import PREFERENCE_MEANING, WITH_REFERENCE, preference_values
 
     objective = getattr(getattr(run, "config", None), "objective", "dpo")
     margin, share, label = (("reward_margin", "reward_accuracy", "reward margin (chosen - rejected)")

@@ -21,7 +21,7 @@ import html
 import time
 from typing import Any
 
-from nbtune.engine.events import NullObserver
+from nbtune.engine.training.events import NullObserver
 from nbtune.widgets import render, sweep_render
 
 STOP_HINT = "<small>to stop: interrupt the kernel (■ or I,I); finished trials are kept</small>"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import nbtune
-from nbtune.engine.models import load_base, resolve_model
+from nbtune.engine.bases.loading import load_base, resolve_model
 
 pytestmark = pytest.mark.integration
 

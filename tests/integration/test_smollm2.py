@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import nbtune
-from nbtune.engine.models import resolve_model
+from nbtune.engine.bases.loading import resolve_model
 
 pytestmark = pytest.mark.integration
 PROMPT = "Convert this date to ISO format (YYYY-MM-DD): 14 February 1990"
@@ -44,9 +44,9 @@ def test_the_gguf_wheel_converts_into_a_working_chat_model(tmp_path, monkeypatch
     monkeypatch.setenv("NBTUNE_CACHE", str(tmp_path / "cache"))
     path = resolve_model(nbtune.DEFAULT_MODEL)
     assert path.is_relative_to(tmp_path) and (path / "model.safetensors").is_file()
-    base = nbtune.engine.models.load_base(str(path))
+    base = nbtune.engine.bases.loading.load_base(str(path))
     assert base.model.num_parameters() == pytest.approx(134.5e6, rel=0.01)
-    from nbtune.engine.generation import generate_texts
+    from nbtune.engine.evaluation.generation import generate_texts
 
     answer = generate_texts(base.model, base.tokenizer, ["What is the capital of France?"], max_new_tokens=12)[0]
     assert "Paris" in answer

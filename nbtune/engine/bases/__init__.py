@@ -1,0 +1,1 @@
+"""Base models: found (offline first), loaded, and shared between runs."""

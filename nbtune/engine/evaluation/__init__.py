@@ -1,0 +1,1 @@
+"""Scoring runs on held-out rows, and comparing them."""

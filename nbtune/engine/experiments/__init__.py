@@ -1,0 +1,1 @@
+"""Groups of runs on one cached base: cross-validation and sweeps."""

@@ -1,0 +1,1 @@
+"""Taking a model out: merged safetensors, GGUF, Ollama's Modelfile, launch files."""
