@@ -29,9 +29,9 @@ def timed(work) -> tuple[float, object]:
 
 
 def measure(run, rows: int) -> dict[str, float]:
+    from nbtune.engine.evaluation import scoring as evaluation
     from nbtune.engine.evaluation.metrics import METRICS as REGISTRY
     from nbtune.engine.evaluation.metrics import aggregate_scores, paired_bootstrap, score_rows
-    from nbtune.engine.evaluation.scoring import scoring as evaluation
 
     pairs = run.eval_pairs[:rows]
     prompts, references = [p for p, _ in pairs], [a for _, a in pairs]

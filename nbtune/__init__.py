@@ -18,6 +18,8 @@ from nbtune.catalog import methods
 from nbtune.config import DEFAULT_MODEL, RunConfig
 from nbtune.errors import ConfigError, DataError, DependencyError, MethodError, ModelError, NbtuneError
 from nbtune.methods import MethodSpec, register_method
+from nbtune.objectives import ObjectiveSpec, register_objective
+from nbtune.widgets.formatters import register_in_running_ipython
 
 __version__ = "0.1.0"
 
@@ -28,10 +30,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MODEL", "ConfigError", "DataError", "DependencyError", "MethodError", "MethodSpec", "ModelError",
-    "NbtuneError", "Run", "RunConfig", "combine", "compare", "finetune", "history", "ledger", "load", "load_run",
-    "methods",
-    "picker", "preview", "reclaim", "register_method", "runs", "sweeps",
+    "NbtuneError", "ObjectiveSpec", "Run", "RunConfig", "combine", "compare", "cross_validations", "finetune",
+    "history", "ledger", "load", "load_run", "methods", "picker", "preview", "reclaim", "register_method",
+    "register_objective", "runs", "sweeps",
 ]
+
+# In a notebook, `import nbtune` alone shows its objects (predictions, sweeps, tables) as HTML views.
+register_in_running_ipython()
 
 
 def load_ipython_extension(ipython: Any) -> None:
@@ -61,6 +66,10 @@ def __getattr__(name: str) -> Any:
         from nbtune.engine.workbench import WORKBENCH
 
         return WORKBENCH.sweeps
+    if name == "cross_validations":  # likewise: what a cross-validation interrupted in its cell kept
+        from nbtune.engine.workbench import WORKBENCH
+
+        return WORKBENCH.cross_validations
     if name == "load":
         from nbtune.engine.records.reopen import load
 

@@ -129,6 +129,27 @@ def test_settings_the_checkpoint_restores_are_named_and_the_same_global_batch_re
     assert "`lr` comes back from the checkpoint (0.01)" in said and "`seed` changed (7 -> 8)" in said
 
 
+def test_a_checkpoints_run_json_is_the_run_record_and_an_older_one_is_still_checked(checkpointed, tiny_model_dir,
+                                                                                     tmp_path):
+    from nbtune.engine.records import run_folder
+    from nbtune.engine.training.checkpoints import check_compatible
+    from nbtune.engine.training.pipeline import start_run
+
+    run, root = checkpointed
+    record = run_folder.read_record(root / "checkpoint-4")  # written through run_folder, sealed by the manifest
+    assert record["schema"] == run_folder.SCHEMA and record["id"] == run.id and record["total_steps"] == 6
+    assert record["status"] == "running" and record["history"][-1]["step"] == 4
+    older = shutil.copytree(root, tmp_path / "older")  # as the releases before schema 2 wrote its run.json
+    file = older / "checkpoint-4" / "run.json"
+    saved = {k: v for k, v in json.loads(file.read_text()).items()
+             if k not in ("schema", "total_steps", "base_name", "saved_to")}
+    saved["config"].update(beta=None, loss_type=None, precompute_ref=False)
+    file.write_text(json.dumps(saved))
+    other = start_run({"model": str(tiny_model_dir), "data": "demo", **SETTINGS, "method": "dora"})
+    with pytest.raises(nbtune.NbtuneError, match="made with `method: lora`"):  # (its checksum no longer matches)
+        check_compatible(older / "checkpoint-4", other.config)
+
+
 # ------------------------------------------------------------------ real processes, really killed
 def write_config(folder: Path, model: Path, name: str, steps: int) -> Path:
     config = {"name": name, "model": str(model), "data": "demo", **SETTINGS, "steps": steps,

@@ -56,9 +56,30 @@ def test_parse_missing_yaml_file_names_it():
 def test_parse_from_runconfig_keeps_values():
     first = RunConfig.parse({"name": "keep", "r": 32, "steps": 9, "lr": 1e-3})
     again = RunConfig.parse(first)
-    assert again is not first
-    assert again == first
-    assert again.options["r"] == 32
+    assert again is first  # a parsed config is frozen and was checked when it was made: not parsed again
+    changed = RunConfig.parse(first, steps=10)
+    assert changed is not first and changed.steps == 10 and changed.options["r"] == 32 and first.steps == 9
+
+
+def test_a_parsed_config_is_frozen_and_changes_only_through_with_changes():
+    import dataclasses
+
+    config = RunConfig.parse({"name": "frozen", "r": 8, "steps": 9, "sweep": {"r": [4, 8]}})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.steps = 3
+    with pytest.raises(TypeError, match=r"with_changes\(key=value\)"):
+        config.options["r"] = 16
+    with pytest.raises(TypeError):
+        config.derived.clear()
+    changed = config.with_changes(r=16, steps=3)
+    assert (changed.options["r"], changed.steps, config.options["r"], config.steps) == (16, 3, 8, 9)
+    with pytest.raises(ConfigError, match="`r`"):
+        config.with_changes(r=-1)  # checked again, as a whole
+    chosen = config.with_changes(gradient_checkpointing=True, derived=True)
+    assert chosen.derived["gradient_checkpointing"] is True and "gradient_checkpointing" not in chosen.to_text()
+    # the sweep block is parsed once, with the config, and carried: nothing checks it again
+    assert config.sweep_space.trials == 2 and [d.name for d in config.sweep_space.dimensions] == ["r"]
+    assert RunConfig.parse(config.to_text()).sweep_space == config.sweep_space
 
 
 def test_parse_none_and_empty_yaml_give_defaults():

@@ -63,8 +63,7 @@ def test_by_default_every_set_value_is_written_in_field_order_and_derived_ones_a
 
 
 def test_a_derived_value_changed_since_is_written():
-    config = RunConfig.parse({"name": "edited", "steps": 2})
-    config.lr = 1e-3  # no longer what the method gave: the user's value, as `parse(config)` treats it too
+    config = RunConfig.parse({"name": "edited", "steps": 2}).with_changes(lr=1e-3)  # the user's value now
     assert load_yaml(config.to_text())["lr"] == 1e-3
     assert RunConfig.parse(config.to_text()).lr == 1e-3
 

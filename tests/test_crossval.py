@@ -14,6 +14,7 @@ import nbtune.engine.workbench as wb
 from nbtune.config import RunConfig
 from nbtune.data.splits import data_key, read_data
 from nbtune.errors import ConfigError, DataError, RunInterrupted
+from nbtune.widgets.cv_view import cv_html
 
 FAST = {"steps": 2, "batch_size": 4, "lr": 1e-2, "metric": "none"}
 
@@ -113,7 +114,7 @@ def test_three_folds_are_three_ordinary_runs_on_one_loaded_base(tiny_model_dir, 
     assert not {"steps", "tokens", "trainable_params", "peak_rss_mb"} & set(summary)  # counts, not results
     assert [(f["fold"], f["train_rows"] + f["eval_rows"]) for f in cv.folds] == [(1, 32), (2, 32), (3, 32)]
 
-    text, page = repr(cv), cv._repr_html_()
+    text, page = repr(cv), cv_html(cv)  # the notebook's view (registered for a CrossValidation by nbtune.magics)
     assert "mean +- std" in text and "eval_loss" in text and "x-fold3" in text
     assert "<table>" in page and "<th>mean</th>" in page and "<th>std</th>" in page and "x-fold2" in page
     assert list(cv.df.index) == [1, 2, 3, "mean", "std"]
@@ -142,6 +143,9 @@ def test_an_interrupt_in_fold_2_keeps_fold_1_and_raises(tiny_model_dir, demo_row
     assert "x-fold3" not in nbtune.runs
     partial = info.value.cross_validation
     assert [r.name for r in partial.runs] == ["x-fold1", "x-fold2"] and not partial.complete
+    # the cell raised, so it returned nothing: the advice names where the cross-validation is kept
+    assert nbtune.cross_validations["x"] is partial and partial.status == "stopped"
+    assert "(in nbtune.runs: x-fold1); nbtune.cross_validations['x'] is what it kept" in str(info.value)
 
 
 def test_a_stop_ends_the_cross_validation_after_that_fold(tiny_model_dir, demo_rows):
@@ -150,7 +154,7 @@ def test_a_stop_ends_the_cross_validation_after_that_fold(tiny_model_dir, demo_r
     assert [r.status for r in cv.runs] == ["finished", "stopped"] and not cv.complete
     assert "x-fold3" not in nbtune.runs
     assert cv.summary()["eval_loss"] == {"mean": cv.runs[0].metrics["eval_loss"], "std": None, "folds": 1}
-    assert "incomplete" in repr(cv) and "incomplete" in cv._repr_html_()
+    assert "incomplete" in repr(cv) and "incomplete" in cv_html(cv)
 
 
 def test_a_base_passed_in_memory_gives_each_fold_a_fresh_view(llama_base, demo_rows):

@@ -187,8 +187,9 @@ def test_a_run_that_fits_only_with_checkpointing_gets_it(on, llama_base, demo_ro
     on(CPU)
     # The estimate as preflight makes it, made small enough to fit only with checkpointing: 100 MB
     # without, 10 MB with, 50 MB available.
-    def need(model, config, longest):
-        mb = 10.0 if config.gradient_checkpointing else 100.0
+    def need(model, config, longest, gradient_checkpointing=None):
+        on = config.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
+        mb = 10.0 if on else 100.0
         return {"trainable_and_grads_mb": 0.0, "optimizer_mb": 0.0, "activations_mb": mb, "total_mb": mb}
 
     monkeypatch.setattr(preflight, "training_need_mb", need)
@@ -196,6 +197,7 @@ def test_a_run_that_fits_only_with_checkpointing_gets_it(on, llama_base, demo_ro
     with pytest.warns(nbtune.errors.NbtuneWarning, match="only with gradient checkpointing"):
         run = nbtune.finetune(data=demo_rows, base=llama_base, steps=1, batch_size=4, metric="none", save=False)
     assert run.config.gradient_checkpointing and run.status == "finished"
+    assert run.config.derived["gradient_checkpointing"] is True  # nbtune's choice, not the user's
     with pytest.raises(preflight.OutOfMemory):  # set by the user: not changed behind their back
         nbtune.finetune(data=demo_rows, base=(tiny_llama(llama_base[1]), llama_base[1]), steps=1, batch_size=4,
                         metric="none", save=False, gradient_checkpointing=False)

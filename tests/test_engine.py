@@ -237,7 +237,7 @@ def test_settings_that_would_be_silently_ignored_are_refused(llama_base, demo_ro
 
 def test_edits_to_a_parsed_config_are_honoured(llama_base, demo_rows):
     config = nbtune.RunConfig.parse({"data": demo_rows, "metric": "none", "save": False, "batch_size": 4})
-    config.steps, config.lr = 2, 5e-3
+    config = config.with_changes(steps=2, lr=5e-3)  # a parsed config is frozen: an edit is another config
     run = nbtune.finetune(config, base=llama_base)
     assert len(run.history) == 2 and run.history[0]["lr"] == pytest.approx(5e-3)
     assert run.name == config.name

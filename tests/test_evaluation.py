@@ -10,10 +10,11 @@ import pytest
 
 import nbtune
 import nbtune.engine.workbench as workbench
+from nbtune.engine.evaluation import scoring as evaluation
 from nbtune.engine.evaluation.generation import generate_texts
 from nbtune.engine.evaluation.predictions import Predictions, read_rows
-from nbtune.engine.evaluation.scoring import scoring as evaluation
 from nbtune.errors import ConfigError, DataError, NbtuneError, NbtuneWarning
+from nbtune.widgets.formatters import html_of
 
 FAST = {"steps": 2, "batch_size": 4, "lr": 1e-2, "eval_split": 0.25, "precision": "fp32"}
 
@@ -147,7 +148,7 @@ def test_the_comparison_has_the_base_as_reference_row_agreement_and_a_bootstrap(
     assert result["difference"] == pytest.approx(expected)
     against_base = cmp.bootstrap("a", "base", resamples=100)
     assert against_base["b"] == f"base: {tiny_model_dir.name}"
-    page = cmp._repr_html_()
+    page = html_of(cmp)
     assert "is it real?" in page and "per-example agreement" in page and f"base: {tiny_model_dir.name}" in page
 
 
@@ -183,7 +184,7 @@ def test_filters_pick_the_rows_they_say():
 
 
 def test_the_html_highlights_differences_and_escapes_the_data():
-    page = Predictions(ROWS, ["exact_match"], run="x")._repr_html_()
+    page = html_of(Predictions(ROWS, ["exact_match"], run="x"))
     assert "&lt;b&gt;p2&lt;/b&gt;" in page and "<b>p2</b>" not in page
     assert "class='miss'" in page and "class='same'" in page  # 2000-01-02 against 2000-01-01
     assert "1 fixed, 1 broken, 2 changed by tuning" in page
@@ -191,7 +192,7 @@ def test_the_html_highlights_differences_and_escapes_the_data():
     text = repr(Predictions(ROWS, ["exact_match"], run="x"))
     assert text.startswith("run 'x': 3 rows ·") and "reference: 1976-07-04" in text
     assert repr(table_of_rows().broken()).startswith("run 'x': 1 of 3 rows broken by tuning")
-    assert "0 of 3 rows broken by tuning" in table_of_rows().fixed().broken()._repr_html_()
+    assert "0 of 3 rows broken by tuning" in html_of(table_of_rows().fixed().broken())
 
 
 def table_of_rows() -> Predictions:

@@ -190,7 +190,7 @@ def test_too_little_disk_space_is_refused_with_the_size_needed(lora_run, tmp_pat
 
 
 def test_a_file_that_does_not_match_is_not_kept(lora_run, tmp_path, monkeypatch):
-    from nbtune.engine.export.exporting import gguf_file
+    from nbtune.engine.export import gguf_file
 
     monkeypatch.setattr(gguf_file, "_llama_rope_order", lambda weights, heads: weights)  # a layout bug
     with pytest.raises(NbtuneError, match=r"did not match the merged model, so nothing was written: f16: max"):
@@ -213,7 +213,7 @@ def test_a_4bit_qlora_run_is_merged_into_its_base_reloaded_in_fp32(tiny_model_di
 
 
 def test_evaluate_scores_the_runs_metrics_with_the_model_read_back_from_the_file(llama_base, tmp_path, monkeypatch):
-    from nbtune.engine.export.exporting import gguf_check
+    from nbtune.engine.export import gguf_check
 
     run = _train(llama_base, name="scored", eval_split=0.25, metric="exact_match")
     out = run.export(tmp_path / "s", format="gguf", quant="f16")

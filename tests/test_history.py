@@ -14,6 +14,7 @@ from conftest import InterruptAt, finetune_interrupted, nbtune_shell
 
 import nbtune
 from nbtune.errors import NbtuneError
+from nbtune.widgets.formatters import html_of
 
 SETTINGS = {"steps": 4, "batch_size": 4, "lr": 1e-2, "metric": "none", "precision": "fp32"}
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +49,7 @@ def test_history_lists_runs_saved_by_earlier_kernels_and_this_one(in_tmp, tiny_m
     assert rows["today"]["steps"] == "4/4" and rows["today"]["train_loss"] == today.metrics["train_loss"]
     assert rows["today"]["adapter_mb"] > 0 and rows["today"]["resume_from"] is None
     assert list(saved.df["name"]) == ["today", "yesterday"]
-    assert "<table>" in saved._repr_html_() and "yesterday" in repr(saved)
+    assert "<table>" in html_of(saved) and "yesterday" in repr(saved)
 
 
 def test_a_damaged_or_foreign_run_json_is_a_row_that_says_so(in_tmp, tiny_model_dir, demo_rows):
@@ -98,7 +99,7 @@ def test_compare_takes_saved_runs_and_loads_one_only_for_answers(in_tmp, tiny_mo
     saved = cmp.runs[1]
     assert saved.model is None and saved.history and cmp.config_diff()["r"] == dict(zip(names, [8, 4, 4], strict=True))
     assert cmp.curves()[names[1]]["loss"] == [h["loss"] for h in earlier.history if "loss" in h]
-    assert "a (saved a, 2)" in cmp._repr_html_() and saved.model is None  # the table needs no weights
+    assert "a (saved a, 2)" in html_of(cmp) and saved.model is None  # the table needs no weights
     answers = cmp.generations([demo_rows[0]["prompt"]], max_new_tokens=4)
     assert saved.model is not None and answers[0][names[1]] == earlier_answer
 

@@ -50,7 +50,7 @@ def sft_then_dpo(model: Path) -> tuple[nbtune.Run, nbtune.Run]:
 
 def a_new_kernel(monkeypatch) -> wb.Workbench:
     """What a new kernel has: no runs, no cached base, no cached base answers."""
-    from nbtune.engine.evaluation.scoring import scoring as evaluation
+    from nbtune.engine.evaluation import scoring as evaluation
 
     fresh = wb.Workbench()
     monkeypatch.setattr(wb, "WORKBENCH", fresh)

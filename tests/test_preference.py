@@ -17,7 +17,8 @@ from nbtune.config import RunConfig
 from nbtune.data.demo import demo_pair_splits, demo_splits
 from nbtune.errors import ConfigError, DataError
 from nbtune.methods import get_method
-from nbtune.objectives.preference import reference_for
+from nbtune.objectives import dpo, kto, orpo, simpo
+from nbtune.objectives.trl_pairs import reference_for
 
 FAST = {"steps": 2, "batch_size": 2, "lr": 5e-3, "metric": "none", "save": False, "max_length": 96}
 
@@ -118,7 +119,8 @@ def test_chat_pairs_without_a_prompt_take_their_shared_opening_as_the_prompt(lla
 def test_the_reference_is_the_base_without_a_second_model(objective, method, options, precompute, peft, expected):
     spec = get_method(method)
     options = spec.check_options(options, RunConfig.parse(method=method))
-    assert reference_for(objective, spec, options, precompute, peft) == expected
+    trl = {"dpo": dpo.TRL, "kto": kto.TRL, "orpo": orpo.TRL, "simpo": simpo.TRL}[objective]  # each one's TrlPairs
+    assert reference_for(trl.reference, spec, options, precompute, peft) == expected
 
 
 # ------------------------------------------------------------------ training

@@ -1,5 +1,5 @@
 """ORPO in two CPU processes counts the tokens of both ranks, as an sft run does (its batches have no
-input_ids for the Trainer to count; objectives/preference.py's _PairTokens counts them and sums the ranks)."""
+input_ids for the Trainer to count; objectives/trl_pairs.py's _PairTokens counts them and sums the ranks)."""
 
 from __future__ import annotations
 

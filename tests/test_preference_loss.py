@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import nbtune
 from nbtune.data.demo import demo_pair_splits
-from nbtune.objectives.preference import trl_classes
+from nbtune.objectives import get_objective
 
 RUN = {"steps": 2, "batch_size": 4, "lr": 5e-2, "metric": "none", "save": False, "max_length": 96,
        "precision": "fp32", "dropout": 0.0}
@@ -27,7 +27,7 @@ RUN = {"steps": 2, "batch_size": 4, "lr": 5e-2, "metric": "none", "save": False,
 def last_batch(llama_base, monkeypatch, objective, **config):
     """(the last training batch, the trainer's loss on it, the model as it was then, an untouched copy of the
     base) from a short `objective` run; the hand computation runs inside the step, before the weights move."""
-    trainer_class, _ = trl_classes(objective)
+    trainer_class = get_objective(objective).trainer_class()
     reference = copy.deepcopy(llama_base[0]).eval()
     seen: dict = {}
     real = trainer_class.compute_loss

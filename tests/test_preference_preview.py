@@ -9,14 +9,14 @@ import nbtune
 from nbtune.config import RunConfig
 from nbtune.data.demo import demo_pair_splits
 from nbtune.data.preview import preview_batch
-from nbtune.objectives.preference import trl_classes
+from nbtune.objectives import get_objective
 
 CONFIG = {"steps": 1, "batch_size": 8, "metric": "none", "save": False, "max_length": 96, "eval_split": 0}
 
 
 def trained_sequences(llama_base, monkeypatch, objective, rows, **config):
     """(ids, scored) of every real (non-padding) sequence in the first batch the trainer trained on."""
-    trainer_class, _ = trl_classes(objective)
+    trainer_class = get_objective(objective).trainer_class()
     batches = []
     real = trainer_class.compute_loss
 

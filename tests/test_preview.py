@@ -15,6 +15,7 @@ from nbtune.data.preview import BatchPreview, preview_batch, rendered_text
 from nbtune.data.splits import read_data
 from nbtune.data.tokenize import IGNORE_INDEX, encode
 from nbtune.errors import ConfigError, NbtuneWarning
+from nbtune.widgets.formatters import html_of
 
 
 def config(rows, **keys):
@@ -79,7 +80,7 @@ def test_a_small_max_length_is_flagged_as_truncation(chat_tokenizer, demo_rows):
                              train_on_prompt=False)
         assert ex.full_length == untruncated["length"]
     assert "TRUNCATED: max_length 40 keeps 40 of its" in str(batch)
-    assert "TRUNCATED 40/" in batch._repr_html_()
+    assert "TRUNCATED 40/" in html_of(batch)
 
 
 def test_rows_without_an_answer_left_are_skipped_as_training_skips_them(chat_tokenizer, demo_rows):
@@ -105,11 +106,11 @@ def test_plain_text_rows_carry_loss_on_every_token(plain_tokenizer):
 
 def test_html_highlights_loss_and_escapes_the_data(plain_tokenizer, chat_tokenizer, demo_rows):
     batch = preview_batch(config([{"text": "a <b>bold</b> & <script>x</script>"}] * 2), plain_tokenizer, n=1)
-    page = batch._repr_html_()
+    page = html_of(batch)
     assert "nbt-loss" in page and "background:#b7e4b0" in page
     assert "<b>" not in page.replace("<b>1/1</b>", "") and "<script>" not in page
     assert "&lt;" in page and "&amp;" in page
-    page = preview_batch(config(demo_rows), chat_tokenizer, n=4)._repr_html_()
+    page = html_of(preview_batch(config(demo_rows), chat_tokenizer, n=4))
     assert "nbt-pad" in page and "nbt-special" in page and "↵" in page and "carries loss" in page
 
 

@@ -1,10 +1,14 @@
 """The seams between modules, checked on the source (AST), as the layering test checks imports.
 
-- A `Run` is a record: outside `engine/records/run.py` (the record) and `engine/training/pipeline.py` (the
-  pipeline, which owns the training session) nothing reads or writes its underscore attributes; the magics,
-  widgets and the rest of the engine use its public surface.
-- The engine imports without cycles (lazy imports count; `TYPE_CHECKING` ones do not).
+- A `Run` is a record: outside `engine/records/run.py` (the record) and `engine/training/pipeline.py` and
+  `session.py` (the pipeline, which owns the training session) nothing reads or writes its underscore
+  attributes; the magics, widgets and the rest of the engine use its public surface.
+- The whole package imports without cycles (lazy imports count; `TYPE_CHECKING` ones do not), the methods'
+  registration by import the one documented exception; the engine and the layers below it import no views,
+  magics or api.
 - The engine names no method: what a method can do is asked of the method.
+- No module names an objective outside the objective's own file (nbtune/objectives/<name>.py): the config,
+  data, engine, preview, panel and compare ask its `ObjectiveSpec`.
 """
 
 from __future__ import annotations
@@ -53,65 +57,96 @@ def test_the_private_state_rule_catches_a_violation(tmp_path):
     assert _private_uses(bad, {"_observers"}) == ["magic.py:2 ._observers"]
 
 
-def _runtime_imports(path: Path) -> set[str]:
-    """nbtune modules `path` imports when it runs (in-function imports too, `if TYPE_CHECKING:` ones not)."""
-    tree = ast.parse(path.read_text(), filename=str(path))
-    typing_only = {id(inner) for node in ast.walk(tree) if isinstance(node, ast.If)
-                   and "TYPE_CHECKING" in ast.unparse(node.test) for inner in ast.walk(node)}
-    found = set()
-    for node in ast.walk(tree):
-        if id(node) in typing_only:
-            continue
-        if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
-    return {name for name in found if name.startswith("nbtune")}
-
-
 def _module_name(path: Path) -> str:
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _engine_graph() -> dict[str, set[str]]:
-    modules = {_module_name(p): p for p in (PACKAGE / "engine").rglob("*.py") if p.name != "__init__.py"}
-    return {name: {m for m in _runtime_imports(path) if m in modules and m != name} for name, path in modules.items()}
+def _package_graph() -> dict[str, set[str]]:
+    """Every nbtune module -> the nbtune modules it imports when it runs (lazy imports too); `from package
+    import module` counts the module, not the package's `__init__`."""
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        typing_only = {id(inner) for node in ast.walk(tree) if isinstance(node, ast.If)
+                       and "TYPE_CHECKING" in ast.unparse(node.test) for inner in ast.walk(node)}
+        found = set()
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
+            if isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                          for a in node.names}
+        graph[name] = {m for m in found if m in modules and m != name}
+    return graph
 
 
-def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One import cycle of `graph` (as a path that returns to its start), or None."""
-    state: dict[str, str] = {}
+def _cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The import cycles of `graph`: its strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[set[str]] = []
 
-    def visit(node: str, trail: list[str]) -> list[str] | None:
-        state[node] = "open"
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
         for nxt in sorted(graph.get(node, ())):
-            if state.get(nxt) == "open":
-                return [*trail[trail.index(nxt):], nxt] if nxt in trail else [node, nxt]
-            if nxt not in state:
-                found = visit(nxt, [*trail, nxt])
-                if found:
-                    return found
-        state[node] = "done"
-        return None
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            members = set()
+            while True:
+                member = stack.pop()
+                members.add(member)
+                if member == node:
+                    break
+            if len(members) > 1:
+                found.append(members)
 
-    for start in sorted(graph):
-        if start not in state:
-            found = visit(start, [start])
-            if found:
-                return found
-    return None
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
 
 
-def test_the_engine_imports_without_cycles():
-    graph = _engine_graph()
+def _registration_by_import(members: set[str]) -> bool:
+    """The one documented exception: the method registry imports the built-in method modules when it is first
+    asked (lazily: they import peft, which `import nbtune` must not pay), and they import the registry to
+    register themselves. Nothing else is in that cycle."""
+    return {"nbtune.methods.registry", "nbtune.methods.builtin"} <= members and all(
+        m.startswith("nbtune.methods.") for m in members)
+
+
+def test_the_package_has_no_import_cycle():
+    """Over all of nbtune, lazy (in-function) imports counted, `TYPE_CHECKING` ones not."""
+    graph = _package_graph()
     assert "nbtune.engine.training.pipeline" not in graph["nbtune.engine.records.run"]  # the record calls no pipeline
-    assert _cycle(graph) is None, " -> ".join(_cycle(graph) or [])
+    cycles = [sorted(c) for c in _cycles(graph) if not _registration_by_import(c)]
+    assert not cycles, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in cycles)
 
 
-def test_the_cycle_finder_finds_one():
-    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
-    assert _cycle({"a": {"b"}, "b": set()}) is None
+def test_the_cycle_rule_finds_one_and_allows_only_the_registration():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
+    assert _registration_by_import({"nbtune.methods.registry", "nbtune.methods.builtin", "nbtune.methods.lora"})
+    assert not _registration_by_import({"nbtune.methods.registry", "nbtune.methods.builtin", "nbtune.config"})
+
+
+@pytest.mark.parametrize("layer", ["engine", "methods", "data", "objectives", "config"])
+def test_the_lower_layers_import_no_view_magic_or_api(layer):
+    """HTML lives with the views (nbtune/widgets, registered as IPython formatters by the top layer); the
+    engine and everything below it import no widgets, magics, api or cli, lazily or not."""
+    graph = _package_graph()
+    upward = ("nbtune.widgets", "nbtune.magics", "nbtune.api", "nbtune.cli")
+    offenders = {m: sorted(t for t in targets if t == "nbtune" or t.startswith(upward))
+                 for m, targets in graph.items() if m.startswith(f"nbtune.{layer}")}
+    assert not {m: t for m, t in offenders.items() if t}
 
 
 def _compared_literals(source: str) -> list[tuple[int, str]]:
@@ -141,23 +176,56 @@ def test_the_engine_names_no_method(path):
     assert not named, "ask the method (MethodSpec) what it can do instead of naming it: " + ", ".join(named)
 
 
+def _objective_files() -> set[Path]:
+    from nbtune.objectives import all_objectives
+
+    return {PACKAGE / "objectives" / f"{spec.name}.py" for spec in all_objectives()}
+
+
+def test_every_builtin_objective_has_a_file_of_its_own():
+    assert {p.name for p in _objective_files()} >= {"sft.py", "dpo.py", "orpo.py", "simpo.py", "kto.py"}
+    assert all(p.is_file() for p in _objective_files())
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_module_names_an_objective_outside_its_own_file(path):
+    from nbtune.objectives import all_objectives
+
+    if path in _objective_files():
+        return
+    names = {spec.name for spec in all_objectives()}
+    named = [f"{path.name}:{line} {value!r}" for line, value in _compared_literals(path.read_text()) if value in names]
+    assert not named, "ask the objective (ObjectiveSpec) what it declares instead of naming it: " + ", ".join(named)
+
+
+def test_the_objective_name_rule_catches_a_branch():
+    from nbtune.objectives import all_objectives
+
+    names = {spec.name for spec in all_objectives()}
+    found = _compared_literals("if config.objective in ('dpo', 'kto'):\n    pass\nok = objective != 'simpo'")
+    assert [value for _, value in found if value in names] == ["dpo", "kto", "simpo"]
+
+
 def test_the_pipeline_trains_through_the_runs_objective(llama_base, demo_rows, monkeypatch):
-    """Another objective is one more class in objectives/registry.py: the pipeline asks it to tokenise and for
-    its Trainer, and names nothing else."""
+    """Another objective is one more registered spec: the pipeline asks it to tokenise and for its Trainer,
+    and names nothing else."""
+    import dataclasses
+
     import nbtune
-    from nbtune.objectives import registry as objectives
+    from nbtune.objectives import get_objective, register_objective
 
-    calls = []
+    sft, calls = get_objective("sft"), []
 
-    class Counting(objectives.SupervisedFineTuning):
-        def tokenize(self, *args, **kwargs):
-            calls.append("tokenize")
-            return super().tokenize(*args, **kwargs)
+    def counting(hook):
+        def call(*args, **kwargs):
+            calls.append(hook)
+            return getattr(sft, hook)(*args, **kwargs)
+        return call
 
-        def trainer(self, *args, **kwargs):
-            calls.append("trainer")
-            return super().trainer(*args, **kwargs)
-
-    monkeypatch.setitem(objectives.OBJECTIVES, "sft", Counting())
-    run = nbtune.finetune(data=demo_rows, base=llama_base, steps=1, batch_size=4, metric="none", save=False)
+    register_objective(dataclasses.replace(sft, tokenize=counting("tokenize"), trainer=counting("trainer")),
+                       replace=True)
+    try:
+        run = nbtune.finetune(data=demo_rows, base=llama_base, steps=1, batch_size=4, metric="none", save=False)
+    finally:
+        register_objective(sft, replace=True)
     assert run.status == "finished" and calls == ["tokenize", "trainer"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import threading
 import warnings
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import nbtune.engine.workbench as wb
 from nbtune.config import RunConfig
 from nbtune.config.sweep_space import check_sweep_spec
 from nbtune.errors import ConfigError, DataError, NbtuneError, NbtuneWarning, RunInterrupted
+from nbtune.widgets.sweep_render import sweep_html
 
 FAST = {"steps": 2, "batch_size": 4, "lr": 1e-2, "metric": "none", "eval_split": 0.25}
 
@@ -111,7 +111,7 @@ def test_a_grid_runs_each_point_as_a_trial_on_one_loaded_base(sweep_of, loads):
     assert "max_grad_norm" not in text and "seed" not in text  # only what this config chose
     assert (again.options["r"], again.lr, again.steps) == (best["params"]["r"], best["params"]["lr"], 2)
     assert "best" in repr(sweep) and "s/" not in repr(sweep).splitlines()[0]
-    assert "nbtune-sweep-snapshot" in sweep._repr_html_() and "★" in sweep._repr_html_()
+    assert "nbtune-sweep-snapshot" in sweep_html(sweep) and "★" in sweep_html(sweep)  # its view in a notebook
     assert [r.name for r in sweep.compare().runs] == ["s/0", "s/1", "s/2", "s/3"]
 
     kinds = [e[0] for e in recorder.events]
@@ -262,26 +262,9 @@ def test_a_background_sweep_draws_no_bar_from_its_thread(sweep_of, capfd):
     assert "sweep c:" in capfd.readouterr().err  # asked for
 
 
-def test_a_background_sweep_stops_from_another_thread(sweep_of):
-    started = threading.Event()
-
-    class Started:
-        def on_run_start(self, run):
-            started.set()
-
-    sweep = sweep_of({"r": [2, 4]}, steps=400, background=True, observers=[Started()])
-    assert started.wait(60)
-    with pytest.raises(NbtuneError, match="sweep 's' is still running in the background"):
-        nbtune.finetune(model="x", steps=1)
-    sweep.stop()
-    sweep.wait(120)
-    assert sweep.status == "stopped" and [r["status"] for r in sweep.records] == ["stopped"]
-    assert sweep.runs[0].history[-1]["step"] < 400
-
-
 # ------------------------------------------------------------------ trial configs (no training)
 def test_a_trial_of_another_method_keeps_only_the_options_it_has():
-    from nbtune.config.sweep_space import trial_config
+    from nbtune.engine.experiments.sweep_config import trial_config
 
     config = RunConfig.parse(name="s", data="demo", steps=10, alpha=32, sweep={"method": ["lora", "ia3", "dora"]})
     spec = check_sweep_spec(config.sweep, config)
@@ -292,7 +275,7 @@ def test_a_trial_of_another_method_keeps_only_the_options_it_has():
 
 
 def test_a_pruner_makes_trials_evaluate_about_five_times():
-    from nbtune.config.sweep_space import trial_config
+    from nbtune.engine.experiments.sweep_config import trial_config
 
     for steps, expected in ((40, 8), (4, 1)):
         config = RunConfig.parse(name="s", data="demo", steps=steps, sweep={"r": [4, 8], "pruner": "hyperband"})
@@ -314,12 +297,12 @@ def test_a_list_valued_choice_is_stored_as_text_and_given_back_as_a_list():
 def test_trials_default_to_the_grid_and_the_sampler_to_grid_for_lists_only():
     config = RunConfig.parse(name="s", data="demo")
     grid = check_sweep_spec({"r": [4, 8, 16], "dropout": [0.0, 0.1]}, config)
-    assert (grid.sampler, grid.trials, grid.grid_size, grid.objective, grid.direction) == (
+    assert (grid.sampler, grid.trials, grid.grid_size, grid.optimize, grid.direction) == (
         "grid", 6, 6, "eval_loss", "minimize")
     some = check_sweep_spec({"r": [4, 8, 16], "dropout": [0.0, 0.1], "sampler": "grid", "trials": 4}, config)
     assert some.trials == 4  # said so: 4 of the grid's 6 points
-    tpe = check_sweep_spec({"lr": {"log_uniform": [1e-4, 1e-2]}, "objective": {"exact_match": "max"}}, config)
-    assert (tpe.sampler, tpe.trials, tpe.objective, tpe.direction) == ("tpe", 10, "exact_match", "maximize")
+    tpe = check_sweep_spec({"lr": {"log_uniform": [1e-4, 1e-2]}, "optimize": {"exact_match": "max"}}, config)
+    assert (tpe.sampler, tpe.trials, tpe.optimize, tpe.direction) == ("tpe", 10, "exact_match", "maximize")
 
 
 # ------------------------------------------------------------------ refused before any weight loads
@@ -341,17 +324,18 @@ BAD = [
     ({"r": [4, 4]}, {}, "lists 4 twice"),
     ({"r": 8}, {}, "is one value"),
     ({"name": ["a", "b"]}, {}, "`name` cannot be searched"),
-    ({"r": [4], "objective": {"exact_match": "max"}}, {}, "report exact_match only when `metric` names it"),
-    ({"r": [4], "objective": "perplexity"}, {}, "add it to `metric`"),
-    ({"r": [4], "objective": "eval_loss"}, {"eval_split": 0.0}, "no evaluation data"),
-    ({"r": [4], "objective": "accuracy"}, {}, "no trial reports 'accuracy'"),
-    ({"r": [4], "objective": {"eval_loss": "lowest"}}, {}, "the direction is min or max"),
+    ({"r": [4], "optimize": {"exact_match": "max"}}, {}, "report exact_match only when `metric` names it"),
+    ({"r": [4], "optimize": "perplexity"}, {}, "add it to `metric`"),
+    ({"r": [4], "optimize": "eval_loss"}, {"eval_split": 0.0}, "no evaluation data"),
+    ({"r": [4], "optimize": "accuracy"}, {}, "no trial reports 'accuracy'"),
+    ({"r": [4], "optimize": {"eval_loss": "lowest"}}, {}, "the direction is min or max"),
+    ({"r": [4], "objective": {"eval_loss": "min"}}, {}, r"^`sweep.objective` is now `sweep.optimize`"),
     ({"r": [4], "trials": 0}, {}, r"`sweep.trials: 0` runs nothing"),
     ({"r": [4, 8], "dropout": [0.0, 0.1], "trials": 3}, {}, "fewer than the grid's 4 points"),
     ({"r": [4, 8], "trials": 3}, {}, "more than the grid's 2 points"),
     ({"lr": {"uniform": [1e-4, 1e-3]}, "sampler": "grid"}, {}, "takes lists only"),
     ({"r": [4], "sampler": "bayes"}, {}, "not one of grid, random, tpe"),
-    ({"r": [4], "pruner": "median", "objective": {"train_loss": "min"}}, {}, "judges trials by their eval_loss"),
+    ({"r": [4], "pruner": "median", "optimize": {"train_loss": "min"}}, {}, "judges trials by their eval_loss"),
     ({"r": [4], "pruner": "median"}, {"steps": None, "epochs": 1}, "set `eval_steps`"),
     ({"r": [4], "storage": "shared.db"}, {}, "an Optuna storage URL"),
     ({"r": [4], "keep_models": -1}, {}, "keep_models"),
@@ -396,5 +380,5 @@ def test_the_sweep_panel_follows_a_real_sweep(sweep_of):
     assert "finished" in panel.status.value and "2 of 2 trials" in panel.status.value
     assert panel.table.value.count("<tr") == 3 and "★" in panel.table.value
     assert "s/1" in panel.trial.value and panel.stop_button.description == "Finished"
-    assert math.isfinite(sweep.best["value"]) and panel.snapshot() == sweep._repr_html_()
+    assert math.isfinite(sweep.best["value"]) and panel.snapshot() == sweep_html(sweep)
     assert os.path.isfile("runs/s/study.db")

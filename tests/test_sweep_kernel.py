@@ -76,7 +76,7 @@ def test_an_interrupted_sweeps_advice_names_the_sweep_and_it_resumes_from_there(
     assert "sweep 'sw' was interrupted with 0 of 2 trials done" in shown and "Traceback" not in shown
     assert "nbtune.sweeps['sw'].resume(), or running the same cell or config again, continues it" in shown
     reply, text = kernel.run("SLOW[0] = False\ns = nbtune.sweeps['sw'].resume()\n"
-                             "print(s.status, len(s.records), s.objective, sorted(r['params']['r'] for r in "
+                             "print(s.status, len(s.records), s.optimize, sorted(r['params']['r'] for r in "
                              "s.records))")
     assert reply["status"] == "ok", text
     assert text.splitlines()[-1] == "finished 2 final_loss [2, 4]"

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from nbtune.widgets import sweep_render
-from nbtune.widgets.sweep_render import best_so_far_svg, objective_by_param_svgs, trials_table_html
+from nbtune.widgets.sweep_render import best_so_far_svg, metric_by_param_svgs, trials_table_html
 
 pytest.importorskip("ipywidgets")
 
@@ -20,7 +20,7 @@ class FakeSweep:
     """The attributes the sweep engine promises, and nothing else."""
 
     name: str = "lr-sweep"
-    objective: str = "eval_loss"
+    optimize: str = "eval_loss"
     direction: str = "minimize"
     records: list[dict[str, Any]] = field(default_factory=list)
     planned: int = 4
@@ -107,7 +107,7 @@ def test_the_table_lists_every_trial_with_its_params_value_and_status():
     assert "<th>learning_rate</th>" in rows[0] and "<th>eval_loss</th>" in rows[0]
     assert "<td>0.0003</td>" in rows[2] and "<td>16</td>" in rows[2] and "<td>0.9</td>" in rows[2]
     assert ">pruned<" in rows[3] and ">failed<" in rows[4] and "CUDA out of memory" in rows[4]  # why, as a tooltip
-    assert "<td>-</td>" in rows[3]  # no objective for a pruned trial
+    assert "<td>-</td>" in rows[3]  # no value for a pruned trial
     best = [row for row in rows if "class='best'" in row]
     assert len(best) == 1 and "<td>0.7</td>" in best[0] and "★" in best[0]
 
@@ -146,18 +146,18 @@ def test_a_pruned_trial_with_a_value_is_grey_and_off_the_best_line():
 def test_one_scatter_per_param_with_categories_labelled_and_wide_ranges_on_a_log_axis():
     records = [{**r, "params": {**r["params"], "scheduler": s}} for r, s in
                zip(RECORDS, ["cosine", "linear", "cosine", "constant", "linear", "cosine"], strict=True)]
-    svgs = objective_by_param_svgs(records, ["learning_rate", "lora_r", "scheduler"], "eval_loss")
+    svgs = metric_by_param_svgs(records, ["learning_rate", "lora_r", "scheduler"], "eval_loss")
     assert len(svgs) == 3
     assert "learning_rate (log)" in svgs[0]  # 1e-5 .. 5e-3 spans 500x
     assert [m for m in re.findall(r'class="category">([^<]*)<', svgs[1])] == ["8", "16", "32"]
     assert re.findall(r'class="category">([^<]*)<', svgs[2]) == ["cosine", "linear", "constant"]
     assert all(svg.count('class="trial finished"') == 4 for svg in svgs)
-    narrow = objective_by_param_svgs([record(0, 1.0, lr=1e-4), record(1, 0.9, lr=3e-4)], ["learning_rate"], "x")
+    narrow = metric_by_param_svgs([record(0, 1.0, lr=1e-4), record(1, 0.9, lr=3e-4)], ["learning_rate"], "x")
     assert "(log)" not in narrow[0] and 'class="category"' not in narrow[0]
 
 
 def test_everything_is_escaped():
-    sweep = FakeSweep(name="<script>x</script>", objective="<i>loss</i>", params=["<p>"],
+    sweep = FakeSweep(name="<script>x</script>", optimize="<i>loss</i>", params=["<p>"],
                       records=[{**record(0, 1.0), "params": {"<p>": "<b>"}}])
     html = sweep_render.sweep_snapshot_html(sweep)
     assert "<td>&lt;b&gt;</td>" in html and "&lt;b&gt;</text>" in html  # in the table and the scatter's label
@@ -271,7 +271,7 @@ def test_a_one_point_chart_has_a_value_range_and_one_trial_tick():
     assert low < 0.127 < high and ticks == ["trial 0"]
     [(x, _)] = _points(svg)
     assert f'x="{x:.1f}"' in re.search(r"<text[^>]*>trial 0<", svg).group(0)  # under its point
-    [scatter] = objective_by_param_svgs([record(0, 0.127, lr=3e-4)], ["learning_rate"], "eval_loss")
+    [scatter] = metric_by_param_svgs([record(0, 0.127, lr=3e-4)], ["learning_rate"], "eval_loss")
     high, low, ticks = _labels(scatter)
     assert low < 0.127 < high and ticks == ["0.0003"]
 

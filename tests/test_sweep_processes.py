@@ -25,7 +25,7 @@ def test_two_processes_run_one_studys_trials_together(tmp_path, tiny_model_dir, 
     config = {"name": "shared", "model": str(tiny_model_dir), "data": "train.jsonl", "eval_split": 0.25,
               "steps": 2, "batch_size": 4, "metric": "none", "precision": "fp32",
               "sweep": {"lr": {"log_uniform": [1e-4, 1e-2]}, "trials": TRIALS, "sampler": "random",
-                        "objective": {"eval_loss": "min"}}}
+                        "optimize": {"eval_loss": "min"}}}
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     env = {**os.environ, "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}

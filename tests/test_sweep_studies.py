@@ -123,6 +123,11 @@ def test_what_a_stored_study_must_match_and_how_a_change_is_named(tiny_model_dir
         "sweep.sampler: grid → tpe", "sweep.lr: [0.001, 0.01] → {log_uniform: [0.0001, 0.01]}"]
     assert changes(base, fingerprint({"r": [4, 8]})) == ["sweep.lr: [0.001, 0.01] → (not swept)", "lr: unset → 0.01"]
     assert said_briefly(["a", "b", "c", "d", "e"]) == "a; b; c; and 2 more"
+    # an earlier nbtune stored the metric as `objective`: the same sweep, and a changed metric named as now
+    earlier = {("objective" if k == "optimize" else k): v for k, v in base.items()}
+    assert "optimize" not in earlier and changes(earlier, base) == []
+    assert changes(earlier, fingerprint({"r": [4, 8], "lr": [1e-3, 1e-2], "optimize": {"final_loss": "min"}})) == [
+        "sweep.optimize: eval_loss → final_loss"]
     older = {k: v for k, v in base.items() if k not in ("settings", "pruner")}  # a study an older nbtune made
     assert changes(older, fingerprint({"r": [4, 8], "lr": [1e-3, 1e-2]}, steps=9)) == []
     rows = {"format": "prompt_completion", "train": {"rows": 12, "sha256": "a"}, "eval": None}
@@ -134,6 +139,7 @@ def test_what_a_stored_study_must_match_and_how_a_change_is_named(tiny_model_dir
 def test_a_changed_sweep_in_a_shared_storage_is_refused_naming_the_change(sweep_of, tmp_path, no_loading):
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     study = optuna.create_study(study_name="s", storage=url)
+    # as an earlier nbtune stored it: the metric under `objective` (now `optimize`), still compared as such
     stored = {"space": {"r": ["choice", [4, 8]]}, "objective": "eval_loss", "direction": "minimize",
               "sampler": "grid", "pruner": "none"}
     study.set_user_attr(sweep_study.FINGERPRINT, stored)
@@ -162,17 +168,17 @@ def test_a_sweep_without_evaluation_data_ranks_trials_on_final_loss(sweep_of):
     rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(8)]
     config = RunConfig.parse(name="s", data=rows)
     spec = check_sweep_spec({"r": [4, 8]}, config)
-    assert (spec.objective, spec.direction) == ("final_loss", "minimize")
-    for objective in ("final_loss", "train_loss", "last_loss", {"last_loss": "min"}):
-        spec = check_sweep_spec({"r": [4, 8], "objective": objective}, config)
-        assert spec.direction == "minimize" and spec.objective in str(objective)
-    with pytest.raises(ConfigError, match=r"no evaluation data .* or rank on the training loss \(`objective: "
+    assert (spec.optimize, spec.direction) == ("final_loss", "minimize")
+    for metric in ("final_loss", "train_loss", "last_loss", {"last_loss": "min"}):
+        spec = check_sweep_spec({"r": [4, 8], "optimize": metric}, config)
+        assert spec.direction == "minimize" and spec.optimize in str(metric)
+    with pytest.raises(ConfigError, match=r"no evaluation data .* or rank on the training loss \(`optimize: "
                        r"final_loss`"):
-        check_sweep_spec({"r": [4, 8], "objective": "eval_loss"}, config)
+        check_sweep_spec({"r": [4, 8], "optimize": "eval_loss"}, config)
     with pytest.raises(ConfigError, match=r"`sweep.pruner: median` .* no evaluation data; set `eval_split`"):
         check_sweep_spec({"r": [4, 8], "pruner": "median"}, RunConfig.parse(name="s", data=rows, steps=5))
     sweep = sweep_of({"lr": [1e-3, 1e-2]}, eval_split=0.0, steps=3)
-    assert sweep.objective == "final_loss" and list(sweep.trials.columns)[3] == "final_loss"
+    assert sweep.optimize == "final_loss" and list(sweep.trials.columns)[3] == "final_loss"
     assert [r["value"] for r in sweep.records] == [sweep.runs[n].metrics["final_loss"] for n in (0, 1)]
     assert sweep.best["value"] == min(run.metrics["final_loss"] for run in sweep.runs.values())
 

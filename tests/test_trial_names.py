@@ -13,6 +13,7 @@ from conftest import InterruptAt, finetune_interrupted, nbtune_shell
 import nbtune
 from nbtune.engine.records.history import saved_record
 from nbtune.errors import ConfigError, NbtuneError
+from nbtune.widgets.formatters import html_of
 
 SETTINGS = {"steps": 2, "batch_size": 4, "metric": "none", "precision": "fp32"}
 
@@ -46,7 +47,7 @@ def test_history_lists_trials_by_name_and_not_the_sweep_folder(trial, tiny_model
     assert set(rows) == {"s/0", "s/1", "plain"}  # no row for `s` itself (study.db and trials, no run.json)
     assert rows["s/0"]["status"] == "finished" and rows["s/0"]["steps"] == "2/2" and rows["s/0"]["adapter_mb"] > 0
     assert rows["s/1"]["status"] == "unreadable"
-    assert saved["s/0"].path == Path("runs/s/0") and "s/0" in saved._repr_html_()
+    assert saved["s/0"].path == Path("runs/s/0") and "s/0" in html_of(saved)
     assert saved_record(nbtune.history()["s/0"]).name == "s/0"
     assert saved_record("runs/s/0").config.resolved_output_dir == Path("runs/s/0")
     assert [s.name for s in nbtune.history("runs/s") if s.problem is None] == ["s/0"]  # the sweep's own folder
@@ -75,7 +76,7 @@ def test_trials_compare_by_name_in_the_kernel_and_from_disk(trial, tiny_model_di
     other = nbtune.finetune(name="s/1", model=str(tiny_model_dir), data=demo_rows, r=4, **SETTINGS)
     cmp = nbtune.compare("s/0", "s/1")
     assert [row["run"] for row in cmp.table()] == ["s/0", "s/1"] and cmp.runs[1] is other
-    assert "s/0" in cmp._repr_html_() and cmp.config_diff()["r"] == {"s/0": trial.config.options["r"], "s/1": 4}
+    assert "s/0" in html_of(cmp) and cmp.config_diff()["r"] == {"s/0": trial.config.options["r"], "s/1": 4}
     labelled = nbtune.compare("s/0", "runs/s/0")  # the saved one beside the kernel's says so, whole name
     assert [row["run"] for row in labelled.table()] == ["s/0", "s/0 (saved s/0)"]
     nbtune.runs.clear()  # a new kernel (or a sweep that kept no trial in memory): the names are under runs/

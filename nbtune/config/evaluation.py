@@ -47,7 +47,8 @@ def check_evaluation_keys(config: RunConfig) -> None:
 
         prompts = config.sample_prompts
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
-            prompts = config.sample_prompts = [prompts]  # one prompt given alone
+            prompts = [prompts]  # one prompt given alone
+            object.__setattr__(config, "sample_prompts", prompts)  # the config is still being made (run_config)
         if not isinstance(prompts, list) or not prompts:
             raise ConfigError("`sample_prompts` is a list of prompts (text or chat messages), e.g. "
                               "sample_prompts: ['Convert ...: 4 July 1976'].", field="sample_prompts")
@@ -56,7 +57,3 @@ def check_evaluation_keys(config: RunConfig) -> None:
                 as_messages(prompt)
             except NbtuneError as exc:
                 raise ConfigError(f"`sample_prompts`: {exc}", field="sample_prompts") from None
-    if config.sweep is not None:
-        from nbtune.config.sweep_space import check_sweep_spec  # the method's options: read from its registration
-
-        check_sweep_spec(config.sweep, config)

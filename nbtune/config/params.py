@@ -121,6 +121,55 @@ class Param:
         return f" {low}, {high}"
 
 
+class FrozenDict(dict):
+    """A dict that cannot be changed once built: a parsed `RunConfig`'s options and derived values. Still a
+    dict (JSON, YAML via dict(), ==, copy, pickle), so every reader keeps working; a writer gets a TypeError
+    that says how to change a config instead."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("a parsed RunConfig does not change: make a new one with config.with_changes(key=value)")
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = __ior__ = _refuse  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FrozenDict, (dict(self),))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FrozenDict:
+        import copy
+
+        return FrozenDict(copy.deepcopy(dict(self), memo))
+
+
+# The run settings (RunConfig's fields as `Param`s), declared by nbtune/config/run_config.py as it loads: the
+# registries below the config (methods', objectives') refuse an option of their own that takes a run setting's
+# name, and a sweep block's check reads a setting's `Param`, without importing the config, which imports them.
+_RUN_SETTINGS: dict[str, Param] = {}
+_NESTED: tuple[str, ...] = ()
+
+
+def declare_run_settings(params: dict[str, Param], nested: tuple[str, ...]) -> None:
+    """Called once, by nbtune/config/run_config.py: the run settings, and the names of its nested mappings."""
+    global _NESTED
+    _RUN_SETTINGS.clear()
+    _RUN_SETTINGS.update(params)
+    _NESTED = tuple(nested)
+
+
+def run_settings() -> dict[str, Param]:
+    """The run settings' `Param`s by name, in declaration order; nbtune.config declares them on import, and
+    `import nbtune` imports it before any registry or sweep block can be checked."""
+    if not _RUN_SETTINGS:
+        raise RuntimeError("nbtune.config has not declared the run settings yet: import nbtune (or nbtune.config) "
+                           "first.")
+    return dict(_RUN_SETTINGS)
+
+
+def run_setting_names() -> tuple[str, ...]:
+    """RunConfig's keys (settings, `options`, `objective_options`, `derived`): no method or objective key may
+    take one of these names."""
+    return (*run_settings(), *_NESTED)
+
+
 def _number(value: float) -> str:
     """1048576 as `1048576`, not `1.04858e+06`; 1e-08 and 0.5 as they are."""
     return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"

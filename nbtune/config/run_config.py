@@ -1,9 +1,10 @@
 """`RunConfig`: everything a fine-tuning run needs, every key typed, defaulted and documented.
 
-A config comes as a `RunConfig`, a dict, YAML text or a YAML file path; method hyperparameters sit at the
-top level beside the run settings (`r: 8` next to `steps: 60`) and are checked against the method's own
-`Param`s. Every mistake becomes one `ConfigError` that names the key and the fix. `to_text` writes a config
-back as the YAML `parse` reads (nbtune/config/text.py): the picker's cell, `run.to_yaml()`, launch files.
+A config comes as a `RunConfig`, a dict, YAML text or a YAML file path; method hyperparameters and the
+objective's keys sit at the top level beside the run settings (`r: 8` and `beta: 0.1` next to `steps: 60`) and
+are checked against the method's and the objective's own `Param`s (objective_keys.py). Every mistake becomes
+one `ConfigError` that names the key and the fix. `to_text` writes a config back as the YAML `parse` reads
+(nbtune/config/text.py): the picker's cell, `run.to_yaml()`, launch files.
 
     >>> cfg = RunConfig.parse({"method": "lora", "r": 16, "steps": 30})
     >>> cfg.options["r"], cfg.steps
@@ -20,17 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from nbtune.config.evaluation import check_evaluation_keys, check_metric_spec, metric_text
-from nbtune.config.foreign_names import foreign_name
-from nbtune.config.objective import check_method_for_objective, check_objective
-from nbtune.config.params import Param
+from nbtune.config.objective_keys import check_objective_keys, take_objective_keys
+from nbtune.config.params import FrozenDict, Param, declare_run_settings
+from nbtune.config.sweep_space import check_sweep_spec
 from nbtune.config.text import config_text
 from nbtune.config.trackers import check_trackers
+from nbtune.config.unknown_keys import unknown_key
 from nbtune.config.yaml_source import load_yaml as load_yaml  # re-exported: its old home
 from nbtune.config.yaml_source import read_yaml
-from nbtune.errors import ConfigError, NbtuneError, did_you_mean
+from nbtune.errors import ConfigError, NbtuneError
 from nbtune.safety import check_output_dir
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -44,9 +44,10 @@ def _p(default: Any, kind: str, help: str, **limits: Any) -> Any:
     return field(default=default, metadata={"param": (kind, help, limits)})
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
-    """A fine-tuning run. Method hyperparameters live in `options` (see `nbtune.methods()`)."""
+    """A fine-tuning run. Method hyperparameters live in `options` (see `nbtune.methods()`), the objective's
+    keys in `objective_options` (nbtune/objectives)."""
 
     name: str | None = _p(None, "str", "Run name; also the default output folder. Default: <method>-<time>.")
     model: str = _p(DEFAULT_MODEL, "str", "Local model folder or hub id. Default: SmolLM2-135M-Instruct, offline.")
@@ -60,15 +61,9 @@ class RunConfig:
     format: str = _p("auto", "str", "Data format; 'auto' detects it from the columns (preference: prompt, "
                      "chosen, rejected; unpaired: prompt, completion, label).",
                      choices=("auto", "alpaca", "chat", "prompt_completion", "text", "preference", "unpaired"))
-    objective: str = _p("sft", "str", "What the run learns from: sft (the answers), or preferences with TRL's "
-                        "trainers: dpo, orpo, simpo (pairs), kto (pairs or labelled single answers).",
-                        choices=("sft", "dpo", "orpo", "simpo", "kto"))
-    beta: float | None = _p(None, "float", "Preference strength (dpo, kto: 0.1; orpo: lambda 0.1; simpo: 2.0).",
-                            min=0.0, min_exclusive=True)
-    loss_type: str | None = _p(None, "str", "TRL's loss variant: dpo sigmoid (default), ipo, hinge, robust, ...; "
-                               "kto kto or apo_zero_unpaired.")
-    precompute_ref: bool = _p(False, "bool", "Compute the reference log-probs of every pair once before training "
-                              "(dpo, kto) instead of once per step; always so for methods that train the base.")
+    objective: str = _p("sft", "str", "What the run learns from, a registered objective: sft (the answers), or "
+                        "preferences with TRL's trainers: dpo, orpo, simpo (pairs), kto (pairs or labelled single "
+                        "answers); its keys (beta, loss_type, ...) beside the run settings. See nbtune/objectives.")
     steps: int | None = _p(None, "int", "Optimizer steps to train for (exclusive with `epochs`).", min=1)
     epochs: float | None = _p(None, "float", "Passes over the data (default 1 when `steps` is unset).",
                               min=0.0, min_exclusive=True)
@@ -142,15 +137,23 @@ class RunConfig:
                                     "as transformers names them (tensorboard, trackio, mlflow, wandb, comet_ml, "
                                     "...; 'all': every one installed). TensorBoard writes to <output_dir>-logs.")
     options: dict[str, Any] = field(default_factory=dict, metadata={"param": None})
+    objective_options: dict[str, Any] = field(default_factory=dict, metadata={"param": None})
     # Settings filled in from other settings (epochs, lr, quantization) with the value they got: a
     # re-parse drops those still at that value, so `parse(cfg, steps=5)` does not trip over an `epochs: 1`
     # that `cfg` derived itself, while a value the user set or edited since is kept.
     derived: dict[str, Any] = field(default_factory=dict, repr=False, compare=False, metadata={"param": None})
+    # The `sweep:` block parsed (config/sweep_space.SweepSpec): checked once, here, and read by the sweep.
+    sweep_space: Any = field(default=None, repr=False, compare=False, metadata={"param": None})
 
     # ---------------------------------------------------------------- parsing
     @classmethod
     def parse(cls, source: RunConfig | Mapping[str, Any] | str | Path | None = None, **overrides: Any) -> RunConfig:
-        """Build a validated config from a RunConfig, dict, YAML text or YAML file, then apply `overrides`."""
+        """Build a validated config from a RunConfig, dict, YAML text or YAML file, then apply `overrides`.
+
+        A parsed config is frozen: given one without overrides, `parse` returns it as it is (it was checked
+        when it was made); `config.with_changes(...)` makes another, checked again."""
+        if isinstance(source, RunConfig) and not overrides:
+            return source
         if isinstance(source, RunConfig):
             raw = source.to_dict()
             for key, value in source.derived.items():
@@ -166,9 +169,23 @@ class RunConfig:
             raise ConfigError(f"config must be a RunConfig, dict or YAML text, got {type(source).__name__}.")
         return _build(overlay(raw, overrides))
 
+    def with_changes(self, *, derived: bool = False, **changes: Any) -> RunConfig:
+        """This config with `changes` (any key a config takes, a method option too), checked as a whole again.
+        `derived=True` records the changed values as filled in by nbtune (a preflight's choice), not set by the
+        user: `to_text()` leaves them out and a re-parse may choose again."""
+        changed = RunConfig.parse(self, **changes)
+        if derived:
+            _set(changed, derived=FrozenDict({**changed.derived, **changes}))
+        return changed
+
     def to_dict(self) -> dict[str, Any]:
-        """Flat dict (method options at top level), the same shape `parse` accepts."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("options", "derived")}
+        """Flat dict (the objective's keys after `objective`, method options at the end), the shape `parse` accepts."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name not in _NESTED and f.name != "sweep_space":
+                out[f.name] = getattr(self, f.name)
+            if f.name == "objective":
+                out.update(self.objective_options)
         out.update(self.options)
         return out
 
@@ -192,6 +209,7 @@ class RunConfig:
 
 
 _EXCLUSIVE = {"steps": "epochs", "epochs": "steps"}
+_NESTED = ("options", "objective_options", "derived")  # kept apart in a RunConfig, flat in its dict and YAML
 
 
 def overlay(*layers: Mapping[str, Any]) -> dict[str, Any]:
@@ -235,7 +253,7 @@ def common_params() -> dict[str, Param]:
 
 
 def common_param_names() -> tuple[str, ...]:
-    return (*common_params(), "options", "derived")
+    return (*common_params(), *_NESTED)
 
 
 def _build(raw: dict[str, Any]) -> RunConfig:
@@ -256,73 +274,39 @@ def _build(raw: dict[str, Any]) -> RunConfig:
     values = {name: param.check(raw.pop(name, param.default)) for name, param in common.items()}
     method = get_method(values["method"])
     values["method"] = method.name  # as registered, whatever the case it was written in
+    objective, objective_raw = take_objective_keys(values, raw, method)  # the rest are the method's
     option_raw = {**nested, **raw}
     unknown = [k for k in option_raw if k not in method.option_names()]
     if unknown:
-        raise _unknown_key(unknown[0], option_raw[unknown[0]], method, common)
+        raise unknown_key(unknown[0], option_raw[unknown[0]], method,
+                           {**common, **{p.name: p for p in objective.params}})
+    # Built, then filled in and checked while it is still being made (`_set`); frozen from then on.
     config = RunConfig(**values)
     _check_cross_fields(config, method)
-    config.options = method.check_options(option_raw, config)
-    check_method_for_objective(config, method)
+    check_objective_keys(config, objective, objective_raw)
+    _set(config, options=method.check_options(option_raw, config))
+    objective.check_method(method, config.options)  # after the method's options: PiSSA is an `init` of lora
     _derive_precision(config, method)
+    if config.sweep is not None:  # the search space, parsed once: the sweep reads it from here
+        _set(config, sweep_space=check_sweep_spec(config.sweep, config))
+    _set(config, options=FrozenDict(config.options), objective_options=FrozenDict(config.objective_options),
+         derived=FrozenDict(config.derived))
     return config
 
 
-def _unknown_key(key: str, value: Any, method: Any, settings: Mapping[str, Param]) -> ConfigError:
-    """The error for a key that is neither a run setting nor an option of `method`, with its fix: nbtune's
-    name for another library's key, the method that has this option, or else the nearest spelling (which
-    comes last: `max_steps` is spelt most like `eval_steps`)."""
-    from nbtune.methods.registry import all_methods
-
-    own = method.option_names()
-    listing = f"{method.name}'s options: {', '.join(own) or 'none'}."
-    foreign = foreign_name(key)
-    if foreign is not None and foreign.key is None:
-        return ConfigError(f"unknown key `{key}` ({foreign.whose}): {foreign.advice}.", field=key)
-    if foreign is not None and foreign.key is not None:
-        target, new = foreign.key, foreign.value(value)
-        owners = [m.name for m in all_methods() if {target, *foreign.family} <= set(m.option_names())]
-        if target in settings or method.name in owners:
-            if new is None:
-                return ConfigError(f"unknown key `{key}` ({foreign.whose}): `{key}: {_shown(value)}` is nbtune's "
-                                   "default; drop it.", field=key)
-            if foreign.values:
-                return ConfigError(f"unknown key `{key}`: nbtune writes it `{target}: {_shown(new)}` (`{key}` is "
-                                   f"{foreign.whose}).", field=key)
-            return ConfigError(f"unknown key `{key}`: nbtune calls it `{target}` (`{key}` is {foreign.whose}); "
-                               f"write `{target}: {_shown(new)}`.", field=key)
-        if "peft_args" not in own:
-            return ConfigError(f"unknown key `{key}`: nbtune calls it `{target}` (`{key}` is {foreign.whose}), an "
-                               f"option of {', '.join(owners)}, not of {method.name}; set `method: {_pick(owners)}` "
-                               f"to use it. {listing}", field=key)
-    # An option of another method is a method mix-up, not a typo: a did-you-mean would offer `lr` for `r`.
-    owners = [m.name for m in all_methods() if key in m.option_names()]
-    hint = "" if owners or foreign is not None else did_you_mean(key, [*settings, *own])
-    if "peft_args" in own and not hint:  # method `peft` passes a tuner's own arguments through as they are
-        return ConfigError(f"unknown key `{key}` for method {method.name!r}: the tuner's own arguments go in "
-                           f"`peft_args` as peft names them, e.g. `peft_args: {{{key}: {_shown(value)}}}`.", field=key)
-    if owners:
-        return ConfigError(f"unknown key `{key}` for method {method.name!r}: `{key}` is an option of "
-                           f"{', '.join(owners)}, not of {method.name}; set `method: {_pick(owners)}` to use it. "
-                           f"{listing}", field=key)
-    return ConfigError(f"unknown key `{key}` for method {method.name!r}.{hint} Method options: "
-                       f"{', '.join(own) or 'none'}; run settings: see nbtune.RunConfig.", field=key)
-
-
-def _pick(owners: list[str]) -> str:
-    return "lora" if "lora" in owners else owners[0]
-
-
-def _shown(value: Any) -> str:
-    """`value` as YAML writes it, or '...' where that would be long or more than one line."""
-    try:
-        text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
-    except yaml.YAMLError:
-        return "..."
-    return text if len(text) <= 60 and "\n" not in text else "..."
+def _set(config: RunConfig, **values: Any) -> None:
+    """Fill in a config that is still being made (frozen dataclasses take values only through __init__)."""
+    for key, value in values.items():
+        object.__setattr__(config, key, value)
 
 
 _NAMES_GIVEN: set[str] = set()
+
+
+def _derive(config: RunConfig, **values: Any) -> None:
+    """Fill in settings the user left unset, remembering that nbtune chose them (`derived`)."""
+    _set(config, **values)
+    config.derived.update(values)
 
 
 def _fresh_name(method: str) -> str:
@@ -340,16 +324,15 @@ def _derive_precision(config: RunConfig, method: Any) -> None:
     from nbtune.engine.compute.precision import default_dtype, default_precision
 
     if config.precision is None:
-        config.precision = config.derived["precision"] = default_precision(str(config.quantization))
+        _derive(config, precision=default_precision(str(config.quantization)))
     if config.dtype is None:
         frozen = method.keeps_base(config.options)  # an adapter that leaves the base weights as they are
-        config.dtype = config.derived["dtype"] = default_dtype(config.precision, frozen, str(config.quantization))
+        _derive(config, dtype=default_dtype(config.precision, frozen, str(config.quantization)))
     from nbtune.engine.compute import device
 
     if config.gradient_checkpointing is None:
         quantized = str(config.quantization) != "none"
-        config.gradient_checkpointing = config.derived["gradient_checkpointing"] = (
-            quantized and device.current().gradient_checkpointing_when_quantized)
+        _derive(config, gradient_checkpointing=quantized and device.current().gradient_checkpointing_when_quantized)
     refusal = device.current().refuse_precision(config.precision)
     if refusal:
         raise ConfigError(f"`precision: {config.precision}`: {refusal}", field="precision")
@@ -359,9 +342,9 @@ def _check_cross_fields(config: RunConfig, method: Any) -> None:
     if config.steps is not None and config.epochs is not None:
         raise ConfigError("set either `steps` or `epochs`, not both.", field="steps")
     if config.epochs is None and config.steps is None:
-        config.epochs = config.derived["epochs"] = 1.0
+        _derive(config, epochs=1.0)
     if config.quantization is None:
-        config.quantization = config.derived["quantization"] = method.default_quantization
+        _derive(config, quantization=method.default_quantization)
     if config.quantization not in method.quantization:
         allowed = ", ".join(method.quantization)
         raise ConfigError(
@@ -370,9 +353,9 @@ def _check_cross_fields(config: RunConfig, method: Any) -> None:
             field="quantization",
         )
     if config.lr is None:
-        config.lr = config.derived["lr"] = method.default_lr
+        _derive(config, lr=method.default_lr)
     if config.name is None:
-        config.name = _fresh_name(method.name)
+        _set(config, name=_fresh_name(method.name))
     if not re.fullmatch(RUN_PATH, config.name):
         raise ConfigError(
             f"`name` {config.name!r} must be 1-100 letters, digits, '_', '.' or '-' (it names a folder), or "
@@ -380,9 +363,10 @@ def _check_cross_fields(config: RunConfig, method: Any) -> None:
             field="name",
         )
     check_output_dir(config.resolved_output_dir)
-    check_objective(config)
-    config.report_to = check_trackers(config.report_to)
-    config.metric = check_metric_spec(config.metric)
+    _set(config, report_to=check_trackers(config.report_to), metric=check_metric_spec(config.metric))
     check_evaluation_keys(config)
     if isinstance(config.data, str) and not config.data.strip():
         raise ConfigError("`data` is empty; give 'demo', a file path or a dataset.", field="data")
+
+
+declare_run_settings(common_params(), (*_NESTED, "sweep_space"))  # for the registries and sweep blocks (params.py)

@@ -1,20 +1,21 @@
-"""A config's `sweep:` block read and checked: the search space, the objective, how trials are chosen and
-judged (a point of the space as a run's config: engine/experiments/sweep_config.py). No torch, no Optuna:
-`check_sweep_spec` runs while a config is parsed, before anything loads.
+"""A config's `sweep:` block read and checked: the search space, the metric to optimise, how trials are chosen
+and judged (a point of the space as a run's config: engine/experiments/sweep_config.py). No torch, no Optuna:
+parsing a config checks its block once (`check_sweep_spec`) and keeps it as `config.sweep_space`.
 
     >>> spec = check_sweep_spec({"r": [4, 8], "dropout": [0.0, 0.1]}, config)  # doctest: +SKIP
-    >>> spec.sampler, spec.trials, spec.objective  # a grid of lists, all of it, eval_loss  # doctest: +SKIP
+    >>> spec.sampler, spec.trials, spec.optimize  # a grid of lists, all of it, eval_loss  # doctest: +SKIP
     ('grid', 4, 'eval_loss')
 
 A dimension is a run setting or an option of the method (of every method, when `method` itself is swept):
 a list of values (categorical; a grid's axis), or one distribution: `{uniform: [low, high]}`,
 `{log_uniform: [low, high]}`, `{int: [low, high]}`, `{int_log: [low, high]}` (the last two, and a
 distribution on an integer setting such as `r`, sample whole numbers). The other keys of the block:
-`trials` (default: the grid's size when every dimension is a list, else 10), `objective` (a metric the
+`trials` (default: the grid's size when every dimension is a list, else 10), `optimize` (a metric the
 trials report, `{name: min|max}`; default `eval_loss: min`, or without evaluation data `final_loss: min`,
-the mean training loss of a trial's last 10% of steps), `sampler` (grid | random | tpe; default grid
-when every dimension is a list, else tpe), `pruner` (none | median | hyperband), `storage` (an Optuna
-storage URL; default the SQLite file `<sweep folder>/study.db`) and `keep_models` (default 2).
+the mean training loss of a trial's last 10% of steps; not `objective`, which is what a run learns from),
+`sampler` (grid | random | tpe; default grid when every dimension is a list, else tpe), `pruner` (none |
+median | hyperband), `storage` (an Optuna storage URL; default the SQLite file `<sweep folder>/study.db`) and
+`keep_models` (default 2).
 """
 
 from __future__ import annotations
@@ -25,17 +26,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from nbtune.config.params import Param, run_settings
 from nbtune.data.loading import is_demo
-from nbtune.engine.experiments.sweep_config import (
-    trial_config as trial_config,  # its home before the fixed settings joined it
-)
 from nbtune.errors import ConfigError, NbtuneError, did_you_mean
 
 if TYPE_CHECKING:
     from nbtune.config import RunConfig
-    from nbtune.config.params import Param
 
-BLOCK_KEYS = ("trials", "objective", "sampler", "pruner", "storage", "keep_models")
+BLOCK_KEYS = ("trials", "optimize", "sampler", "pruner", "storage", "keep_models")
 DISTRIBUTIONS = ("uniform", "log_uniform", "int", "int_log")
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("none", "median", "hyperband")
@@ -45,10 +43,9 @@ LOWER_IS_BETTER = ("eval_loss", "final_loss", "train_loss", "last_loss", "perple
 TRAINING_LOSSES = ("final_loss", "train_loss", "last_loss")
 DEFAULT_TRIALS = 10
 # Settings a trial cannot take from the search: they name the sweep, its folders, or another kind of job.
-NOT_SWEPT = {"name": "the trials are named <sweep>/<number>",
-             "output_dir": "the trials are saved under the sweep's folder",
-             "sweep": "a sweep does not nest", "cv": "a sweep and a cross-validation do not combine",
-             "cv_fold": "a sweep and a cross-validation do not combine"}
+_NOT_WITH_CV = "a sweep and a cross-validation do not combine"
+NOT_SWEPT = {"name": "the trials are named <sweep>/<number>", "output_dir": "the trials are saved under the sweep's "
+             "folder", "sweep": "a sweep does not nest", "cv": _NOT_WITH_CV, "cv_fold": _NOT_WITH_CV}
 EXAMPLE = "e.g. `lr: {log_uniform: [1e-4, 3e-3]}` or `r: [4, 8, 16]`"
 SCALARS = (str, int, float, bool, type(None))  # what Optuna's storages hold as a categorical value
 
@@ -91,7 +88,7 @@ class SweepSpec:
 
     dimensions: tuple[Dimension, ...]
     trials: int
-    objective: str
+    optimize: str  # the metric the trials are ranked on (`optimize: {eval_loss: min}`)
     direction: str  # "minimize" or "maximize"
     sampler: str
     pruner: str
@@ -104,11 +101,11 @@ class SweepSpec:
         return [d.name for d in self.dimensions]
 
     def fingerprint(self) -> dict[str, Any]:
-        """What a stored study must match to be continued, of the block: the space, the objective, the sampler
+        """What a stored study must match to be continued, of the block: the space, the metric, the sampler
         and the pruner (not `trials`: asking for more of the same sweep is how it grows). The rest of the config
         is engine/experiments/sweep_config.py's `study_fingerprint`."""
         space = {d.name: [d.kind, d.encoded() if d.kind == "choice" else [d.low, d.high]] for d in self.dimensions}
-        return {"space": space, "objective": self.objective, "direction": self.direction, "sampler": self.sampler,
+        return {"space": space, "optimize": self.optimize, "direction": self.direction, "sampler": self.sampler,
                 "pruner": self.pruner}
 
     def eval_steps_for(self, steps: int | None, eval_steps: int) -> int:
@@ -127,24 +124,26 @@ def encode(value: Any) -> Any:
 # ---------------------------------------------------------------------------- the check
 def check_sweep_spec(spec: Any, config: RunConfig) -> SweepSpec:
     """The `sweep:` block of `config` checked, each mistake one `ConfigError` naming `sweep.<key>` and the fix.
-    `config` is the sweep's own config (its `sweep` is not read); its method's options may still be unset."""
+    `config` is the sweep's own config (its `sweep` is not read), as it is being parsed: parsing a config
+    checks its block once and keeps the result as `config.sweep_space`."""
     if not isinstance(spec, Mapping):
         raise ConfigError(f"`sweep` maps settings to the values to try ({EXAMPLE}), plus `trials` and "
-                          f"`objective`; got {type(spec).__name__} {spec!r}.", field="sweep")
+                          f"`optimize`; got {type(spec).__name__} {spec!r}.", field="sweep")
     _check_sweep_itself(config)
+    _refuse_old_spelling(spec)
     spaces = {k: v for k, v in spec.items() if k not in BLOCK_KEYS}
     if not spaces:
         raise ConfigError(f"`sweep` declares no setting to search; add one, {EXAMPLE}.", field="sweep")
     methods = _methods(spaces.get("method"), config)
     dimensions = tuple(_dimension(str(name), value, _params_of(str(name), methods, config))
                        for name, value in spaces.items())
-    objective, direction = _objective(spec.get("objective"), config)
+    optimize, direction = _optimize(spec.get("optimize"), config)
     grid = math.prod(len(d.choices) for d in dimensions) if all(d.kind == "choice" for d in dimensions) else None
     sampler = _choice(spec, "sampler", SAMPLERS, "grid" if grid is not None else "tpe")
     trials = _trials(spec.get("trials"), grid, sampler, explicit="sampler" in spec)
     pruner = _choice(spec, "pruner", PRUNERS, "none")
-    _check_pruner(pruner, objective, config, "steps" in spaces)
-    return SweepSpec(dimensions, trials, objective, direction, sampler, pruner, _storage(spec.get("storage")),
+    _check_pruner(pruner, optimize, config, "steps" in spaces)
+    return SweepSpec(dimensions, trials, optimize, direction, sampler, pruner, _storage(spec.get("storage")),
                      _keep_models(spec.get("keep_models", 2)), grid)
 
 
@@ -173,10 +172,12 @@ def _methods(value: Any, config: RunConfig) -> list[Any]:
 
 
 def _params_of(name: str, methods: Sequence[Any], config: RunConfig) -> Param:
-    """The `Param` that checks `name`'s values: a run setting's, or the option's of every method tried."""
-    from nbtune.config import common_params
+    """The `Param` that checks `name`'s values: a run setting's, the run's objective's key (`beta`), or the
+    option's of every method tried."""
+    from nbtune.objectives.registry import get_objective
 
-    settings = common_params()
+    objective = get_objective(config.objective)
+    settings = {**run_settings(), **{p.name: p for p in objective.params}}
     if name in NOT_SWEPT:
         raise ConfigError(f"`sweep.{name}`: `{name}` cannot be searched ({NOT_SWEPT[name]}); set it outside "
                           "`sweep`.", field="sweep")
@@ -264,8 +265,23 @@ def _checked(name: str, param: Param, value: Any) -> Any:
         raise ConfigError(f"`sweep.{name}`: {exc}", field="sweep") from None
 
 
-# ---------------------------------------------------------------------------- objective, sampler, pruner
-def _objective(value: Any, config: RunConfig) -> tuple[str, str]:
+def _refuse_old_spelling(spec: Mapping[str, Any]) -> None:
+    """`objective:` named the metric to optimise until it became `optimize:`; `objective` is what a run learns
+    from (sft, dpo, ...). A list under it searches that setting like any other; a metric (a name, or
+    `{name: min|max}`) is the old spelling, answered by the new one."""
+    value = spec.get("objective")
+    if value is None or isinstance(value, (list, tuple)):
+        return
+    one = isinstance(value, Mapping) and len(value) == 1 and not set(value) & set(DISTRIBUTIONS)
+    if not (isinstance(value, str) or one):
+        return  # a distribution: `sweep.objective` is then refused as the setting it names
+    shown = f"{{{next(iter(value))}: {next(iter(value.values()))}}}" if one else value
+    raise ConfigError(f"`sweep.objective` is now `sweep.optimize` (objective: is what a run learns from, sft or dpo); "
+                      f"write `optimize: {shown}`.", field="sweep")
+
+
+# ---------------------------------------------------------------------------- the metric, sampler, pruner
+def _optimize(value: Any, config: RunConfig) -> tuple[str, str]:
     if value is None:  # without held-out rows, the end of training: an average of steps, not one noisy batch
         name, direction = ("eval_loss" if has_eval_data(config) else "final_loss"), "minimize"
     elif isinstance(value, str):
@@ -275,9 +291,9 @@ def _objective(value: Any, config: RunConfig) -> tuple[str, str]:
         [(name, word)] = value.items()
         direction = DIRECTIONS.get(str(word).lower(), "")
         if not direction:
-            raise ConfigError(f"`sweep.objective: {{{name}: {word}}}`: the direction is min or max.", field="sweep")
+            raise ConfigError(f"`sweep.optimize: {{{name}: {word}}}`: the direction is min or max.", field="sweep")
     else:
-        raise ConfigError(f"`sweep.objective` is one metric and its direction, e.g. `{{eval_loss: min}}` or "
+        raise ConfigError(f"`sweep.optimize` is one metric and its direction, e.g. `{{eval_loss: min}}` or "
                           f"`{{exact_match: max}}`; got {value!r}.", field="sweep")
     _check_reported(str(name), config)
     return str(name), direction
@@ -307,13 +323,13 @@ def _check_reported(name: str, config: RunConfig) -> None:
     reported = reported_metrics(config)
     if name in reported:
         return
-    where = f"`sweep.objective: {name}`"
+    where = f"`sweep.optimize: {name}`"
     if not has_eval_data(config) and (name in ("eval_loss", "perplexity") or name in METRICS):
         raise ConfigError(f"{where}: the trials have no evaluation data to measure it on; set `eval_split` (e.g. "
-                          "0.2) or `eval_data`, or rank on the training loss (`objective: final_loss`, the mean of "
+                          "0.2) or `eval_data`, or rank on the training loss (`optimize: final_loss`, the mean of "
                           "the last 10% of steps).", field="sweep")
     if name in METRICS:
-        same = " (or objective eval_loss: the same ranking)" if name == "perplexity" else ""
+        same = " (or optimize eval_loss: the same ranking)" if name == "perplexity" else ""
         raise ConfigError(f"{where}: the trials report {name} only when `metric` names it; add it to `metric`"
                           f"{same}. They report: {', '.join(reported)}.", field="sweep")
     raise ConfigError(f"{where}: no trial reports {name!r}.{did_you_mean(name, [*reported, *METRICS])} They report: "
@@ -352,16 +368,16 @@ def _trials(value: Any, grid: int | None, sampler: str, *, explicit: bool) -> in
     return value
 
 
-def _check_pruner(pruner: str, objective: str, config: RunConfig, steps_swept: bool) -> None:
+def _check_pruner(pruner: str, optimize: str, config: RunConfig, steps_swept: bool) -> None:
     if pruner == "none":
         return
     if not has_eval_data(config):
         raise ConfigError(f"`sweep.pruner: {pruner}` judges trials by their eval_loss at each evaluation point, and "
                           "the trials have no evaluation data; set `eval_split` (e.g. 0.2) or `eval_data`, or "
                           "`pruner: none`.", field="sweep")
-    if objective != "eval_loss":
+    if optimize != "eval_loss":
         raise ConfigError(f"`sweep.pruner: {pruner}` judges trials by their eval_loss at each evaluation point, "
-                          f"while {objective} is measured only at a trial's end; use `objective: {{eval_loss: min}}` "
+                          f"while {optimize} is measured only at a trial's end; use `optimize: {{eval_loss: min}}` "
                           "or `pruner: none`.", field="sweep")
     if not config.eval_steps and config.steps is None and not steps_swept:
         raise ConfigError(f"`sweep.pruner: {pruner}` judges trials at their evaluation points; set `eval_steps` "

@@ -11,7 +11,7 @@ never written: leaving them out reads back the same. `omit` leaves out more:
   they are derived again, so a changed method brings its own learning rate.
 - ``"defaults"``: run settings and method options equal to their declared default. `method` stays: it says
   what the other keys mean.
-- any key by name (a run setting or an option of the config's method), e.g. ``"name"``.
+- any key by name (a run setting, a key of the config's objective or an option of its method), e.g. ``"name"``.
 
     >>> from nbtune.config import RunConfig
     >>> cfg = RunConfig.parse({"name": "short", "method": "lora", "r": 16, "steps": 30})
@@ -84,13 +84,15 @@ def _omit_rule(config: RunConfig, omit: set[str]) -> Callable[[str, Any], bool]:
 
 
 def _defaults(config: RunConfig) -> dict[str, Any]:
-    """Every key `config` can have with its declared default: run settings, then its method's options."""
+    """Every key `config` can have with its declared default: run settings, its objective's keys, then its
+    method's options."""
     from nbtune.methods import get_method
+    from nbtune.objectives.registry import get_objective
 
     settings = {f.name: f.default for f in dataclasses.fields(config) if f.metadata.get("param") is not None}
     # An option's default as `check` keeps it (`q_proj,v_proj` becomes a list), as the config holds it.
     options = {p.name: p.check(p.default) for p in get_method(config.method).params}
-    return {**settings, **options}
+    return {**settings, **get_objective(config.objective).default_options(), **options}
 
 
 def _same(value: Any, default: Any) -> bool:

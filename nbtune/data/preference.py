@@ -23,26 +23,18 @@ from nbtune.errors import DataError
 if TYPE_CHECKING:
     from nbtune.config import RunConfig
 
-PAIR_COLUMNS = "prompt, chosen, rejected"
-UNPAIRED_COLUMNS = "prompt, completion, label"
-
 
 def check_data_for_objective(config: RunConfig, fmt: str, dataset: Any, field: str = "data") -> None:
-    """Refuse data that does not fit the run's objective, naming its columns and what would; for a
-    preference objective every row is checked too (before any weights load)."""
-    objective, columns = config.objective, dataset.column_names
-    if objective == "sft":
-        if fmt == "unpaired":
-            raise DataError("`data` has prompt, completion and label columns: answers labelled desirable or not. "
-                            "`objective: sft` would learn the undesirable ones too; set `objective: kto`, or drop "
-                            "the `label` column and the undesirable rows.", field="objective")
-        return
-    wanted = ("preference",) if objective != "kto" else ("preference", "unpaired")
-    if fmt not in wanted:
-        needs = PAIR_COLUMNS if objective != "kto" else f"{PAIR_COLUMNS} (or {UNPAIRED_COLUMNS})"
-        raise DataError(f"`objective: {objective}` learns from preferences: `data` needs columns {needs}, and it "
-                        f"has {columns}. Use `data: demo_pairs` to try it, or `objective: sft` for this data.",
-                        field=field)
+    """Refuse data that does not fit the run's objective, as the objective checks it (its `check_data`:
+    the formats it takes, then for preferences every row, before any weights load)."""
+    from nbtune.objectives.registry import get_objective
+
+    get_objective(config.objective).check_data(config, fmt, dataset, field)
+
+
+def check_rows(fmt: str, dataset: Any, field: str = "data") -> None:
+    """Every row of preference data (`fmt` preference or unpaired) converted as training converts it: a bad
+    row is refused with its number."""
     convert = _pair if fmt == "preference" else _unpaired
     for index, example in enumerate(dataset):
         convert(example, index, field)
@@ -117,4 +109,4 @@ def _shown(messages: list[dict]) -> str:
     return repr(text if len(text) <= 60 else text[:57] + "...")
 
 
-__all__ = ["check_data_for_objective", "preference_rows"]
+__all__ = ["check_data_for_objective", "check_rows", "preference_rows"]

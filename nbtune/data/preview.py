@@ -10,32 +10,33 @@
     [[1976-07-04<|im_end|>
     ]]
 
-`preview_batch` does what training does, with the same functions: it reads the data (`read_data`),
-tokenises it as the run's objective does (chat template, answer-only labels, `max_length`), orders it as
-the Trainer deals it out (length-grouped, shuffled with `seed`: engine/training/sampling.py, which makes that order
-depend on the seed alone, so it is reproduced exactly) and pads it with the training collator. A token
-"carries loss" when its label is not -100: the model is trained to predict it. A template that puts the
-answer's end marker outside the loss, or a `max_length` that cuts answers off, shows here first.
+`preview_batch` reads the data (`read_data`) and asks the run's objective for its preview (its
+`ObjectiveSpec.preview`, nbtune/objectives): the first examples as its Trainer builds them, with the same
+functions training calls. For `sft` that is the Trainer's first batch exactly: tokenised as training
+tokenises it (chat template, answer-only labels, `max_length`), in the Trainer's order, padded with the
+training collator (objectives/sft.py); a preference objective shows each pair as TRL builds it
+(objectives/pair_preview.py). A token "carries loss" when the objective's loss reads it (for sft: its label
+is not -100, the model is trained to predict it). A template that puts the answer's end marker outside the
+loss, or a `max_length` that cuts answers off, shows here first.
 
-Only the tokenizer is needed (`nbtune.preview`, `%%finetune NAME --preview`, `nbtune preview` load no
-weights). The engine's pieces are imported inside `_training_view`: the preview must not copy them.
+This module holds what a preview is (`BatchPreview`, `ExamplePreview`) and its text; the objective builds it
+and says what it shows (`preview_header`). Only the tokenizer is needed (`nbtune.preview`,
+`%%finetune NAME --preview`, `nbtune preview` load no weights).
 """
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from nbtune.config import RunConfig
-from nbtune.config.objective import is_preference
 from nbtune.data.formats import to_messages
 from nbtune.data.splits import read_data
-from nbtune.data.tokenize import IGNORE_INDEX, answer_spans, encode, prepare_tokenizer
+from nbtune.data.tokenize import answer_spans, prepare_tokenizer
 from nbtune.errors import ConfigError
 
-_NO_LIMIT = 1 << 30  # a max_length no text reaches: the length an example has before the cut
+if TYPE_CHECKING:
+    from nbtune.config import RunConfig
 
 
 @dataclass
@@ -83,7 +84,7 @@ class BatchPreview:
     pad_to_multiple_of: int | None
     total: int  # training examples after tokenising
     dropped: int = 0  # examples training drops: no answer token left (see tokenize_dataset)
-    objective: str = "sft"  # a preference objective shows pairs, each as its two sequences (preview_pairs.py)
+    objective: str = "sft"  # whose preview: it says what is shown (`preview_header`) and what [[...]] means
 
     @property
     def df(self) -> Any:
@@ -101,42 +102,21 @@ class BatchPreview:
                                            "special"])
 
     def header(self) -> str:
-        """What is shown and how it was made, in a sentence or three."""
-        if self.objective != "sft":
-            from nbtune.data.preview_pairs import pairs_header
+        """What is shown and how it was made, in a sentence or three, as the objective says it."""
+        from nbtune.objectives.registry import get_objective
 
-            return pairs_header(self)
-        n, size = len(self.examples), self.batch_size
-        batches = math.ceil(n / size) if n else 0
-        what = (f"first training batch: {n} of its {min(size, self.total)} examples" if batches <= 1 else
-                f"first {batches} training batches: {n} examples, {size} per batch")
-        loss = ("every token (plain text rows)" if self.fmt == "text" else
-                "every token (`train_on_prompt`)" if self.train_on_prompt else "the answers only")
-        multiple = f", a multiple of {self.pad_to_multiple_of}" if self.pad_to_multiple_of else ""
-        lines = [f"{what} (batch_size {size}, seed {self.seed}); model {self.model}, format {self.fmt}, "
-                 f"max_length {self.max_length}, loss on {loss}.",
-                 f"Order: the Trainer's own (length-grouped, shuffled with seed {self.seed}), reproduced exactly. "
-                 f"Padding: the training collator's, to the batch's longest{multiple}, on the {self.padding_side} "
-                 f"with {self.pad_token!r}."]
-        if self.dropped:
-            lines.append(f"{self.dropped} example(s) have no answer token left and are not trained on.")
-        return "\n".join(lines)
+        return get_objective(self.objective).preview_header(self)
 
     def __str__(self) -> str:
-        legend = ("[[...]] carries loss (the model learns to predict it)." if self.objective == "sft" else
-                  "[[...]] carries loss: the loss reads the model's log-prob of these tokens (what it does "
-                  "with them: above).")
-        parts = [self.header(), legend]
+        from nbtune.objectives.registry import get_objective
+
+        parts = [self.header(), get_objective(self.objective).legend]
         count = len({ex.position for ex in self.examples})  # a preference pair is two sequences at one place
         parts += [example_text(ex, count, self) for ex in self.examples]
         return "\n\n".join(parts)
 
     __repr__ = __str__
 
-    def _repr_html_(self) -> str:
-        from nbtune.widgets.preview_view import preview_html  # the data layer stays free of display code
-
-        return preview_html(self)
 
 
 def example_text(ex: ExamplePreview, count: int, preview: BatchPreview) -> str:
@@ -173,7 +153,8 @@ def check_count(n: Any) -> int:
 
 def preview_batch(config: RunConfig, tokenizer: Any, n: int = 4, *, records: tuple[Any, str] | None = None
                   ) -> BatchPreview:
-    """The first `n` examples in the order training sees them, encoded, ordered and padded as training does.
+    """The first `n` examples as the objective's Trainer gets them (for sft: in the order training sees them,
+    encoded, ordered and padded as training does).
 
     `tokenizer` is the model's (prepared in place with `prepare_tokenizer`, as training prepares it);
     `records`: `(train, format)` that `read_data(config)` gave already, so as not to read the data twice.
@@ -183,73 +164,15 @@ def preview_batch(config: RunConfig, tokenizer: Any, n: int = 4, *, records: tup
         >>> batch = preview_batch(config, load_tokenizer(config.model), n=2)      # doctest: +SKIP
         >>> [ex.truncated for ex in batch.examples], batch.df.loss.sum()          # doctest: +SKIP
     """
+    from nbtune.objectives.registry import get_objective
+
     n = check_count(n)
     if records is None:
         train, _, fmt = read_data(config)
     else:
         train, fmt = records
     tokenizer = prepare_tokenizer(tokenizer)
-    if is_preference(config):
-        from nbtune.data.preview_pairs import preview_pairs
-
-        return preview_pairs(config, tokenizer, n, train, fmt)
-    train_set, order, collate, policy = _training_view(config, train, fmt, tokenizer)
-    rows = _source_rows(train, train_set, tokenizer, fmt, config)
-    shown = order[:n]
-    examples = []
-    for first in range(0, len(shown), config.batch_size):  # each shown example padded within its whole batch
-        members = order[first:first + config.batch_size]
-        batch = collate([train_set[i] for i in members])
-        for j, index in enumerate(members[:len(shown) - first]):
-            examples.append(_example(first + j, rows[index], train[rows[index]], batch, j, tokenizer, fmt, config))
-    return BatchPreview(
-        examples=examples, model=config.model, fmt=fmt, batch_size=config.batch_size, max_length=config.max_length,
-        seed=config.seed, train_on_prompt=config.train_on_prompt, pad_token=str(tokenizer.pad_token),
-        padding_side=tokenizer.padding_side, pad_to_multiple_of=policy.pad_to_multiple_of, total=len(train_set),
-        dropped=len(train) - len(train_set))
-
-
-def _training_view(config: RunConfig, train: Any, fmt: str, tokenizer: Any) -> tuple[Any, list[int], Any, Any]:
-    """(tokenised train set, the Trainer's order of it, the training collator, the device policy), each from
-    the function training itself calls."""
-    from nbtune.engine.compute import device
-    from nbtune.engine.training.sampling import EpochSeededLengthGroupedSampler
-    from nbtune.engine.training.trainer import make_collator
-    from nbtune.objectives.registry import objective_for
-
-    train_set, _ = objective_for(config).tokenize(train, None, fmt, tokenizer, config)  # its cache, warmed
-    # DataOrder (engine/training/sampling.py) groups over the global batch, train_batch_size x grad_accum x processes,
-    # and draws epoch 0 from the seed alone; tests/test_preview.py checks this against a real Trainer.
-    group = config.batch_size * config.grad_accum * config.num_processes
-    order = list(EpochSeededLengthGroupedSampler(group, train_set["length"], config.seed))
-    policy = device.current()
-    return train_set, order, make_collator(tokenizer, policy), policy
-
-
-def _source_rows(train: Any, train_set: Any, tokenizer: Any, fmt: str, config: RunConfig) -> list[int]:
-    """For each tokenised example, its row in `train`: the same unless rows without an answer were dropped."""
-    if len(train_set) == len(train):
-        return list(range(len(train)))
-    settings = dict(tokenizer=tokenizer, fmt=fmt, max_length=config.max_length,
-                    train_on_prompt=config.train_on_prompt)
-    return [i for i, record in enumerate(train)  # as tokenize_dataset filters: some label left
-            if any(label != IGNORE_INDEX for label in encode(record, **settings)["labels"])]
-
-
-def _example(position: int, row: int, record: dict[str, Any], batch: Any, j: int, tokenizer: Any, fmt: str,
-             config: RunConfig) -> ExamplePreview:
-    ids = batch["input_ids"][j].tolist()
-    padding = [mask == 0 for mask in batch["attention_mask"][j].tolist()]
-    loss = [label != IGNORE_INDEX for label in batch["labels"][j].tolist()]
-    tokens = tokenizer.convert_ids_to_tokens(ids)
-    specials = special_ids(tokenizer)
-    special = [tid in specials for tid in ids]
-    length = len(ids) - sum(padding)
-    full = encode(record, tokenizer=tokenizer, fmt=fmt, max_length=_NO_LIMIT, train_on_prompt=True)["length"]
-    return ExamplePreview(position=position, row=row, text=rendered_text(record, tokenizer, fmt), token_ids=ids,
-                          tokens=tokens, pieces=readable_pieces(tokenizer, tokens, special), loss=loss,
-                          padding=padding, special=special, length=length, full_length=full,
-                          truncated=full > length)
+    return get_objective(config.objective).preview(config, tokenizer, n, train, fmt)
 
 
 def rendered_text(record: dict[str, Any], tokenizer: Any, fmt: str) -> str:

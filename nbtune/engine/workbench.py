@@ -18,12 +18,14 @@ from __future__ import annotations
 import copy
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nbtune.config import RunConfig
+from nbtune.engine.bases.kernel_cache import use_kernel_bases
 from nbtune.engine.bases.loading import Base, as_base, load_base, shared_view, tokenizer_view
-from nbtune.engine.evaluation.scoring import use_cached_bases
+from nbtune.engine.experiments.groups import Group, kind_of
 from nbtune.engine.records.run import Run, failure_recorded
 from nbtune.engine.records.text import cell
 from nbtune.engine.training.pipeline import resume_in_background, start_run, train_run
@@ -59,14 +61,23 @@ class Runs(dict):
             lines.append("  ".join(f"{cell(row[h]):<14}" for h in header))
         return "\n".join(lines)
 
-    def _repr_html_(self) -> str:
-        rows = self.table()
-        if not rows:
-            return "<i>no runs yet</i>"
-        head = "".join(f"<th>{h}</th>" for h in rows[0])
-        body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row.values()) + "</tr>" for row in rows)
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
+@dataclass(frozen=True)
+class Background:
+    """A thread of the workbench's and what it trains: a `Run` or a group of runs (a sweep, say). The
+    workbench knows its threads by what they train, never by their names."""
+
+    thread: threading.Thread
+    trains: Run | Group
+
+    def busy(self) -> str:
+        """Why nothing else may train now, and how to stop or wait for what does."""
+        if isinstance(self.trains, Group):  # a sweep, a cross-validation: found by name in its registry
+            group = self.trains
+            return (f"{group.kind} {group.name!r} is still running in the background; stop it "
+                    f"({group.registry}[{group.name!r}].stop()) or wait for it (.wait()) first.")
+        return (f"run {self.trains.name!r} is still training in the background; stop it "
+                f"(nbtune.runs[{self.trains.name!r}].stop()) or wait for it (.wait()) first.")
 
 
 class Workbench:
@@ -75,17 +86,24 @@ class Workbench:
     def __init__(self) -> None:
         self.bases: dict[tuple[str, str, str, bool], Base] = {}
         self.runs = Runs()
-        self._threads: dict[str, threading.Thread] = {}
-        # Sweeps by name, registered by engine/experiments/sweep.py once a sweep's study opens: `nbtune.sweeps[name]` is
-        # how a cell that raised (an interrupt) still reaches its sweep, to resume it.
+        self._background: list[Background] = []  # its threads, each with what it trains
+        # Groups of runs by name, registered once their checks passed (a sweep's once its study opens):
+        # `nbtune.sweeps[name]`, `nbtune.cross_validations[name]` are how a cell that raised (an interrupt)
+        # still reaches its group, to resume a sweep or read what a cross-validation kept.
         self.sweeps: dict[str, Sweep] = {}
+        self.cross_validations: dict[str, CrossValidation] = {}
 
     def base(self, config: RunConfig) -> Base:
         """The cached pristine base for this config, loaded on first use."""
-        key = (config.model, str(config.quantization), config.dtype, config.trust_remote_code)
+        return self.base_for(config.model, quantization=str(config.quantization), dtype=config.dtype,
+                             trust_remote_code=config.trust_remote_code)
+
+    def base_for(self, model: str, *, quantization: str, dtype: str, trust_remote_code: bool) -> Base:
+        """The cached pristine base of `model` as loaded (quantization, dtype), loaded on first use."""
+        key = (model, quantization, dtype, trust_remote_code)
         if key not in self.bases:
-            self.bases[key] = load_base(config.model, quantization=str(config.quantization), dtype=config.dtype,
-                                        trust_remote_code=config.trust_remote_code)
+            self.bases[key] = load_base(model, quantization=quantization, dtype=dtype,
+                                        trust_remote_code=trust_remote_code)
         return self.bases[key]
 
     def view_for(self, config: RunConfig, *, base: Any = None) -> Base:
@@ -108,17 +126,19 @@ class Workbench:
         a run of the same name is replaced, never stacked. See `nbtune.finetune` for the arguments.
 
         `on_ready(run)` is called once the config and data passed their checks, before any weight moves
-        (the notebook shows its panel then, so a typo never leaves an empty panel behind). A config with
-        `cv` and no `cv_fold` is a cross-validation: one run per fold (engine/experiments/crossval.py), `on_ready`
-        called for each. A config with `sweep` is a hyperparameter search: one run per trial
-        (engine/experiments/sweep.py), `on_ready(sweep)` called once, before any trial.
+        (the notebook shows its panel then, so a typo never leaves an empty panel behind). What the config
+        trains is `kind_of(config)` (engine/experiments/groups.py): a config with `cv` and no `cv_fold` is a
+        cross-validation, one run per fold (engine/experiments/crossval.py), `on_ready` called for each; a
+        config with `sweep` is a hyperparameter search, one run per trial (engine/experiments/sweep.py),
+        `on_ready(sweep)` called once, before any trial.
         """
-        self._refuse_while_training()
+        self.refuse_while_training()
         config = RunConfig.parse(config, **overrides)  # parsed once: an unnamed run keeps the name it gets here
-        if config.sweep is not None:
+        kind = kind_of(config)
+        if kind == "sweep":
             return self._sweep(config, base=base, observers=observers, progress=progress, background=background,
                                on_ready=on_ready, resume_from=resume_from)
-        if config.cv and config.cv_fold is None:
+        if kind == "cross-validation":
             from nbtune.engine.experiments.crossval import cross_validate
 
             return cross_validate(config, base=base, observers=observers, progress=progress, background=background,
@@ -130,7 +150,7 @@ class Workbench:
             on_ready(run)
         if not background:
             return self._train(run, old, base, resume_from)
-        self._threads[run.name] = in_background(run, lambda: self._train(run, old, base, resume_from))
+        self.track(run, in_background(run, lambda: self._train(run, old, base, resume_from)))
         return run
 
     def _sweep(self, config: RunConfig, *, resume_from: str | Path | None, **how: Any) -> Sweep:
@@ -166,7 +186,7 @@ class Workbench:
     def resume(self, name: str, *, observers: list[Any] | None = None, background: bool = False,
                on_ready: Callable[[Run], None] | None = None) -> Run:
         """Continue the stopped run `name` where it stopped, watched by `observers` (this cell's panel)."""
-        self._refuse_while_training()
+        self.refuse_while_training()
         if name not in self.runs:
             raise NbtuneError(f"there is no run {name!r} to resume; runs: {', '.join(self.runs) or 'none'}.")
         run = self.runs[name]
@@ -179,18 +199,21 @@ class Workbench:
             on_ready(run)
         if not background:
             return run.resume()
-        self._threads[name] = resume_in_background(run)
+        self.track(run, resume_in_background(run))
         return run
 
-    def _refuse_while_training(self) -> None:
-        # A background sweep's thread trains its own trials through this workbench: not refused.
-        busy = [n for n, t in self._threads.items() if t.is_alive() and t is not threading.current_thread()]
-        if busy and self._threads[busy[0]].name.startswith("nbtune-sweep-"):  # engine/experiments/sweep.py names it so
-            raise NbtuneError(f"sweep {busy[0]!r} is still running in the background; stop it "
-                              f"(nbtune.sweeps[{busy[0]!r}].stop()) or wait for it (.wait()) first.")
-        if busy:
-            raise NbtuneError(f"run {busy[0]!r} is still training in the background; stop it "
-                              f"(nbtune.runs[{busy[0]!r}].stop()) or wait for it (.wait()) first.")
+    def track(self, trains: Run | Group, thread: threading.Thread) -> None:
+        """Keep `thread`, which trains `trains` (a run, or a group's children): while it lives, nothing else
+        trains here, and the refusal names what does and how to stop it."""
+        self._background = [b for b in self._background if b.thread.is_alive()]  # the ended ones go
+        self._background.append(Background(thread, trains))
+
+    def refuse_while_training(self) -> None:
+        """Raise while a thread of this workbench trains, unless it is the caller's own: a background group's
+        thread trains its children through this workbench."""
+        for job in self._background:
+            if job.thread.is_alive() and job.thread is not threading.current_thread():
+                raise NbtuneError(job.busy())
 
     def forget(self, name: str) -> None:
         """Drop a run and its model from the kernel."""
@@ -199,9 +222,10 @@ class Workbench:
 
 
 WORKBENCH = Workbench()  # the kernel's one workbench; `nbtune.runs` is its runs
-# Base answers for evaluation come from the cached bases; looked up at call time, so a replaced WORKBENCH
-# (a test's fresh one) is the one asked.
-use_cached_bases(lambda config: WORKBENCH.base(config))
+# Scoring and reopening reach the kernel's bases through bases/kernel_cache.py; looked up at call time, so a
+# replaced WORKBENCH (a test's fresh one) is the one asked.
+use_kernel_bases(lambda model, **how: WORKBENCH.base_for(model, **how),
+                 lambda config: WORKBENCH.view_for(config))
 
 
 def finetune(config: RunConfig | dict[str, Any] | str | None = None, *, base: Any = None, observers: Any = (),

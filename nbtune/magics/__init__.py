@@ -15,9 +15,11 @@ from nbtune.errors import NbtuneError, NbtuneWarning, RunFailed, RunInterrupted
 def load_ipython_extension(ipython: Any) -> None:
     from nbtune.magics import display
     from nbtune.magics.finetune import Finetune
+    from nbtune.widgets.formatters import register_views
 
     ipython.register_magics(Finetune)
     display.register(ipython)  # a Run shown while it trains updates its line when it ends
+    register_views(ipython)  # the engine's objects as their HTML views (nbtune/widgets/formatters.py)
     _one_line_errors(ipython)
     _one_line_warnings()
 
@@ -25,8 +27,10 @@ def load_ipython_extension(ipython: Any) -> None:
 def unload_ipython_extension(ipython: Any) -> None:
     from nbtune.magics import display
     from nbtune.magics.finetune import Finetune
+    from nbtune.widgets.formatters import forget_views
 
     display.unregister(ipython)
+    forget_views(ipython)
     if getattr(ipython, "custom_exceptions", ()) == ONE_LINE:
         ipython.set_custom_exc((), None)
     if getattr(warnings.showwarning, "_nbtune_wraps", None) is not None:
@@ -39,8 +43,6 @@ def unload_ipython_extension(ipython: Any) -> None:
 
 
 ONE_LINE = (NbtuneError, RunInterrupted)
-
-
 def _one_line_errors(ipython: Any) -> None:
     """nbtune's errors (a bad config in `%%finetune`, a wrong run name in `nbtune.compare(...)`, a run that
     crashed, an interrupted run) show as one red line, not a traceback; the cell still ends in error, so a

@@ -63,6 +63,8 @@ class Finetune(Magics):
         # A cell whose run did not happen, failed or was interrupted ends in error, so that "Run All" stops
         # there: nbtune's errors and RunInterrupted show as one line (nbtune.magics), anything else is
         # wrapped in a one-line RunFailed whose cause %tb prints and %debug opens.
+        from nbtune.engine.experiments.groups import kind_of  # the engine: loaded when a cell runs, not at %load_ext
+
         line, values = line_values(line, self.shell.user_ns)  # `--data {{ frame }}`
         args = parse_argstring(self.finetune, line)
         try:
@@ -74,13 +76,14 @@ class Finetune(Magics):
             if args.dry_run:
                 return self._dry_run(config)
             background, panel = args.background or self.background, self.panel and not args.no_panel
-            if config.get("sweep") is not None:  # a hyperparameter search (run again: it continues its study)
+            kind = kind_of(config)  # what the cell trains is the engine's to say; the magic chooses how to show it
+            if kind == "sweep":  # a hyperparameter search (run again: it continues its study)
                 return self._sweep(config, panel=panel, background=background)
             if args.resume and (cell or "").strip():  # e.g. after a kernel restart: from its checkpoints
                 return self._train(config, background=background, panel=panel, resume_from="latest")
             if args.resume:
                 return self._resume(args.name, background=background, panel=panel)
-            if _cross_validation(config):  # `cv: k`: the folds train one after another in this cell
+            if kind == "cross-validation":  # `cv: k`: the folds train one after another in this cell
                 return self._cross_validate(config, panel=panel, background=args.background)
             return self._train(config, background=background, panel=panel)
         except NbtuneError:
@@ -169,7 +172,7 @@ class Finetune(Magics):
         return WORKBENCH.finetune(config, on_ready=watch, background=background)
 
     def _sweep(self, config: dict[str, Any], *, panel: bool, background: bool) -> Any:
-        """The sweep's live panel (trials table, best so far, objective by parameter, the running trial's loss;
+        """The sweep's live panel (trials table, best so far, the metric by parameter, the running trial's loss;
         Stop for a background sweep) shown once the block passed its checks; without one, a bar per trial."""
         from nbtune.engine.training.events import ProgressObserver
         from nbtune.engine.workbench import WORKBENCH
@@ -203,11 +206,6 @@ class Finetune(Magics):
             line = ProgressLine()
             return [line], lambda run: line.show()
         return [ProgressObserver()], None
-
-
-def _cross_validation(config: dict[str, Any]) -> bool:
-    """A config whose `cv` asks for every fold (WORKBENCH.finetune then trains them all)."""
-    return bool(config.get("cv")) and config.get("cv_fold") is None
 
 
 def _in_a_notebook() -> bool:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nbtune.config.params import Param
+from nbtune.config.params import Param, run_setting_names
 from nbtune.errors import MethodError, did_you_mean
 
 if TYPE_CHECKING:
@@ -238,8 +238,6 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 def register_method(spec: MethodSpec, *, replace: bool = False) -> MethodSpec:
     """Add `spec` to the registry after checking it is well formed; returns it (usable as a decorator target)."""
-    from nbtune.config import common_param_names
-
     if not _NAME.match(spec.name):
         raise MethodError(
             f"method name {spec.name!r} must be lowercase letters, digits and '_', starting with a letter."
@@ -249,7 +247,7 @@ def register_method(spec: MethodSpec, *, replace: bool = False) -> MethodSpec:
     if not callable(spec.prepare):
         raise MethodError(f"method {spec.name!r}: `prepare` must be a callable (model, ctx) -> model.")
     names = [p.name for p in spec.params]
-    clashes = sorted(set(names) & set(common_param_names()))
+    clashes = sorted(set(names) & set(run_setting_names()))
     if clashes:
         raise MethodError(
             f"method {spec.name!r}: option(s) {', '.join(clashes)} clash with run settings; rename them."

@@ -91,6 +91,14 @@ class ComparisonView(Comparison):
         return HTML(table_html(self.generations(prompts, **kwargs)))
 
 
+def comparison_html(comparison: Comparison) -> str | None:
+    """A `Comparison` (a sweep's or a cross-validation's `compare()`) shown as `nbtune.compare`'s view is; None
+    for a `ComparisonView`, which shows itself."""
+    if isinstance(comparison, ComparisonView):
+        return None
+    return ComparisonView(comparison.runs, every_run=comparison.every_run)._repr_html_()
+
+
 def _mark(score: Any, best: float = 1.0) -> str:
     """✓ for a perfect row score, ✗ otherwise, '-' for none (with the score when it is partial)."""
     if not isinstance(score, (int, float)):

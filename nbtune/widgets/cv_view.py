@@ -3,6 +3,9 @@ and the mean and (sample) standard deviation; plain HTML, so a saved notebook, n
 
     >>> cv = nbtune.finetune(cv=5, steps=30)   # doctest: +SKIP
     >>> cv                                      # a notebook renders cv_html(cv)
+
+The engine's `CrossValidation` (engine/experiments/crossval.py) offers the plain rows (`table()`); this renders
+them, registered as its HTML by nbtune/magics (the engine never imports display code).
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ the run in the background with the live panel.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +125,7 @@ class Picker:
             placeholder = None if isinstance(value, (str, Path, type(None))) else _placeholder_for(value)
             if placeholder:
                 named[key] = placeholder
-        text = dataclasses.replace(config, **named).to_text(omit=("name", "defaults", "derived")).strip()
+        text = config.with_changes(**named).to_text(omit=("name", "defaults", "derived")).strip()
         for placeholder in named.values():  # `data: {{ df }}`, as one writes it, not quoted
             text = text.replace(repr(placeholder), placeholder)
         return f"%%finetune {self.common['name'].value}".rstrip() + "\n" + text

@@ -76,28 +76,36 @@ def loss_chart(steps: Sequence[float], losses: Sequence[float], eval_steps: Sequ
 
 
 def rewards_chart(run: Any) -> str:
-    """A preference run's margin (chosen minus rejected) per step and at each evaluation, titled with the
-    latest share of pairs it gets right; "" for a run that logs none (sft). DPO and KTO: the reward margin and
-    reward accuracy, relative to the reference; ORPO and SimPO (no reference): the average log-prob margin per
-    token and `chosen_preferred`, absolute (config_objective.py says why they are named apart)."""
-    from nbtune.config.objective import PREFERENCE_MEANING, WITH_REFERENCE, preference_values
+    """The curves the run's objective declares for the panel (`ObjectiveSpec.curves`), each by step and at
+    each evaluation, titled with the latest value of the shares it declares; "" for a run that logs none (sft).
+    For a preference run: the margin (chosen minus rejected) titled with the share of pairs it gets right; DPO's
+    and KTO's are rewards relative to the reference, ORPO's and SimPO's the model's own log-probs (their specs
+    name them apart and say what each means, which the tooltip shows)."""
+    from nbtune.objectives.registry import all_objectives
 
-    objective = getattr(getattr(run, "config", None), "objective", "dpo")
-    margin, share, label = (("reward_margin", "reward_accuracy", "reward margin (chosen - rejected)")
-                            if objective in WITH_REFERENCE else
-                            ("logp_margin", "chosen_preferred", "log-prob margin (chosen - rejected)"))
-    history = [r for r in run.history if margin in r]
-    evals = [{"step": e.get("step"), **preference_values(objective, e, prefix="eval_")} for e in run.eval_history]
-    evals = [e for e in evals if margin in e]
+    name = getattr(getattr(run, "config", None), "objective", None)
+    # A stand-in without a config, or a saved run whose objective is no longer registered, declares nothing.
+    objective = next((spec for spec in all_objectives() if spec.name == name), None)
+    if objective is None:
+        return ""
+    evals = [{"step": e.get("step"), **objective.log_values(e, prefix="eval_")} for e in run.eval_history]
+    keys = [key for record in [*run.history, *evals] for key in record]  # a curve with a `*`: one per key it matches
+    shares = objective.curves_in(keys, "title")
+    charts = [_curve_chart(run, curve, shares, evals) for curve in objective.curves_in(keys, "line")]
+    return "".join(chart for chart in charts if chart)
+
+
+def _curve_chart(run: Any, curve: Any, shares: Sequence[Any], all_evals: Sequence[dict[str, Any]]) -> str:
+    history = [r for r in run.history if curve.key in r]
+    evals = [e for e in all_evals if curve.key in e]
     if not history and not evals:
         return ""
-    latest = [(what, next((r[share] for r in reversed(records) if share in r), None))
-              for what, records in (("train", history), ("held-out", evals))]
-    name = share.replace("_", " ")
-    title = " · ".join(f"{what} {name} {value:.2f}" for what, value in latest if _finite(value))
-    chart = loss_chart([r["step"] for r in history], [r[margin] for r in history], [e["step"] for e in evals],
-                       [e[margin] for e in evals], total=run.total_steps, label=label)
-    meaning = html.escape(f"{share}: {PREFERENCE_MEANING[share]}; {margin}: {PREFERENCE_MEANING[margin]}", quote=True)
+    latest = [(f"{what} {share.label}", next((r[share.key] for r in reversed(records) if share.key in r), None))
+              for share in shares for what, records in (("train", history), ("held-out", evals))]
+    title = " · ".join(f"{name} {value:.2f}" for name, value in latest if _finite(value))
+    chart = loss_chart([r["step"] for r in history], [r[curve.key] for r in history], [e["step"] for e in evals],
+                       [e[curve.key] for e in evals], total=run.total_steps, label=curve.label)
+    meaning = html.escape("; ".join(f"{c.key}: {c.meaning}" for c in [*shares, curve]), quote=True)
     return f"<div><div style='font-size:11px' title=\"{meaning}\">{html.escape(title)}</div>{chart}</div>"
 
 

@@ -1,5 +1,5 @@
 """The live sweep panel: an observer of a sweep and of each trial's run, showing the trials table, the
-best-so-far chart, the objective against each parameter and the running trial's loss, with a Stop button.
+best-so-far chart, the optimised metric against each parameter and the running trial's loss, with a Stop button.
 
 The table and charts are redrawn when a trial starts or ends (a few per sweep); the running trial's loss
 chart at most 4 times per second, as in the run panel, plus on its last step and on each evaluation. When
@@ -125,7 +125,7 @@ class SweepPanel(NullObserver):
         sweep = self._sweep
         best = sweep.best.get("number") if sweep.best else None
         self.status.value = sweep_render.sweep_status_html(sweep, self._position())
-        self.table.value = sweep_render.trials_table_html(sweep.records, sweep.params, sweep.objective,
+        self.table.value = sweep_render.trials_table_html(sweep.records, sweep.params, sweep.optimize,
                                                           running=self._running, best_number=best)
         self.charts.value = sweep_render.charts_html(sweep)
 
@@ -176,10 +176,11 @@ def _trial_number(name: str, fallback: int) -> int:
 
 # ------------------------------------------------------------------------------- the sweep's line
 def show_sweep(sweep: Any) -> None:
-    """Display `sweep` (IPython calls this for a cell's Sweep result): its headline, with the trials table and
-    snapshot once it ended. A sweep still running gets a `SweepLine` that keeps this display current, to its
-    end and through later resumes; without a panel it also follows the running trial's steps (what a
-    background sweep with --no-panel shows of its progress, in its own cell)."""
+    """Display `sweep` (IPython calls this for a cell's Sweep result; nbtune/magics registers it): its
+    headline, with the trials table and snapshot once it ended. A sweep still running gets a `SweepLine`
+    that keeps this display current, to its end and through later resumes; without a panel it also follows
+    the running trial's steps (what a background sweep with --no-panel shows of its progress, in its own
+    cell)."""
     from IPython import get_ipython
     from IPython.display import display
 

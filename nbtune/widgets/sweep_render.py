@@ -1,5 +1,5 @@
 """Pure rendering of a hyperparameter sweep to HTML/SVG: the trials table, the best-so-far chart, the
-objective against each parameter, and the static snapshot left in the cell when the sweep ends.
+optimised metric against each parameter, and the static snapshot left in the cell when the sweep ends.
 
 Like `render` for a single run: no widget code, so the live `SweepPanel` and the saved notebook show the
 same strings. A trial is the plain dict the sweep engine records::
@@ -7,7 +7,7 @@ same strings. A trial is the plain dict the sweep engine records::
     {"number": 3, "name": "lr-sweep/3", "params": {"learning_rate": 2e-4, "lora_r": 16},
      "value": 0.812, "status": "finished", "error": None, "steps": 60, "seconds": 41.2}
 
-    >>> trials_table_html(sweep.records, sweep.params, sweep.objective, best_number=sweep.best["number"])
+    >>> trials_table_html(sweep.records, sweep.params, sweep.optimize, best_number=sweep.best["number"])
 """
 
 from __future__ import annotations
@@ -29,16 +29,16 @@ MAX_LEVELS = 6  # integer params with at most this many distinct values are show
 
 
 # --------------------------------------------------------------------------- the table
-def trials_table_html(records: Sequence[dict[str, Any]], params: Sequence[str], objective: str,
+def trials_table_html(records: Sequence[dict[str, Any]], params: Sequence[str], metric: str,
                       running: dict[str, Any] | None = None, best_number: int | None = None) -> str:
-    """One row per trial: number, status, each parameter, the objective, steps and seconds. `running` (a
+    """One row per trial: number, status, each parameter, the metric optimised, steps and seconds. `running` (a
     partial record: number, name, params) adds the trial in progress; the `best_number` row is highlighted."""
     rows = [_row(r, params, r.get("number") == best_number) for r in records]
     if running is not None:
         rows.append(_row({**running, "status": "running"}, params, False))
     if not rows:
         return "<p class='nbtune-trials'><i>no trial yet</i></p>"
-    head = "".join(f"<th>{html.escape(name)}</th>" for name in ["trial", "status", *params, objective,
+    head = "".join(f"<th>{html.escape(name)}</th>" for name in ["trial", "status", *params, metric,
                                                                  "steps", "seconds"])
     return (f"<table class='nbtune-trials' style='text-align:right'><thead><tr>{head}</tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table>")
@@ -68,8 +68,8 @@ def fmt(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------- charts
-def best_so_far_svg(records: Sequence[dict[str, Any]], direction: str, objective: str = "objective") -> str:
-    """Each trial's objective by trial number (finished trials in colour, pruned or stopped ones grey, failed
+def best_so_far_svg(records: Sequence[dict[str, Any]], direction: str, metric: str = "metric") -> str:
+    """Each trial's metric by trial number (finished trials in colour, pruned or stopped ones grey, failed
     ones absent) and the best-so-far step line over the finished trials."""
     shown = [r for r in records if _finite(r.get("value")) and r.get("status") != "failed"]
     if not shown:
@@ -99,7 +99,7 @@ def best_so_far_svg(records: Sequence[dict[str, Any]], direction: str, objective
                  f'trial {max(numbers)}</text>')
     parts.append(f'<text class="high" x="2" y="{top + 6}" font-size="10">{fmt(float(high))}</text>'
                  f'<text class="low" x="2" y="{bottom}" font-size="10">{fmt(float(low))}</text>{ticks}'
-                 f'<text x="{left}" y="{HEIGHT - 3}" font-size="10">{html.escape(objective)} by trial · '
+                 f'<text x="{left}" y="{HEIGHT - 3}" font-size="10">{html.escape(metric)} by trial · '
                  f'best so far ({html.escape(direction)})</text>')
     return _svg(WIDTH, HEIGHT, "".join(parts), "nbtune-best-so-far")
 
@@ -123,12 +123,12 @@ def _best_line(records: Sequence[dict[str, Any]], direction: str) -> list[tuple[
     return line
 
 
-def objective_by_param_svgs(records: Sequence[dict[str, Any]], params: Sequence[str], objective: str) -> list[str]:
-    """One small scatter per parameter: the objective against that parameter's value in each trial."""
-    return [_param_svg(records, name, objective) for name in params]
+def metric_by_param_svgs(records: Sequence[dict[str, Any]], params: Sequence[str], metric: str) -> list[str]:
+    """One small scatter per parameter: the optimised metric against that parameter's value in each trial."""
+    return [_param_svg(records, name, metric) for name in params]
 
 
-def _param_svg(records: Sequence[dict[str, Any]], name: str, objective: str) -> str:
+def _param_svg(records: Sequence[dict[str, Any]], name: str, metric: str) -> str:
     w, h = SMALL_WIDTH, SMALL_HEIGHT
     left, right, top, bottom = 38, w - 10, 10, h - 34
     values = [r["params"][name] for r in records if name in r.get("params", {})]
@@ -164,7 +164,7 @@ def _param_svg(records: Sequence[dict[str, Any]], name: str, objective: str) -> 
                             f"trial {r['number']}: {fmt(r['params'][name])} → {fmt(r['value'])}") for r in shown)
     labels = (f'<text class="high" x="2" y="{top + 6}" font-size="9">{fmt(float(high))}</text>'
               f'<text class="low" x="2" y="{bottom}" font-size="9">{fmt(float(low))}</text>'
-              f'<text x="{left}" y="{h - 4}" font-size="10">{html.escape(objective)} by {caption}</text>')
+              f'<text x="{left}" y="{h - 4}" font-size="10">{html.escape(metric)} by {caption}</text>')
     return _svg(w, h, _axes(left, right, top, bottom) + points + ticks + labels, "nbtune-param")
 
 
@@ -254,7 +254,7 @@ def sweep_status_html(sweep: Any, detail: str = "") -> str:
     best = sweep.best
     best_text = (f"best {fmt(best.get('value'))} (trial {best.get('number')})" if best else "no best yet")
     parts = [detail, best_text] if detail else [best_text]
-    return (f"<b>{html.escape(sweep.name)}</b> · {html.escape(sweep.direction)} {html.escape(sweep.objective)} · "
+    return (f"<b>{html.escape(sweep.name)}</b> · {html.escape(sweep.direction)} {html.escape(sweep.optimize)} · "
             f"<span style='color:{colour}'><b>{html.escape(sweep.status)}</b></span> — "
             f"{html.escape(' · '.join(parts))}")
 
@@ -266,9 +266,9 @@ def done_count(records: Sequence[dict[str, Any]]) -> int:
 
 def charts_html(sweep: Any) -> str:
     """The best-so-far chart and one scatter per parameter, side by side, wrapping."""
-    scatters = objective_by_param_svgs(sweep.records, sweep.params, sweep.objective)
+    scatters = metric_by_param_svgs(sweep.records, sweep.params, sweep.optimize)
     return (f"<div style='display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start'>"
-            f"{best_so_far_svg(sweep.records, sweep.direction, sweep.objective)}{''.join(scatters)}</div>")
+            f"{best_so_far_svg(sweep.records, sweep.direction, sweep.optimize)}{''.join(scatters)}</div>")
 
 
 def sweep_snapshot_html(sweep: Any) -> str:
@@ -278,5 +278,11 @@ def sweep_snapshot_html(sweep: Any) -> str:
     error = getattr(sweep, "error", None)
     best = sweep.best.get("number") if sweep.best else None
     return (f"<div class='nbtune-sweep-snapshot'>{sweep_status_html(sweep, f'{done} · {error}' if error else done)}"
-            f"{trials_table_html(sweep.records, sweep.params, sweep.objective, best_number=best)}"
+            f"{trials_table_html(sweep.records, sweep.params, sweep.optimize, best_number=best)}"
             f"{charts_html(sweep)}</div>")
+
+
+def sweep_html(sweep: Any) -> str | None:
+    """A `Sweep`'s HTML where a notebook shows it (the formatter registered for it, nbtune/magics): the static
+    snapshot once it ended; None while it runs, so its text shows and its live panel or line tells the rest."""
+    return None if sweep.status == "running" else sweep_snapshot_html(sweep)

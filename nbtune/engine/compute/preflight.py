@@ -64,31 +64,33 @@ def training_memory_mb(trainable: int, hidden: int, layers: int, tokens: int, va
             "activations_mb": activations / MB}
 
 
-def training_need_mb(model: Any, config: Any, longest: int) -> dict[str, float]:
-    """What training adds on top of the loaded weights, in MB (an upper bound: the longest batch)."""
+def training_need_mb(model: Any, config: Any, longest: int, *,
+                     gradient_checkpointing: bool | None = None) -> dict[str, float]:
+    """What training adds on top of the loaded weights, in MB (an upper bound: the longest batch), with the
+    config's gradient checkpointing, or as `gradient_checkpointing` says."""
     hidden = getattr(model.config, "hidden_size", 0) or getattr(model.config, "n_embd", 0)
     layers = getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layer", 0)
     need = training_memory_mb(sum(p.numel() for p in model.parameters() if p.requires_grad), hidden, layers,
                               tokens=config.batch_size * min(longest, config.max_length),
                               value_bytes=2 if config.precision in ("bf16", "fp16") else 4,
-                              checkpointing=config.gradient_checkpointing)
+                              checkpointing=config.gradient_checkpointing if gradient_checkpointing is None
+                              else gradient_checkpointing)
     need["total_mb"] = sum(need.values())
     return need
 
 
 def check_fits(model: Any, config: Any, longest: int) -> dict[str, float]:
     """Raise `OutOfMemory` when training `model` as `config` says cannot fit in what is left. A run that
-    fits only with gradient checkpointing, which the user left to nbtune, gets it (said in the result)."""
+    fits only with gradient checkpointing, which the user left to nbtune, gets it: the estimate then
+    carries `checkpointing_chosen`, and the caller trains with `config.with_changes(gradient_checkpointing=True,
+    derived=True)` (a config does not change in place)."""
     need = training_need_mb(model, config, longest)
     sharing = processes_sharing_memory()
     have = device_available_mb() / sharing
     if need["total_mb"] > have and "gradient_checkpointing" in config.derived and not config.gradient_checkpointing:
-        config.gradient_checkpointing = True
-        with_it = training_need_mb(model, config, longest)
+        with_it = training_need_mb(model, config, longest, gradient_checkpointing=True)
         if with_it["total_mb"] <= have:
-            config.derived["gradient_checkpointing"] = True
             return {**with_it, "available_mb": have, "checkpointing_chosen": 1.0}
-        config.gradient_checkpointing = False
     if config.memory_check and need["total_mb"] > have:
         each = f" to each of the {sharing} processes sharing this machine's memory" if sharing > 1 else ""
         raise OutOfMemory(

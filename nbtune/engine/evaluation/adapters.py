@@ -9,7 +9,6 @@ that one model on a fresh weight-sharing view, so the runs themselves are never 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -188,7 +187,7 @@ def combine(runs: Sequence[Run], weights: Sequence[float], *, how: str = "linear
     stack.eval()  # peft adds the combined adapter's dropout in training mode
     first = runs[0]
     # Its own name and folder: with the first run's config it would save over that run's adapter.
-    config = dataclasses.replace(first.config, name=name, output_dir=None)
+    config = first.config.with_changes(name=name, output_dir=None)
     combined = Run(config, first.method, first.context, status="combined")
     combined.base_name = first.base_name
     combined.model, combined.tokenizer = stack, first.tokenizer

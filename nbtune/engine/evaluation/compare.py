@@ -15,12 +15,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from nbtune.config.objective import COMPARE_COLUMNS
 from nbtune.engine.evaluation.generation import generate_texts
 from nbtune.engine.evaluation.significance import base_groups
 from nbtune.engine.records.history import SavedRun, saved_mb, saved_record, with_model
 from nbtune.engine.records.run import Run
 from nbtune.errors import NbtuneError
+from nbtune.objectives.registry import report_columns
 
 TABLE_KEYS = ("trainable_params", "trainable_percent", "adapter_mb", "train_seconds", "tokens_per_second",
               "peak_rss_mb", "train_loss", "eval_loss")
@@ -45,8 +45,9 @@ class Comparison:
         were scored, a row per base model they were read against, named after it ('base: SmolLM2-135M-
         Instruct', 'base: p_sft (merged)'): its metrics on the same rows."""
         metrics = self.metric_names()
-        # a preference run's held-out numbers (config_objective.COMPARE_COLUMNS), where any run has them
-        preference = [k for k in COMPARE_COLUMNS if any(r.metrics.get(k) is not None for r in self.runs)]
+        # the columns the runs' objectives declare (a preference run's held-out numbers), where any run has them
+        declared = report_columns(getattr(r.config, "objective", None) for r in self.runs)
+        preference = [k for k in declared if any(r.metrics.get(k) is not None for r in self.runs)]
         rows = [{"run": r.name, "method": r.method.name, "status": r.status,
                  **{k: (adapter_mb(r) if k == "adapter_mb" else r.metrics.get(k)) for k in TABLE_KEYS},
                  **{k: r.metrics.get(k) for k in [*preference, *metrics]}} for r in self.runs]

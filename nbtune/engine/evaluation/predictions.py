@@ -123,13 +123,8 @@ class Predictions:
         return value >= best - 1e-9
 
     # ------------------------------------------------------------------ showing
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # a notebook shows it as HTML: nbtune/widgets/predictions_view.py
         return predictions_text(self)
-
-    def _repr_html_(self) -> str:
-        from nbtune.widgets.predictions_view import predictions_html  # pure HTML strings, no widgets
-
-        return predictions_html(self)
 
 
 def metric_columns(rows: Sequence[dict[str, Any]]) -> list[str]:

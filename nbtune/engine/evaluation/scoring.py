@@ -229,28 +229,12 @@ def _generate_base_answers(run: Run, prompts: Sequence[Any], max_new_tokens: int
             return answers(run.model, run.tokenizer, prompts, max_new_tokens=max_new_tokens, desc=desc)
     if run.trained_on_a_base_in_memory:
         return None  # loading `config.model` could give another model
-    import dataclasses
+    from nbtune.engine.bases.kernel_cache import cached_base
 
-    config = dataclasses.replace(run.config, quantization="none")
-    if _cached_base is not None:
-        base = _cached_base(config)
-    else:  # no workbench in this process (a run loaded with nbtune.load): load the base for this once
-        from nbtune.engine.bases.loading import load_base
-
-        base = load_base(config.model, quantization="none", dtype=config.dtype,
-                         trust_remote_code=config.trust_remote_code)
+    config = run.config  # the base unquantized, in the run's dtype: the kernel's cached one, or loaded once
+    base = cached_base(config.model, quantization="none", dtype=config.dtype,
+                       trust_remote_code=config.trust_remote_code)
     return answers(base.model, run.tokenizer, prompts, max_new_tokens=max_new_tokens, desc=desc)
-
-
-# The kernel's cache of loaded bases, given by engine/workbench.py when it is imported: the record's side
-# (result.py -> evaluation) must not import the pipeline that creates records.
-_cached_base: Callable[[Any], Any] | None = None
-
-
-def use_cached_bases(provider: Callable[[Any], Any]) -> None:
-    """Let base answers come from `provider(config)`, a cache of loaded bases (the kernel's workbench)."""
-    global _cached_base
-    _cached_base = provider
 
 
 def _prefixed(scores: dict[str, Any], prefix: str) -> dict[str, Any]:

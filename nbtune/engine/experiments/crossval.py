@@ -11,18 +11,25 @@ Fold i is the run `<name>-fold<i>` (config: the same, plus `cv_fold: i`; saved t
 in `nbtune.runs` like any run: comparable, saveable, and its `to_yaml()` repeats exactly that fold
 (nbtune/data/splits.py cuts the folds from `data` and `seed` alone). Every fold trains on a view of the
 base the kernel cached (engine/workbench.py): the weights load once for all k.
+
+A cross-validation is a group of runs (engine/experiments/groups.py, as a sweep is): one bar over the
+folds, `cv.stop()` or a fold's Stop ends it after that fold, a fold that raises is recorded failed and the
+others go on, an interrupt keeps the folds so far, and `nbtune.cross_validations[name]` holds it. Its
+notebook view is nbtune/widgets/cv_view.py's `cv_html(cv)`.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from nbtune.config import RunConfig
+from nbtune.engine.experiments.groups import Child, Group, said
 from nbtune.engine.records.text import cell
-from nbtune.errors import ConfigError, RunInterrupted
+from nbtune.errors import ConfigError, NbtuneWarning, RunInterrupted
 
 if TYPE_CHECKING:
     from nbtune.engine.records.run import Run
@@ -49,38 +56,54 @@ def _of_training(key: str) -> bool:
     return key.startswith("train_") or key.endswith("_seconds")
 
 
-class CrossValidation:
-    """The k fold runs of one cross-validation, with each fold's metrics and their mean +- std.
+class CrossValidation(Group):
+    """The k fold runs of one cross-validation, with each fold's metrics and their mean +- std: a group of
+    runs (engine/experiments/groups.py) whose children are the folds, trained in order.
 
     `runs` are ordinary `Run`s (also in `nbtune.runs`); `folds` is one dict per fold; `summary()` the mean,
     sample standard deviation and count of every metric over the folds that finished; `df` a DataFrame;
-    `to_dict()` what `nbtune run --json` prints. Shows as a table (plain text, or static HTML in a notebook).
+    `table()` the rows its text and notebook view show; `to_dict()` what `nbtune run --json` prints;
+    `stop()` ends it after the running fold's current step. `nbtune.cross_validations[name]` holds it.
     """
 
-    def __init__(self, config: RunConfig, runs: Sequence[Run], *, rows: int) -> None:
-        self.config = config  # the whole cross-validation's config (`cv` set, no `cv_fold`)
-        self.runs = list(runs)
+    kind, event, unit, registry = "cross-validation", "cv", "fold", "nbtune.cross_validations"
+
+    def __init__(self, config: RunConfig, folds: Sequence[RunConfig], *, rows: int, bench: Workbench,
+                 base: Any = None, observers: Iterable[Any] = (), progress: bool = False,
+                 on_ready: Callable[[Run], None] | None = None) -> None:
+        super().__init__(config, bench=bench, base=base, observers=observers, progress=progress)
         self.rows = rows  # rows of `data` the folds were cut from
+        self.fold_configs = list(folds)
+        self.on_ready = on_ready  # called with each fold's run before it trains (the notebook shows its panel)
+        # Each fold tried, in order: (fold number, its run: None only when it failed before it had one)
+        self._tried: list[tuple[int, Run | None]] = []
+        self._errors: dict[int, str] = {}  # fold -> why it failed, for a fold that raised
+        self._cut: Run | None = None  # the fold an interrupt stopped, kept
 
     @property
-    def name(self) -> str:
-        return str(self.config.name)
+    def runs(self) -> list[Run]:
+        """The fold runs, in fold order (a stopped one included)."""
+        return [run for _, run in self._tried if run is not None]
 
     @property
     def complete(self) -> bool:
-        """Every fold trained to its end; False when a Stop or a divergence ended one early."""
+        """Every fold trained to its end; False when a Stop, a failure or a divergence ended one early."""
         return len(self.runs) == self.config.cv and all(r.status == "finished" for r in self.runs)
 
     @property
     def folds(self) -> list[dict[str, Any]]:
-        """Per fold: fold, run, status, train_rows, eval_rows, then every metric (`fold_metrics`)."""
-        out = []
-        for run in self.runs:
-            fold = int(run.config.cv_fold or 0)
-            eval_rows = fold_size(self.rows, self.config.cv, fold)
-            out.append({"fold": fold, "run": run.name, "status": run.status, "train_rows": self.rows - eval_rows,
-                        "eval_rows": eval_rows, **fold_metrics(run)})
-        return out
+        """Per fold: fold, run, status, train_rows, eval_rows, then every metric (`fold_metrics`); a fold that
+        raised also has its `error`."""
+        return [self._fold(number, run) for number, run in self._tried]
+
+    def _fold(self, number: int, run: Run | None) -> dict[str, Any]:
+        eval_rows = fold_size(self.rows, self.config.cv, number)
+        out: dict[str, Any] = {"fold": number, "run": None if run is None else run.name,
+                               "status": "failed" if run is None else run.status,
+                               "train_rows": self.rows - eval_rows, "eval_rows": eval_rows}
+        if number in self._errors:
+            out["error"] = self._errors[number]
+        return {**out, **(fold_metrics(run) if run is not None else {})}
 
     def summary(self) -> dict[str, dict[str, float | int | None]]:
         """metric -> {"mean", "std" (sample: ddof=1; None from one fold), "folds"} over the finished folds
@@ -119,18 +142,9 @@ class CrossValidation:
         return pd.concat([frame, extra]).astype({"train_rows": "Int64", "eval_rows": "Int64"}) if summary else frame
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (JSON-ready): name, cv, rows, complete, folds, summary."""
-        return {"name": self.name, "cv": self.config.cv, "rows": self.rows, "complete": self.complete,
-                "folds": self.folds, "summary": self.summary()}
-
-    def compare(self) -> Any:
-        """The fold runs side by side (`nbtune.compare`): table, config diff, curves, answers."""
-        from nbtune.api import compare
-
-        return compare(*self.runs)
-
-    def __repr__(self) -> str:
-        return "\n".join([self.headline(), *_text_table(self.table())])
+        """Plain data (JSON-ready): name, cv, rows, status, complete, folds, summary."""
+        return {"name": self.name, "cv": self.config.cv, "rows": self.rows, "status": self.status,
+                "complete": self.complete, "folds": self.folds, "summary": self.summary()}
 
     def headline(self) -> str:
         done = sum(r.status == "finished" for r in self.runs)
@@ -138,10 +152,78 @@ class CrossValidation:
         return (f"cross-validation {self.name!r}: {done} of {self.config.cv} folds finished{state}, "
                 f"{self.rows} rows of data")
 
-    def _repr_html_(self) -> str:
-        from nbtune.widgets.cv_view import cv_html  # the engine layer never imports display code at load
+    def _text_rows(self) -> list[dict[str, Any]]:
+        """`table()` with mean and std in one column, "mean +- std", as people write it."""
+        return [{**{k: v for k, v in row.items() if k not in ("mean", "std")},
+                 "mean +- std": "" if row["mean"] is None else f"{cell(row['mean'])} +- {cell(row['std'])}"}
+                for row in self.table()]
 
-        return cv_html(self)
+    def _compared(self) -> list[Run]:
+        return self.runs
+
+    # ------------------------------------------------------------------ the strategy
+    @property
+    def planned(self) -> int:
+        return int(self.config.cv)
+
+    def _wanted(self) -> bool:
+        # a fold not tried yet, or one a Stop cut short: either way the cross-validation is not done
+        return len(self._tried) < self.planned or any(r.status == "stopped" for r in self.runs)
+
+    def _next(self) -> Child | None:
+        fold = self.fold_configs[len(self._tried)]
+        return Child(number=int(fold.cv_fold or 0), params={"cv_fold": fold.cv_fold}, about=fold)
+
+    def _child_config(self, child: Child) -> RunConfig:
+        return child.about
+
+    def _ready(self, child: Child, run: Run) -> None:
+        if self.on_ready is not None:
+            self.on_ready(run)
+
+    def _ended(self, child: Child, run: Run) -> dict[str, Any]:
+        self._tried.append((child.number, run))
+        return self._fold(child.number, run)
+
+    def _failed(self, child: Child, error: Exception) -> dict[str, Any]:
+        self._tried.append((child.number, child.run))
+        self._errors[child.number] = said(error)
+        # said where it happens (the table only says "failed"); the next fold may well succeed
+        warnings.warn(f"cross-validation {self.name!r}: fold {child.number} failed ({said(error)}); the other "
+                      "folds go on.", NbtuneWarning, stacklevel=2)
+        return self._fold(child.number, child.run)
+
+    def _cut_short(self, child: Child, run: Run | None) -> dict[str, Any] | None:
+        if run is None or self.bench.runs.get(run.name) is not run:  # nothing trained: nothing was kept
+            return None
+        self._cut = run
+        self._tried.append((child.number, run))
+        return self._fold(child.number, run)
+
+    def _interrupted(self, exc: BaseException) -> RunInterrupted:
+        """The interrupt, said for the whole cross-validation: the folds it kept, and where it is now."""
+        done = [r.name for r in self.runs if r is not self._cut and self.bench.runs.get(r.name) is r]
+        where = f"; {exc}" if isinstance(exc, RunInterrupted) and str(exc) else ""
+        # The cell raised, so it returned no CrossValidation: nbtune.cross_validations holds it
+        error = RunInterrupted(f"cross-validation {self.name!r} was interrupted with {len(done)} of {self.planned} "
+                               f"folds finished (in nbtune.runs: {', '.join(done) or 'none'}); "
+                               f"{self.registry}[{self.name!r}] is what it kept (its table, .compare()){where}",
+                               self._cut)
+        error.cross_validation = self  # type: ignore[attr-defined]
+        return error
+
+    def _postfix(self, record: dict[str, Any]) -> dict[str, str]:
+        """The fold's main number for the bar: its first named metric, else exact_match, eval_loss, train_loss."""
+        spec = self.config.metric
+        named = [m for m in (spec if isinstance(spec, list) else [spec]) if isinstance(m, str)]
+        for key in (*named, "exact_match", "eval_loss", "train_loss"):
+            value = record.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return {f"fold{record['fold']} {key}": f"{value:.4g}"}
+        return {}
+
+    def _bar_label(self) -> str:
+        return "cross-validation"
 
 
 def fold_size(rows: int, folds: int, fold: int) -> int:
@@ -150,19 +232,6 @@ def fold_size(rows: int, folds: int, fold: int) -> int:
 
     start, end = fold_bounds(rows, folds, fold)
     return end - start
-
-
-def _text_table(rows: list[dict[str, Any]]) -> list[str]:
-    """`table()` as aligned text, "mean +- std" in one column as people write it."""
-    if not rows:
-        return []
-    header = [*(k for k in rows[0] if k not in ("mean", "std")), "mean +- std"]
-    lines = [header]
-    for row in rows:
-        spread = "" if row["mean"] is None else f"{cell(row['mean'])} +- {cell(row['std'])}"
-        lines.append([*(cell(v) for k, v in row.items() if k not in ("mean", "std")), spread])
-    widths = [max(len(cell) for cell in column) for column in zip(*lines, strict=True)]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in lines]
 
 
 # ---------------------------------------------------------------------------- training
@@ -176,44 +245,21 @@ def cross_validate(config: RunConfig | dict[str, Any] | str | None = None, *, ba
 
     Every fold's config, the fold count and the data are checked before any weight loads. `observers`
     watch every fold run, and `on_ready(run)` is called for each before it trains; `progress=True` adds
-    a step bar per fold to the bar over folds. A Stop on a fold run ends the cross-validation after that
-    fold (the result is then incomplete). An interrupt keeps the folds trained so far in `nbtune.runs` and
-    raises `RunInterrupted` (its `.cross_validation` holds them). A fold that raises ends it too.
+    a step bar per fold to the bar over folds. A Stop on a fold run (or `cv.stop()`) ends the
+    cross-validation after that fold (the result is then incomplete). A fold that raises is recorded
+    failed (and warned about) and the others go on. An interrupt keeps the folds trained so far in
+    `nbtune.runs` and raises `RunInterrupted` (its `.cross_validation` holds them, as does
+    `nbtune.cross_validations[name]`).
     """
     config = RunConfig.parse(config, **overrides)
     _refuse_unsupported(config, background, resume_from)
     folds = fold_configs(config)
     rows = _rows_checked(folds[0])  # fold count, format and metrics: before any weight loads
     watchers = list(observers) if isinstance(observers, Iterable) else [observers]  # each fold gets them all
-    done: list[Run] = []
-    bar = _fold_bar(config.cv)
-    try:
-        for fold in folds:
-            note = (f"cross-validation {config.name!r}: {len(done)} of {config.cv} folds had finished before "
-                    "this one; they stay in nbtune.runs.")
-            run = _train_fold(bench, fold, base, note, observers=watchers, progress=progress, on_ready=on_ready)
-            done.append(run)
-            bar.update(1)
-            bar.set_postfix(_postfix(run))
-            if run.status == "stopped":  # a Stop means the whole cross-validation, not just this fold
-                break
-    except KeyboardInterrupt as exc:  # in a fold (then a RunInterrupted) or between two
-        raise _interrupted(config, done, exc, bench, rows) from None
-    finally:
-        bar.close()
-    return CrossValidation(config, done, rows=rows)
-
-
-def _train_fold(bench: Workbench, fold: RunConfig, base: Any, note: str, **watching: Any) -> Run:
-    """One fold's run, trained through the workbench: an ordinary run in `nbtune.runs`, on a view of the
-    cached base (or of the caller's `base`: a fresh view per fold, so no fold trains on another's adapter)."""
-    view = None if base is None else bench.view_for(fold, base=base)
-    try:
-        return bench.finetune(fold, base=view, **watching)
-    except Exception as exc:
-        if hasattr(exc, "add_note"):  # Python 3.11+: a traceback then says what the cross-validation kept
-            exc.add_note(note)
-        raise
+    cv = CrossValidation(config, folds, rows=rows, bench=bench, base=base, observers=watchers, progress=progress,
+                         on_ready=on_ready)
+    bench.cross_validations[cv.name] = cv  # by name: how a cell that raised (an interrupt) still reaches it
+    return cv.start(background=False)
 
 
 def fold_configs(config: RunConfig) -> list[RunConfig]:
@@ -225,7 +271,7 @@ def fold_configs(config: RunConfig) -> list[RunConfig]:
         changes: dict[str, Any] = {"cv_fold": fold, "name": f"{config.name}-fold{fold}"}
         if config.output_dir:
             changes["output_dir"] = str(config.output_dir).rstrip(SEPARATORS) + f"-fold{fold}"
-        out.append(RunConfig.parse(config, **changes))
+        out.append(config.with_changes(**changes))
     return out
 
 
@@ -246,34 +292,3 @@ def _rows_checked(first_fold: RunConfig) -> int:
 
     train, evaluation, _ = read_data(first_fold)
     return len(train) + len(evaluation)
-
-
-def _fold_bar(folds: int) -> Any:
-    from nbtune.engine.training.distributed import is_main_process
-    from nbtune.engine.training.progress import progress_bar
-
-    return progress_bar(total=folds, desc="cross-validation", unit="fold", leave=True, disable=not is_main_process())
-
-
-def _postfix(run: Run) -> dict[str, str]:
-    """The fold's main number for the bar: its first named metric, else eval_loss, else train_loss."""
-    spec = run.config.metric
-    named = [m for m in (spec if isinstance(spec, list) else [spec]) if isinstance(m, str)]
-    metrics = fold_metrics(run)
-    for key in (*named, "exact_match", "eval_loss", "train_loss"):
-        if key in metrics:
-            return {f"fold{run.config.cv_fold} {key}": f"{metrics[key]:.4g}"}
-    return {}
-
-
-def _interrupted(config: RunConfig, done: list[Run], exc: BaseException, bench: Workbench,
-                 rows: int) -> RunInterrupted:
-    """The interrupt, said for the whole cross-validation; the fold it stopped is kept if it trained."""
-    stopped = getattr(exc, "run", None)
-    kept = stopped if stopped is not None and bench.runs.get(stopped.name) is stopped else None
-    where = f"; {exc}" if isinstance(exc, RunInterrupted) and str(exc) else ""
-    error = RunInterrupted(f"cross-validation {config.name!r} was interrupted with {len(done)} of {config.cv} "
-                           f"folds finished (in nbtune.runs: {', '.join(r.name for r in done) or 'none'}){where}",
-                           kept)
-    error.cross_validation = CrossValidation(config, [*done, *([kept] if kept else [])], rows=rows)
-    return error

@@ -16,28 +16,28 @@ With a pruner, a trial that would evaluate only at its end evaluates every steps
 checked in config/sweep_space.py, the study kept in sweep_study.py; sweep_views.py is what a Sweep shows,
 sweep_config.py a trial's config and what a stored study must match.
 
-Sweep observers (the notebook's panel) get, each method only if they have it, `on_sweep_start(sweep)`,
+A sweep is a group of runs (engine/experiments/groups.py, as a cross-validation is): the loop over trials,
+the bar, Stop, the interrupt and a failed trial are handled there alike for both. Sweep observers (the
+notebook's panel) get, each method only if they have it, `on_sweep_start(sweep)`,
 `on_trial_start(sweep, run, params)` (before the trial trains; they watch its run's own events too),
 `on_trial_end(sweep, record)` and `on_sweep_end(sweep)`; one that raises is warned about, never fatal.
 """
 
 from __future__ import annotations
 
-import json
-import threading
 import time
-import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nbtune.config import RunConfig
-from nbtune.config.sweep_space import SweepSpec, check_sweep_spec
+from nbtune.config.sweep_space import SweepSpec
 from nbtune.engine.experiments import sweep_study as st
+from nbtune.engine.experiments.groups import Child, said
 from nbtune.engine.experiments.sweep_config import study_fingerprint
 from nbtune.engine.experiments.sweep_views import SweepViews, done_trials, finite
 from nbtune.engine.records.text import cell
-from nbtune.errors import ConfigError, NbtuneError, NbtuneWarning, RunInterrupted
+from nbtune.errors import ConfigError, NbtuneError, RunInterrupted
 
 if TYPE_CHECKING:
     from nbtune.engine.records.run import Run
@@ -46,43 +46,28 @@ if TYPE_CHECKING:
 
 class Sweep(SweepViews):
     """A hyperparameter search: its trials' `records` (plain dicts), their `runs` in this kernel, the Optuna
-    `study`, `best`, a `trials` DataFrame, `to_cell()`, `resume()`, `stop()`, `compare()` (the reading half
-    is engine/experiments/sweep_views.py)."""
+    `study`, `best`, a `trials` DataFrame, `to_cell()`, `resume()`, `stop()`, `compare()`. A group of runs
+    (engine/experiments/groups.py: the loop, the bar, Stop, interrupt and failure handling) whose children are
+    its trials; this class says what a trial is and how its outcome is told to the study (the reading half is
+    engine/experiments/sweep_views.py)."""
+
+    kind, event, unit, registry = "sweep", "sweep", "trial", "nbtune.sweeps"
 
     def __init__(self, config: RunConfig, spec: SweepSpec, *, bench: Workbench, base: Any = None,
                  observers: Iterable[Any] = (), progress: bool = False) -> None:
-        self.config, self.spec, self.bench, self.base = config, spec, bench, base
-        self.observers, self.progress = list(observers), progress
+        super().__init__(config, bench=bench, base=base, observers=observers, progress=progress)
+        self.spec = spec
         self.records: list[dict[str, Any]] = []  # the study's told trials, in order: see sweep_study.record_of
         self.runs: dict[int, Run] = {}  # trial number -> its run, for the trials this kernel holds
         self.ran_here: list[int] = []  # the trials this process tried (others may share the study)
-        self.status = "running"  # running, finished, stopped or failed
-        self.error: str | None = None
         self.study: Any = None  # the optuna.Study, opened once the config passed its checks
         self.moved_to: Path | None = None  # where its study went when a sweep of its name but another config ran
         self.fingerprint: dict[str, Any] = {}  # what its study must match (sweep_config.study_fingerprint)
-        self._stop = threading.Event()
-        self._current: Run | None = None
-        self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ control
-    def stop(self) -> None:
-        """End the sweep after the running trial's current step (thread-safe: the panel's Stop calls it); the
-        finished trials stay, the stopped one is tried again by `resume()`."""
-        self._stop.set()
-        run = self._current
-        if run is not None:
-            run.stop()
-
-    def wait(self, timeout: float | None = None) -> Sweep:
-        """Block until a background sweep ends (or `timeout` seconds pass)."""
-        if self._thread is not None:
-            self._thread.join(timeout)
-        return self
-
     def resume(self, *, background: bool = False) -> Sweep:
         """Continue the sweep until its study holds `trials` trials (an interrupted trial's params first)."""
-        if self._thread is not None and self._thread.is_alive():
+        if self.training_in_background:
             raise NbtuneError(f"sweep {self.name!r} is still running in the background; wait for it (.wait()).")
         with st.quiet_optuna():
             found = st.stored_study(self.config, self.spec)
@@ -94,150 +79,109 @@ class Sweep(SweepViews):
             where = self.spec.storage or str(self.config.resolved_output_dir)
             raise NbtuneError(f"sweep {self.name!r}: its study is gone from {where!r} or is now another sweep's; "
                               "run its cell again to start it anew.")
-        self.bench._refuse_while_training()
+        self.bench.refuse_while_training()
         self._stop.clear()
         return self.start(background)
 
-    def start(self, background: bool) -> Sweep:
-        if not background:
-            return self._run()
-
-        def quietly() -> None:  # the status and error say how it ended; a thread has nobody to raise to
-            try:
-                self._run()
-            except BaseException:
-                pass
-
-        self.status = "running"
-        self._thread = threading.Thread(target=quietly, daemon=True, name=f"nbtune-sweep-{self.name}")
-        self.bench._threads[self.name] = self._thread
-        self._thread.start()
-        return self
-
-    # ------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------ the strategy (groups.Group)
     def _run(self) -> Sweep:
-        self.status, self.error = "running", None
-        bar: Any = None
-        with st.quiet_optuna():
-            try:
-                st.take_back_stale(self.study)
-                self.records = st.past_records(self.study, self.name, self.spec)
-                self.runs.update({r["number"]: self.bench.runs[r["name"]] for r in self.records
-                                  if r["number"] not in self.runs and r["name"] in self.bench.runs})
-                self._emit("on_sweep_start", self)
-                bar = self._bar()
-                while not self._stop.is_set() and len(st.counted(self.study)) < self.planned:
-                    record = self._trial()
-                    if record is not None:
-                        bar.update(1)
-                        bar.set_postfix({f"trial {record['number']}": f"{record['status']} {cell(record['value'])}"})
-                done = len(st.counted(self.study)) >= self.planned
-                self.status = "finished" if done else "stopped"
-                self._refresh()
-            except KeyboardInterrupt as exc:  # in a trial (a RunInterrupted) or between two
-                self.status = "stopped"
-                raise self._interrupted(exc) from None
-            except BaseException as exc:
-                self.status = "failed"
-                self.error = str(exc) if isinstance(exc, NbtuneError) else f"{type(exc).__name__}: {exc}"
-                raise
-            finally:
-                if bar is not None:
-                    bar.close()
-                self._emit("on_sweep_end", self)
-        return self
+        with st.quiet_optuna():  # Optuna's per-trial INFO lines: the panel, the bar and the records say it
+            return super()._run()
 
-    def _refresh(self) -> None:
-        """The records as the study holds them now, with the trials other processes told meanwhile; this
-        session's stopped trial (to be tried again) stays where it was."""
-        stopped = [r for r in self.records if r["status"] == "stopped"]
-        told = st.past_records(self.study, self.name, self.spec)
-        self.records = sorted([*told, *stopped], key=lambda r: r["number"])
+    def _begin(self) -> int:
+        st.take_back_stale(self.study)
+        self.records = st.past_records(self.study, self.name, self.spec)
+        self.runs.update({r["number"]: self.bench.runs[r["name"]] for r in self.records
+                          if r["number"] not in self.runs and r["name"] in self.bench.runs})
+        return len(self.records)  # the trials an earlier session of this study already told
 
-    def _bar(self) -> Any:
-        """A bar over the trials, unless `progress` is off and an observer (the panel) shows the sweep, or
-        the sweep runs on a thread: a bar drawn from there lands under whichever cell runs at the time (a
-        background sweep shows itself in its own cell: its panel, or its line, engine/experiments/sweep_views.py)."""
-        from nbtune.engine.training.distributed import is_main_process
-        from nbtune.engine.training.progress import progress_bar
+    def _wanted(self) -> bool:
+        return len(st.counted(self.study)) < self.planned
 
-        background = threading.current_thread() is self._thread
-        shown = self.progress or not (background or any(hasattr(o, "on_sweep_start") for o in self.observers))
-        bar = progress_bar(total=self.planned, desc=f"sweep {self.name}", unit="trial", leave=True,
-                           disable=not (shown and is_main_process()))
-        bar.update(len(self.records))  # the trials an earlier session of this study already told
-        return bar
-
-    def _trial(self) -> dict[str, Any] | None:
-        """Ask, train and tell one trial; its record (None when another process took its place)."""
+    def _next(self) -> Child | None:
+        """Ask the study for a trial and its params; None when another process took its place."""
         trial = self.study.ask()
         trial.set_user_attr("owner", st.owner())
         try:
             params = st.suggest(trial, self.spec)
             if st.surplus(self.study, trial, self.planned):
                 return None
-            pruning = st.PruneOnEval(trial) if self.spec.pruner != "none" else None
-            started = time.perf_counter()
-            try:
-                run = self._train(self.config_for(params, str(trial.number)), trial.number, params, pruning)
-            except Exception as exc:  # a failed trial is a result: the sweep goes on
-                said = str(exc) if isinstance(exc, NbtuneError) else f"{type(exc).__name__}: {exc}"
-                return self._told(trial, None, started, "FAIL", error=said)
-        except KeyboardInterrupt as exc:
-            self._abandoned(trial, getattr(exc, "run", None) or self.runs.get(trial.number), "interrupted")
+        except KeyboardInterrupt:
+            self._recorded(self._abandoned(trial, self.runs.get(trial.number), "interrupted"))
             raise
-        return self._settle(trial, run, pruning, started)
+        pruning = st.PruneOnEval(trial) if self.spec.pruner != "none" else None
+        return Child(number=trial.number, params=params, observers=[pruning] if pruning is not None else [],
+                     about=(trial, pruning))
 
-    def _train(self, config: RunConfig, number: int, params: dict[str, Any], pruning: Any) -> Run:
-        def ready(run: Run) -> None:  # checked and pending: before it trains
-            self.runs[number] = self._current = run
-            if self._stop.is_set():  # a Stop that came between two trials
-                run.stop()
-            self._emit("on_trial_start", self, run, params)
+    def _child_config(self, child: Child) -> RunConfig:
+        return self.config_for(child.params, str(child.number))
 
-        view = None if self.base is None else self.bench.view_for(config, base=self.base)  # fresh per trial
-        watchers = [*self.observers, *([pruning] if pruning is not None else [])]
-        try:
-            return self.bench.finetune(config, base=view, observers=watchers, progress=self.progress,
-                                       on_ready=ready)
-        finally:
-            self._current = None
+    def _ready(self, child: Child, run: Run) -> None:
+        self.runs[child.number] = run
 
-    def _settle(self, trial: Any, run: Run, pruning: Any, started: float) -> dict[str, Any] | None:
+    def _ended(self, child: Child, run: Run) -> dict[str, Any]:
+        trial, pruning = child.about
         if run.status == "failed":  # diverged: finetune returns it, failed, with its reason
-            return self._told(trial, run, started, "FAIL", error=run.error)
+            return self._told(trial, run, child.started, "FAIL", error=run.error)
         if run.status == "stopped" and pruning is not None and pruning.pruned:
             _mark_pruned(run)
-            return self._told(trial, run, started, "PRUNED")
+            return self._told(trial, run, child.started, "PRUNED")
         if run.status == "stopped":  # the sweep's Stop, or the trial's own: the sweep ends, the trial is redone
-            self._stop.set()
             return self._abandoned(trial, run, "stopped")
-        value = run.metrics.get(self.objective)
+        value = run.metrics.get(self.optimize)
         if not finite(value):
-            return self._told(trial, run, started, "FAIL", error=f"the run reported no finite {self.objective} "
-                                                                 f"({value!r})")
-        return self._told(trial, run, started, "COMPLETE", value=float(value))
+            return self._told(trial, run, child.started, "FAIL",
+                              error=f"the run reported no finite {self.optimize} ({value!r})")
+        return self._told(trial, run, child.started, "COMPLETE", value=float(value))
 
+    def _failed(self, child: Child, error: Exception) -> dict[str, Any]:
+        trial, _ = child.about
+        return self._told(trial, None, child.started, "FAIL", error=said(error))
+
+    def _cut_short(self, child: Child, run: Run | None) -> dict[str, Any]:
+        trial, _ = child.about
+        return self._abandoned(trial, run or self.runs.get(child.number), "interrupted")
+
+    def _settled(self) -> None:
+        """The records as the study holds them now, with the trials other processes told meanwhile; this
+        session's stopped trial (to be tried again) stays where it was."""
+        stopped = [r for r in self.records if r["status"] == "stopped"]
+        told = st.past_records(self.study, self.name, self.spec)
+        self.records = sorted([*told, *stopped], key=lambda r: r["number"])
+
+    def _postfix(self, record: dict[str, Any]) -> dict[str, str]:
+        return {f"trial {record['number']}": f"{record['status']} {cell(record['value'])}"}
+
+    def _interrupted(self, exc: BaseException) -> RunInterrupted:
+        done = done_trials(self.records)
+        # The cell raised, so it returned no Sweep to call resume() on: nbtune.sweeps holds it
+        error = RunInterrupted(f"sweep {self.name!r} was interrupted with {done} of {self.planned} trials done (in "
+                               f"nbtune.runs as {self.name}/<number>); {self.registry}[{self.name!r}].resume(), or "
+                               "running the same cell or config again, continues it (the interrupted trial's "
+                               "params first).", getattr(exc, "run", None))
+        error.sweep = self  # type: ignore[attr-defined]
+        return error
+
+    # ------------------------------------------------------------------ telling the study
     def _told(self, trial: Any, run: Run | None, started: float, state: str, *, value: float | None = None,
               error: str | None = None) -> dict[str, Any]:
         import optuna
 
-        said = {"error": error, "steps": _steps(run), "seconds": round(time.perf_counter() - started, 2)}
-        for key, attr in said.items():  # kept in the study: a later process shows the same records
+        attrs = {"error": error, "steps": _steps(run), "seconds": round(time.perf_counter() - started, 2)}
+        for key, attr in attrs.items():  # kept in the study: a later process shows the same records
             if attr is not None:
                 trial.set_user_attr(key, attr)
         frozen = self.study.tell(trial, value, state=optuna.trial.TrialState[state])
-        return self._recorded(st.record_of(frozen, self.name, self.spec))
+        return self._kept(st.record_of(frozen, self.name, self.spec))
 
     def _abandoned(self, trial: Any, run: Run | None, why: str) -> dict[str, Any]:
         frozen = st.abandon(self.study, trial, dict(trial.params), error=why, steps=_steps(run))
-        return self._recorded(st.record_of(frozen, self.name, self.spec, status="stopped"))
+        return self._kept(st.record_of(frozen, self.name, self.spec, status="stopped"))
 
-    def _recorded(self, record: dict[str, Any]) -> dict[str, Any]:
+    def _kept(self, record: dict[str, Any]) -> dict[str, Any]:
         self.records.append(record)  # before on_trial_end: the panel redraws from sweep.records
         self.ran_here.append(record["number"])
         self._release_models()  # before it too: an observer sees the memory the sweep holds from now on
-        self._emit("on_trial_end", self, record)
         return record
 
     def _release_models(self) -> None:
@@ -248,27 +192,6 @@ class Sweep(SweepViews):
         for number, run in self.runs.items():
             if number not in kept and run.model is not None and run.status not in ("pending", "running"):
                 run.release_model()
-
-    def _interrupted(self, exc: BaseException) -> RunInterrupted:
-        done = done_trials(self.records)
-        # The cell raised, so it returned no Sweep to call resume() on: nbtune.sweeps holds it
-        error = RunInterrupted(f"sweep {self.name!r} was interrupted with {done} of {self.planned} trials done (in "
-                               f"nbtune.runs as {self.name}/<number>); nbtune.sweeps[{self.name!r}].resume(), or "
-                               "running the same cell or config again, continues it (the interrupted trial's "
-                               "params first).", getattr(exc, "run", None))
-        error.sweep = self  # type: ignore[attr-defined]
-        return error
-
-    def _emit(self, event: str, *args: Any) -> None:
-        for observer in list(self.observers):
-            handler = getattr(observer, event, None)
-            if handler is None:
-                continue
-            try:
-                handler(*args)
-            except Exception as exc:  # a broken display must not end a sweep of many trials
-                warnings.warn(f"observer {type(observer).__name__}.{event} failed: {exc!r}", NbtuneWarning,
-                              stacklevel=2)
 
 
 # ---------------------------------------------------------------------------- starting one
@@ -288,7 +211,7 @@ def run_sweep(config: RunConfig | dict[str, Any] | str, *, bench: Workbench, bas
     config = RunConfig.parse(config)
     if config.sweep is None:
         raise ConfigError("this config has no `sweep:` block; add one, e.g. sweep: {r: [4, 8, 16]}.", field="sweep")
-    spec = check_sweep_spec(config.sweep, config)
+    spec = config.sweep_space  # the block as parsing checked it (config/sweep_space.py)
     watchers = list(observers) if isinstance(observers, Iterable) else [observers]
     sweep = Sweep(config, spec, bench=bench, base=base, observers=watchers, progress=progress)
     sweep.fingerprint = study_fingerprint(config, spec, data_record(*session_of(_check_trials(sweep)).data))
@@ -345,12 +268,9 @@ def _mark_pruned(run: Run) -> None:
     set_status(run, "pruned")  # which lets its training state go
     if run.saved_to is None or not run.owns_saved_folder():
         return
-    path = Path(run.saved_to) / "run.json"
-    saved = json.loads(path.read_text(encoding="utf-8"))
-    saved["status"] = "pruned"
-    partial = path.with_name(".run.json.partial")
-    partial.write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
-    partial.replace(path)  # a rename: a reader never sees half a file
+    from nbtune.engine.records.run_folder import rewrite_status
+
+    rewrite_status(run.saved_to, "pruned")  # atomic: a reader sees the stopped record or the pruned one
 
 
 def _steps(run: Run | None) -> int:

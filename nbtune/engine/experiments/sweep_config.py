@@ -67,16 +67,25 @@ def fixed_settings(config: RunConfig, spec: SweepSpec, data: dict[str, Any] | No
 
 
 def study_fingerprint(config: RunConfig, spec: SweepSpec, data: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What a stored study must match to be continued: the block's (`SweepSpec.fingerprint`: space, objective,
-    sampler, pruner; not `trials`, which is how a sweep grows) and the fixed settings."""
+    """What a stored study must match to be continued: the block's (`SweepSpec.fingerprint`: space, the metric
+    it optimises, sampler, pruner; not `trials`, which is how a sweep grows) and the fixed settings."""
     return json.loads(json.dumps({**spec.fingerprint(), "settings": fixed_settings(config, spec, data)}))
+
+
+def as_stored_now(stored: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A stored study's fingerprint with today's key names: studies of earlier versions named the metric
+    `objective` (now `optimize`, as the block does), and are continued all the same."""
+    if stored is None or "objective" not in stored or "optimize" in stored:
+        return stored
+    return {("optimize" if key == "objective" else key): value for key, value in stored.items()}
 
 
 def changes(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     """What differs between a stored study's fingerprint and this sweep's, as 'steps: 6 → 4' and the like. A
     key the stored one lacks (a study an older nbtune made) is not compared."""
+    stored = as_stored_now(stored) or {}
     said = [f"sweep.{key}: {_shown(stored[key])} → {_shown(wanted.get(key))}"
-            for key in ("objective", "direction", "sampler", "pruner")
+            for key in ("optimize", "direction", "sampler", "pruner")
             if key in stored and stored[key] != wanted.get(key)]
     old_space, new_space = stored.get("space", {}), wanted.get("space", {})
     for name in dict.fromkeys([*old_space, *new_space]):

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nbtune.engine.experiments.sweep_config import changes, said_briefly
+from nbtune.engine.experiments.sweep_config import as_stored_now, changes, said_briefly
 from nbtune.errors import ConfigError, NbtuneWarning
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def open_study(config: RunConfig, spec: SweepSpec, fingerprint: dict[str, Any] |
     study = optuna.create_study(storage=storage, study_name=str(config.name), direction=spec.direction,
                                 pruner=make_pruner(spec, config), load_if_exists=True)
     wanted = json.loads(json.dumps(fingerprint or spec.fingerprint()))  # as a storage gives it back: lists
-    stored = study.user_attrs.get(FINGERPRINT)
+    stored = as_stored_now(study.user_attrs.get(FINGERPRINT))
     if stored != wanted:
         said = changes(stored, wanted) if stored is not None else []
         if said and study.get_trials(deepcopy=False):
@@ -130,7 +130,8 @@ def stored_study(config: RunConfig, spec: SweepSpec) -> tuple[str, dict[str, Any
     storage = _storage(url) if url.startswith("sqlite") else _other_storage(url)
     try:
         study_id = storage.get_study_id_from_name(str(config.name))
-        return url, storage.get_study_user_attrs(study_id).get(FINGERPRINT), storage.get_all_trials(study_id)
+        stored = as_stored_now(storage.get_study_user_attrs(study_id).get(FINGERPRINT))
+        return url, stored, storage.get_all_trials(study_id)
     except KeyError:  # no study of this name there yet
         return None
     finally:

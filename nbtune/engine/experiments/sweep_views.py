@@ -1,6 +1,8 @@
-"""What a `Sweep` (engine/experiments/sweep.py) shows and gives back, apart from running: its name, objective and best
-trial, the `trials` DataFrame, `to_dict`, `to_cell`, a trial's config (`config_for`), `compare`, and its text,
-HTML and notebook display. Everything here reads the sweep's state; nothing trains or tells the study.
+"""What a `Sweep` (engine/experiments/sweep.py) shows and gives back, apart from running: its name, the metric it
+optimises and its best trial, its table (`table()`, the `trials` DataFrame, its text), `to_dict`, `to_cell`, a
+trial's config (`config_for`) and the trials to `compare`. Everything here reads the sweep's state; nothing
+trains or tells the study. Its notebook views are nbtune/widgets/: `sweep_render.sweep_html(sweep)` (the
+static snapshot once it ended) and `sweep_panel.show_sweep(sweep)` (its line, kept current while it runs).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nbtune.engine.experiments.groups import Group
 from nbtune.engine.experiments.sweep_config import trial_config
 from nbtune.engine.records.text import cell
 from nbtune.errors import NbtuneError
@@ -17,31 +20,23 @@ if TYPE_CHECKING:
     from nbtune.config import RunConfig
     from nbtune.config.sweep_space import SweepSpec
     from nbtune.engine.records.run import Run
-    from nbtune.engine.workbench import Workbench
 
 SEPARATORS = "/\\"
 
 
-class SweepViews:
+class SweepViews(Group):
     """The reading half of `Sweep`: see the module docstring."""
 
-    config: RunConfig
     spec: SweepSpec
-    bench: Workbench
     records: list[dict[str, Any]]
     runs: dict[int, Run]
     ran_here: list[int]
-    status: str
-    error: str | None
 
     # ------------------------------------------------------------------ what the panel reads
     @property
-    def name(self) -> str:
-        return str(self.config.name)
-
-    @property
-    def objective(self) -> str:
-        return self.spec.objective
+    def optimize(self) -> str:
+        """The metric the sweep optimises (`sweep: {optimize: {eval_loss: min}}`), in `direction`."""
+        return self.spec.optimize
 
     @property
     def direction(self) -> str:
@@ -71,18 +66,27 @@ class SweepViews:
         return None if best is None else self.runs.get(best["number"]) or self.bench.runs.get(best["name"])
 
     # ------------------------------------------------------------------ views
+    def table(self) -> list[dict[str, Any]]:
+        """A row per trial: number, status, each swept setting, the optimised metric (by its name), steps,
+        seconds and run name."""
+        return [_row(r, self.params, self.optimize) for r in self.records]
+
     @property
     def trials(self) -> Any:
-        """A pandas DataFrame: number, status, each swept setting, the objective (by its metric's name), steps,
-        seconds and run name, a row per trial."""
+        """`table()` as a pandas DataFrame (its columns even before the first trial)."""
         import pandas as pd
 
-        columns = ["number", "status", *self.params, self.objective, "steps", "seconds", "run"]
-        return pd.DataFrame([_row(r, self.params, self.objective) for r in self.records], columns=columns)
+        columns = ["number", "status", *self.params, self.optimize, "steps", "seconds", "run"]
+        return pd.DataFrame(self.table(), columns=columns)
+
+    @property
+    def df(self) -> Any:
+        """The same DataFrame as `trials`."""
+        return self.trials
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (JSON-ready): name, objective, direction, status, planned, best, records, ran_here."""
-        return {"name": self.name, "objective": self.objective, "direction": self.direction, "status": self.status,
+        """Plain data (JSON-ready): name, optimize, direction, status, planned, best, records, ran_here."""
+        return {"name": self.name, "optimize": self.optimize, "direction": self.direction, "status": self.status,
                 "planned": self.planned, "best": self.best, "error": self.error, "records": list(self.records),
                 "ran_here": list(self.ran_here)}
 
@@ -105,11 +109,9 @@ class SweepViews:
             folder = str(Path(base) / suffix) if trial else f"{base}-best"
         return trial_config(self.config, self.spec, params, name=name, output_dir=folder, pruning=pruning)
 
-    def compare(self) -> Any:
-        """The trials this kernel holds that trained a step, side by side (`nbtune.compare`), in trial order."""
-        from nbtune.api import compare
-
-        return compare(*(self.runs[n] for n in sorted(self.runs) if self.runs[n].history))
+    def _compared(self) -> list[Run]:
+        """The trials this kernel holds that trained a step, in trial order."""
+        return [self.runs[n] for n in sorted(self.runs) if self.runs[n].history]
 
     def headline(self) -> str:
         best = self.best
@@ -118,35 +120,15 @@ class SweepViews:
             + ", ".join(f"{k}={cell(v)}" for k, v in best["params"].items()) + ")")
         done = done_trials(self.records)
         return (f"sweep {self.name!r}: {done} of {self.planned} trials, {self.status} · {self.direction} "
-                f"{self.objective} · {said}")
+                f"{self.optimize} · {said}")
 
-    def __repr__(self) -> str:
-        columns = ["number", "status", *self.params, self.objective, "steps", "seconds"]
-        lines = [columns, *([cell(_row(r, self.params, self.objective)[c]) for c in columns] for r in self.records)]
-        widths = [max(len(str(x)) for x in column) for column in zip(*lines, strict=True)]
-        table = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip() for line in lines]
-        return "\n".join([self.headline(), *(table if self.records else [])])
-
-    def _repr_html_(self) -> str | None:
-        """The static snapshot once it ended; while a background sweep runs, its text (the live panel shows it)."""
-        if self.status == "running":
-            return None
-        from nbtune.widgets.sweep_render import sweep_snapshot_html  # the engine never imports display code at load
-
-        return sweep_snapshot_html(self)
-
-    def _ipython_display_(self) -> None:
-        """How IPython shows a sweep (a cell's result, `display`): its line, kept current while it runs and
-        through a later resume; a line printed once stayed "0 of 4 trials, running" under a background
-        sweep that had long finished."""
-        from nbtune.widgets.sweep_panel import show_sweep  # display code: loaded only when IPython shows one
-
-        show_sweep(self)
+    def _text_rows(self) -> list[dict[str, Any]]:
+        return [{k: v for k, v in row.items() if k != "run"} for row in self.table()]
 
 
-def _row(record: dict[str, Any], params: list[str], objective: str) -> dict[str, Any]:
+def _row(record: dict[str, Any], params: list[str], metric: str) -> dict[str, Any]:
     return {"number": record["number"], "status": record["status"],
-            **{p: record["params"].get(p) for p in params}, objective: record["value"], "steps": record["steps"],
+            **{p: record["params"].get(p) for p in params}, metric: record["value"], "steps": record["steps"],
             "seconds": record["seconds"], "run": record["name"]}
 
 

@@ -151,7 +151,6 @@ def flat_name(name: str) -> str:
 def _data_as_files(name: str, config: RunConfig) -> tuple[RunConfig, dict[str, str]]:
     """`config` with in-memory `data` / `eval_data` (a DataFrame, a list) pointed at JSONL files, and those
     files' text, so that an exported script trains on the same rows."""
-    import dataclasses
     import json
 
     from nbtune.data.loading import load_records
@@ -165,7 +164,7 @@ def _data_as_files(name: str, config: RunConfig) -> tuple[RunConfig, dict[str, s
         rows = load_records(value, field=key).to_list()
         files[file] = "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows)
         changes[key] = file
-    return dataclasses.replace(config, **changes), files
+    return (config.with_changes(**changes) if changes else config), files
 
 
 __all__ = ["STRATEGIES", "accelerate_config", "flat_name", "launch_command", "rerun_script", "torchrun_command",

@@ -15,27 +15,25 @@ in `runs/<sweep>/<trial>` beside the sweep's study) are rows of their own, one f
 from __future__ import annotations
 
 import datetime as dt
-import json
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nbtune.engine.evaluation.predictions import FILE as PREDICTIONS_FILE
-from nbtune.engine.evaluation.predictions import read_rows
-from nbtune.engine.records.run import History, Run
+from nbtune.engine.records import run_folder
+from nbtune.engine.records.run import Run
+from nbtune.engine.records.run_folder import CHECKPOINTS_SUFFIX, RecordError, record_file
 from nbtune.engine.records.text import cell
-from nbtune.engine.training.checkpoints import MANIFEST, PREFIX
 from nbtune.errors import NbtuneError
 
-CHECKPOINTS_SUFFIX = "-checkpoints"  # engine/training/checkpoints.py checkpoint_root: `<output_dir>-checkpoints`
 COLUMNS = ("name", "method", "status", "saved", "steps", "train_loss", "eval_loss", "exact_match", "adapter_mb",
            "resume_from", "folder")
 
 
 @dataclass(frozen=True)
 class SavedRun:
-    """One run folder: what its run.json says (`info`), or why it could not be read (`problem`)."""
+    """One run folder: what its run.json says (`info`: the record, checked and in the current schema, see
+    engine/records/run_folder.py), or why it could not be read (`problem`)."""
 
     path: Path
     info: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -49,8 +47,8 @@ class SavedRun:
 
     def row(self) -> dict[str, Any]:
         metrics, history = self.info.get("metrics") or {}, self.info.get("history") or []
-        steps = history[-1].get("step", 0) if history and isinstance(history[-1], dict) else metrics.get("steps", 0)
-        total = (self.info.get("config") or {}).get("steps") or metrics.get("steps") or steps
+        steps = history[-1].get("step", 0) if history else metrics.get("steps", 0)
+        total = self.info.get("total_steps") or steps
         status = "unreadable" if self.problem else self.info.get("status", "?")
         if self.resume_from is not None and status != "finished":
             status = "interrupted" if status in ("running", "pending") else status
@@ -96,16 +94,6 @@ class RunHistory(list):
         lines += ["  ".join(f"{cell(r[c]):<12}" for c in shown) for r in rows]
         return "\n".join(lines)
 
-    def _repr_html_(self) -> str:
-        from html import escape
-
-        rows = self.table()
-        if not rows:
-            return f"<i>no saved runs under {escape(str(self.root))}</i>"
-        head = "".join(f"<th>{c}</th>" for c in COLUMNS)
-        body = "".join("<tr>" + "".join(f"<td>{escape(cell(r[c]))}</td>" for c in COLUMNS) + "</tr>" for r in rows)
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
 
 def history(root: str | Path = "runs") -> RunHistory:
     """Every run saved under `root` (its run folders and the checkpoints of unfinished ones), newest first."""
@@ -117,7 +105,7 @@ def history(root: str | Path = "runs") -> RunHistory:
     for parent in [folder, *_sweep_folders(folder)]:
         prefix = "" if parent == folder else f"{parent.name}/"  # a trial's key is `<sweep>/<trial>`, its name
         for path in _subfolders(parent):
-            if not path.name.endswith(CHECKPOINTS_SUFFIX) and (path / "run.json").exists():
+            if not path.name.endswith(CHECKPOINTS_SUFFIX) and record_file(path).exists():
                 found[prefix + path.name] = _read(path, key=prefix + path.name)
         for path in sorted(parent.glob(f"*{CHECKPOINTS_SUFFIX}")):
             _add_checkpoints(found, path, prefix)
@@ -133,32 +121,29 @@ def _sweep_folders(root: Path) -> list[Path]:
     """The folders under `root` that may hold a sweep's trials: any that is neither a run (no run.json) nor
     a run's checkpoints. A sweep's own folder holds its study and trial folders, never a run.json: it is
     looked into, not listed (nor taken for a damaged run)."""
-    return [p for p in _subfolders(root) if not p.name.endswith(CHECKPOINTS_SUFFIX) and not (p / "run.json").exists()]
+    return [p for p in _subfolders(root) if not p.name.endswith(CHECKPOINTS_SUFFIX) and not record_file(p).exists()]
 
 
-def _read(path: Path, *, json_file: Path | None = None, key: str = "") -> SavedRun:
+def _read(path: Path, *, record_in: Path | None = None, key: str = "") -> SavedRun:
+    """The run in `path` (its record read from `record_in`, a checkpoint of it, when given)."""
     try:
-        info = json.loads((json_file or path / "run.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        return SavedRun(path, problem=f"run.json unreadable: {str(exc).splitlines()[0][:80]}", key=key)
-    if not isinstance(info, dict) or not isinstance(info.get("config"), dict) or "status" not in info:
-        return SavedRun(path, problem="run.json is not one nbtune wrote", key=key)
-    return SavedRun(path, info, key=key)
+        return SavedRun(path, run_folder.read_record(record_in or path), key=key)
+    except RecordError as exc:
+        return SavedRun(path, problem=exc.why, key=key)
 
 
 def _add_checkpoints(found: dict[str, SavedRun], folder: Path, prefix: str = "") -> None:
     """An unfinished run's newest complete checkpoint: its own row when the run never saved, else the run's
     row says where to resume from. `prefix`: `<sweep>/` for a trial's (`runs/<sweep>/<trial>-checkpoints`)."""
-    complete = [p for p in folder.glob(f"{PREFIX}*") if (p / MANIFEST).is_file() and p.name[len(PREFIX):].isdigit()]
-    if not complete:
+    newest = run_folder.newest_checkpoint(folder)
+    if newest is None:
         return
-    newest = max(complete, key=lambda p: int(p.name[len(PREFIX):]))
     key = prefix + folder.name.removesuffix(CHECKPOINTS_SUFFIX)
     saved = found.get(key)
     if saved is None:
-        state = _read(folder, json_file=newest / "run.json", key=key)
+        state = _read(folder, record_in=newest, key=key)
         found[key] = SavedRun(folder, state.info, state.problem, newest, key)
-    elif saved.problem is None and saved.info.get("status") != "finished":
+    elif saved.problem is None and saved.info["status"] != "finished":
         found[key] = SavedRun(saved.path, saved.info, None, newest, key)
 
 
@@ -167,34 +152,14 @@ _FROM_DISK: weakref.WeakSet[Run] = weakref.WeakSet()  # records whose model load
 
 
 def saved_record(where: str | Path | SavedRun) -> Run:
-    """A `Run` record of a saved run (config, status, metrics, history; no model yet: `with_model` loads
-    it onto the kernel's cached base when answers are asked for)."""
-    import tempfile
-
-    from nbtune.config import RunConfig
-    from nbtune.methods import MethodContext, get_method
-
+    """A `Run` record of a saved run (config, status, metrics, history, every field run.json holds; no model
+    yet: `with_model` loads it onto the kernel's cached base when answers are asked for). Rebuilt as
+    `nbtune.load` rebuilds one (`Run.from_dict`)."""
     saved = where if isinstance(where, SavedRun) else _read(Path(where).expanduser())
-    if saved.problem is not None or (saved.resume_from is not None and not (saved.path / "run.json").exists()):
+    if saved.problem is not None or (saved.resume_from is not None and not record_file(saved.path).exists()):
         why = saved.problem or "it has checkpoints only (resume it, then compare)"
         raise NbtuneError(f"{str(saved.path)!r} cannot be compared: {why}.")
-    from nbtune.engine.records.reopen import openable_metric
-
-    given = {k: v for k, v in saved.info["config"].items() if k != "output_dir"}
-    given["metric"] = openable_metric(given.get("metric", "auto"))
-    config = RunConfig.parse(given)
-    context = MethodContext(options=config.options, config=config,
-                            workdir=Path(tempfile.mkdtemp(prefix="nbtune-saved-")),
-                            quantized=config.quantization != "none")
-    run = Run(config, get_method(config.method), context, status=saved.info["status"])
-    run.id = saved.info.get("id", run.id)
-    run.metrics = dict(saved.info.get("metrics") or {})
-    run.history = History(saved.info.get("history") or [])
-    run.eval_history = list(saved.info.get("eval_history") or [])
-    run.samples = list(saved.info.get("samples") or [])
-    run.prediction_rows = read_rows(saved.path)
-    run.total_steps = run.history[-1]["step"] if run.history else run.metrics.get("steps", 0)
-    run.saved_to = saved.path
+    run = Run.from_dict(saved.info, folder=saved.path)
     _FROM_DISK.add(run)
     return run
 
@@ -203,10 +168,10 @@ def with_model(run: Run) -> Run:
     """`run` holding its model: a saved run's record gets it loaded now, onto the kernel's cached base."""
     if run.model is not None or run not in _FROM_DISK:
         return run
+    from nbtune.engine.bases.kernel_cache import kernel_view_for
     from nbtune.engine.records.reopen import load
-    from nbtune.engine.workbench import WORKBENCH
 
-    loaded = load(run.saved_to, view_for=WORKBENCH.view_for)  # the base it trained on: cached, or rebuilt
+    loaded = load(run.saved_to, view_for=kernel_view_for())  # the base it trained on: cached, or rebuilt
     run.model, run.tokenizer, run.eval_pairs = loaded.model, loaded.tokenizer, loaded.eval_pairs
     run.provenance = loaded.provenance
     run.base_name = loaded.base_name
@@ -217,13 +182,13 @@ def saved_mb(folder: Path) -> float | None:
     """Size on disk of what a run saved (adapter or weights), without tokenizer and run.json."""
     if not folder.is_dir():
         return None
-    skip = {"run.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-            "generation_config.json", PREDICTIONS_FILE}
+    skip = {run_folder.RECORD, "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+            "special_tokens_map.json", "generation_config.json", run_folder.PREDICTIONS}
     return round(sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and f.name not in skip) / 2**20, 2)
 
 
 def _mtime(path: Path) -> float:
-    marker = path / "run.json"
+    marker = record_file(path)
     return (marker if marker.exists() else path).stat().st_mtime
 
 

@@ -9,7 +9,6 @@ its `predictions()` and
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 import uuid
 import warnings
@@ -18,7 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nbtune.engine.evaluation.generation import Prompt, generate_texts
-from nbtune.engine.records.saving import atomic_directory, other_saved_run, write_json
+from nbtune.engine.records import run_folder
+from nbtune.engine.records.run_folder import STATUSES
+from nbtune.engine.records.saving import atomic_directory
 from nbtune.engine.training.events import Broadcast
 from nbtune.engine.training.quiet import no_hf_progress_bars
 from nbtune.errors import NbtuneError, NbtuneWarning, RunInterrupted
@@ -26,9 +27,6 @@ from nbtune.errors import NbtuneError, NbtuneWarning, RunInterrupted
 if TYPE_CHECKING:
     from nbtune.config import RunConfig
     from nbtune.methods.registry import MethodContext, MethodSpec
-
-# "pruned": a sweep trial its pruner ended early (engine/experiments/sweep.py); unlike "stopped", nothing to resume.
-STATUSES = ("pending", "running", "finished", "stopped", "pruned", "failed", "combined")
 
 
 def set_status(run: Run, status: str, error: str | None = None) -> None:
@@ -312,18 +310,14 @@ class Run:
         """Write the adapter (or weights), tokenizer and run.json to `path` atomically; returns the path."""
         self.require_model()
         target = Path(path).expanduser() if path is not None else self.config.resolved_output_dir
-        replaced = other_saved_run(target, self.id, self.config.to_json_dict())
-        with atomic_directory(target, replaceable="run.json") as tmp, no_hf_progress_bars():
+        replaced = run_folder.other_saved_run(target, self.id, self.config.to_json_dict())
+        with atomic_directory(target, replaceable=run_folder.RECORD) as tmp, no_hf_progress_bars():
             if self.method.save is not None:
                 self.method.save(self.model, tmp, self.context)
             else:
                 self.model.save_pretrained(str(tmp))
             self.tokenizer.save_pretrained(str(tmp))
-            if self.prediction_rows:
-                from nbtune.engine.evaluation.predictions import write_rows
-
-                write_rows(tmp, self.prediction_rows)
-            write_json(tmp / "run.json", self.to_dict())
+            run_folder.write_run(tmp, self, saved_to=target)  # run.json last: the folder's mark of a save
         self.saved_to = target
         if replaced is not None:
             warnings.warn(f"run {self.name!r} ({self.method.name}) replaced the run saved earlier in {str(target)!r} "
@@ -331,24 +325,21 @@ class Run:
         return target
 
     def to_dict(self) -> dict[str, Any]:
-        """What run.json holds: name, status, method, config, metrics, history, provenance."""
-        from nbtune import __version__
+        """What run.json holds (engine/records/run_folder.py says field by field): id, name, status, method,
+        config, metrics, history, samples, provenance, total_steps, base name, where it is saved."""
+        return run_folder.record_of(self)
 
-        return {
-            "nbtune_version": __version__,
-            "id": self.id,
-            "name": self.name,
-            "status": self.status,
-            "method": self.method.name,
-            "save_format": self.method.save_format(self.config.options),  # methods/registry.py SAVE_FORMATS
-            "error": self.error,
-            "config": self.config.to_json_dict(),
-            "metrics": self.metrics,
-            "history": list(self.history),
-            "eval_history": self.eval_history,
-            "samples": self.samples,
-            "provenance": self.provenance,
-        }
+    @classmethod
+    def from_dict(cls, record: dict[str, Any], *, folder: str | Path | None = None, config: RunConfig | None = None,
+                  tokenizer: Any = None) -> Run:
+        """The Run a record describes (`to_dict`'s, or run.json's in any schema), every field restored, without
+        a model: its method from the registry, a fresh scratch folder. `folder`: the folder it was read from
+        (its prediction rows come along; its config's `output_dir` is dropped: a save goes to runs/<name>).
+        `config`: the record's config already parsed (e.g. with another quantization)."""
+        record = run_folder.checked(record)
+        config = config if config is not None else run_folder.config_of(record, reopened=folder is not None)
+        method, context = run_folder.parts_of(record, config, tokenizer)
+        return run_folder.restore(cls(config, method, context, status=record["status"]), record, folder)
 
     def __repr__(self) -> str:
         m = self.metrics
@@ -383,13 +374,8 @@ class Run:
 
     def owns_saved_folder(self) -> bool:
         """Whether `saved_to` still holds this run (not a newer run of the same name saved over it)."""
-        if self.saved_to is None:
-            return False
-        try:
-            saved = json.loads((Path(self.saved_to) / "run.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return False
-        return saved.get("id", self.id) == self.id  # folders saved before runs had ids: as before
+        # A folder saved before runs had ids holds this run as far as anyone can tell.
+        return self.saved_to is not None and run_folder.holds_run(self.saved_to, self.id, unrecorded=True)
 
     @contextlib.contextmanager
     def _adapter(self, enabled: bool) -> Iterator[None]:

@@ -12,7 +12,6 @@ in the folder's place is refused (`check_target`).
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import os
 import shutil
@@ -145,25 +144,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def other_saved_run(target: Path, run_id: str, config: dict[str, Any]) -> str | None:
-    """What `target` holds when it is another run whose config differs from `config` (a cell changed and run
-    again, another method under the same name): its method, status, steps and when it was saved. The same
-    cell run again replaces its own earlier result without a word, as a notebook re-run should."""
-    try:
-        saved = json.loads((target / "run.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(saved, dict) or saved.get("id") == run_id:
-        return None
-    theirs = saved.get("config") if isinstance(saved.get("config"), dict) else {}
-    if {k: v for k, v in theirs.items() if k != "derived"} == {k: v for k, v in config.items() if k != "derived"}:
-        return None
-    history = saved.get("history") or [{}]
-    steps = history[-1].get("step", 0) if isinstance(history[-1], dict) else 0
-    when = datetime.datetime.fromtimestamp((target / "run.json").stat().st_mtime).strftime("%Y-%m-%d %H:%M")
-    return f"method {saved.get('method', '?')}, {saved.get('status', '?')} at step {steps}, saved {when}"
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -3,6 +3,9 @@
 The Trainer owns the loop; this callback only reads its state after each step and log, appends one
 history record per optimizer step (loss, lr, grad norm, tokens/s, memory) and forwards events to the
 run's observers. A stop request (a Stop button, `run.stop()`) ends training after the current step.
+What the run's objective logs of its own (a preference run's rewards and margins) is mapped to the run's
+names by its spec (`ObjectiveSpec.log_values`): into each step's record, and from each evaluation into
+`run.metrics`.
 """
 
 from __future__ import annotations
@@ -14,14 +17,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import TrainerCallback
 
-from nbtune.config.objective import preference_values
 from nbtune.engine.compute.memory import cuda_mb
+from nbtune.objectives.registry import get_objective
 
 if TYPE_CHECKING:
     from nbtune.engine.compute.memory import PeakSampler
     from nbtune.engine.records.run import Run
 
-# TRL's names -> the record's; preference objectives add their own (rewards, margins, ...: config_objective.py)
+# The Trainer's names -> the record's, for every run; each objective declares its own (`log_keys`)
 _LOG_KEYS = {"loss": "loss", "learning_rate": "lr", "grad_norm": "grad_norm"}
 
 
@@ -77,7 +80,7 @@ class RunCallback(TrainerCallback):
             return
         record = history[-1]
         record.update({ours: logs[theirs] for theirs, ours in _LOG_KEYS.items() if theirs in logs})
-        record.update(preference_values(self.run.config.objective, logs))
+        record.update(get_objective(self.run.config.objective).log_values(logs))
         self.run.emit("on_step", record)
         if self.run.stop_requested:  # an observer may have asked during this very step's event
             control.should_training_stop = True
@@ -85,6 +88,9 @@ class RunCallback(TrainerCallback):
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None,
                     **kwargs: Any) -> None:
         metrics = {"step": state.global_step, **(metrics or {})}
+        # The objective's held-out numbers (a preference run's reward accuracy and margin, ...) next to eval_loss
+        values = get_objective(self.run.config.objective).log_values(metrics, prefix="eval_")
+        self.run.metrics.update({key: round(float(value), 4) for key, value in values.items()})
         self.run.eval_history.append(metrics)
         self.run.emit("on_eval", metrics)
 
@@ -98,7 +104,7 @@ def _records_from_log(log_history: list[dict[str, Any]], objective: str) -> list
             record = {"step": entry["step"], "epoch": entry.get("epoch"), "tokens": 0, "tokens_per_second": 0.0,
                       "step_seconds": 0.0, "elapsed_seconds": 0.0, "restored": True}
             record.update({ours: entry[theirs] for theirs, ours in _LOG_KEYS.items() if theirs in entry})
-            record.update(preference_values(objective, entry))
+            record.update(get_objective(objective).log_values(entry))
             records.append(record)
     return records
 

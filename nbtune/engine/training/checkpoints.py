@@ -4,9 +4,10 @@ The Trainer writes the checkpoint itself (adapter or weights, optimizer, schedul
 state): that is the format its `resume_from_checkpoint` restores exactly, data position included. What
 it does not do is survive a crash inside a save: it writes straight into `checkpoint-N`, so a killed
 process leaves a folder that looks like a checkpoint and is not one. Here the Trainer writes into a
-staging folder; nbtune then adds a manifest (size and SHA-256 of every file, plus the run's config) and
-renames the folder into place, so `checkpoint-N` exists only when complete. Resume verifies the manifest
-and falls back to the newest checkpoint that passes, saying which ones it skipped and why.
+staging folder; nbtune then adds the run's record so far (run.json, engine/records/run_folder.py) and a
+manifest (size and SHA-256 of every file), and renames the folder into place, so `checkpoint-N` exists only
+when complete. Resume verifies the manifest and falls back to the newest checkpoint that passes, saying
+which ones it skipped and why.
 
 Hand-written because neither transformers nor accelerate verifies a checkpoint before resuming from it.
 """
@@ -23,14 +24,15 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nbtune.engine.records.saving import write_json
+from nbtune.engine.records import run_folder
+from nbtune.engine.records.run_folder import CHECKPOINT_MANIFEST as MANIFEST
+from nbtune.engine.records.run_folder import CHECKPOINT_PREFIX as PREFIX
+from nbtune.engine.records.run_folder import checkpoint_step as _step
 from nbtune.errors import NbtuneError, NbtuneWarning
 
 if TYPE_CHECKING:
     from nbtune.engine.records.run import Run
 
-MANIFEST = "nbtune-checkpoint.json"
-PREFIX = "checkpoint-"
 STAGING = ".staging"
 
 
@@ -39,7 +41,7 @@ class AtomicCheckpoints:
 
     keep_checkpoints: int = 2
     checkpoint_extra: dict[str, Any] = {}
-    checkpoint_json: Callable[[], dict[str, Any]] | None = None  # file name -> data, written into each one
+    checkpoint_record: Callable[[], dict[str, Any]] | None = None  # the run's run.json so far, put in each one
     _staging_root: Path | None = None
 
     def _get_output_dir(self, trial: Any) -> str:
@@ -63,8 +65,8 @@ class AtomicCheckpoints:
         barrier()  # all ranks' files are in before the manifest seals the folder
         step = self.state.global_step  # type: ignore[attr-defined]
         if self.args.should_save:  # type: ignore[attr-defined]  # rank 0 only
-            for name, data in (self.checkpoint_json() if self.checkpoint_json else {}).items():
-                write_json(staging / f"{PREFIX}{step}" / name, data)
+            if self.checkpoint_record is not None:  # sealed by the manifest like the Trainer's own files
+                run_folder.write_record(staging / f"{PREFIX}{step}", self.checkpoint_record())
             publish(staging / f"{PREFIX}{step}", root, extra={"step": step, **self.checkpoint_extra})
             shutil.rmtree(staging, ignore_errors=True)
             prune(root, keep=self.keep_checkpoints)
@@ -135,11 +137,6 @@ def _digest(path: Path) -> dict[str, Any]:
     return {"size": path.stat().st_size, "sha256": sha.hexdigest()}
 
 
-def _step(folder: Path) -> int | None:
-    suffix = folder.name.removeprefix(PREFIX)
-    return int(suffix) if suffix.isdigit() else None
-
-
 def _fsync(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -157,8 +154,7 @@ def checkpoint_root(config: Any, scratch: Path) -> Path:
     """Where the Trainer's checkpoints go: beside the run's output when they are periodic (they must
     outlive the process), else the run's `scratch` folder (a Stop's checkpoint is for `resume()` here)."""
     if config.checkpoint_steps:  # beside the output folder, which the final save replaces whole
-        out = config.resolved_output_dir
-        return out.with_name(out.name + "-checkpoints")
+        return run_folder.checkpoints_folder(config.resolved_output_dir)
     return scratch / "trainer"  # all ranks of a run write into one
 
 
@@ -206,10 +202,10 @@ def check_compatible(folder: Path, config: Any) -> list[str]:
     without nbtune's run.json (made elsewhere) are not checked."""
     from nbtune.engine.training.distributed import launched, world_size
 
-    try:
-        saved = json.loads((folder / "run.json").read_text(encoding="utf-8"))["config"]
-    except (OSError, ValueError, KeyError, TypeError):
+    record = run_folder.try_read_record(folder)  # in the current schema, whichever nbtune wrote it
+    if record is None:
         return []
+    saved = record["config"]
     now = config.to_json_dict()
     keys = [*_MUST_MATCH, *sorted(config.options)]
     for key in keys:

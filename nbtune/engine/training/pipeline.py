@@ -7,7 +7,7 @@
 Everything expensive happens after everything checkable has been checked: a typo in the config or a
 missing data file fails in milliseconds, before a single weight is read. The `Run` is the record the user
 keeps; what exists only while it trains lives in its `TrainingSession`, created and dropped here. The
-run's objective (objectives/registry.py) tokenises and builds the Trainer.
+run's objective (its `ObjectiveSpec`, nbtune/objectives) tokenises and builds the Trainer.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from nbtune.engine.training.trainer import (
 )
 from nbtune.errors import NbtuneError, NbtuneWarning, RunInterrupted
 from nbtune.methods import MethodContext, get_method
-from nbtune.objectives.registry import objective_for
+from nbtune.objectives.registry import get_objective
 
 
 def start_run(config: RunConfig | dict[str, Any] | str | None = None, *, observers: Iterable[Any] = (),
@@ -178,7 +178,7 @@ def _train(run: Run, session: TrainingSession, base: Any, memory: PeakSampler,
 
     # 3. Tokenise as the objective wants it (supervised fine-tuning: chat template, answer-only labels,
     # lengths for grouping batches of similar length).
-    objective = objective_for(config)
+    objective = get_objective(config.objective)
     train_set, eval_set = objective.tokenize(train_records, eval_records, fmt, tokenizer, config)
     run.eval_pairs = prompts_and_answers(eval_records, fmt) if eval_records is not None and fmt != "text" else []
 
@@ -193,7 +193,8 @@ def _train(run: Run, session: TrainingSession, base: Any, memory: PeakSampler,
     # 5. Will it fit? Refused here with numbers and advice, not killed by the OS half-way.
     estimate = check_fits(model, config, longest=max(train_set["length"], default=1))
     run.metrics["memory_need_mb"] = round(estimate["total_mb"])
-    if estimate.get("checkpointing_chosen"):
+    if estimate.get("checkpointing_chosen"):  # a config does not change: the run trains with one that says so
+        run.config = run.context.config = config.with_changes(gradient_checkpointing=True, derived=True)
         warnings.warn(f"run {run.name!r} fits in memory only with gradient checkpointing, which is now on "
                       "(slower steps); set `gradient_checkpointing: false` to refuse that.", NbtuneWarning,
                       stacklevel=5)
@@ -208,8 +209,8 @@ def _fit(run: Run, session: TrainingSession, memory: PeakSampler, resume_from: s
     True when an interrupt stopped it."""
     train_set, eval_set = session.datasets
     session.guard = NonFiniteGuard(run.config.on_nonfinite)
-    trainer = objective_for(run.config).trainer(run, train_set, eval_set, memory, guard=session.guard,
-                                                scratch=session.scratch, shared_stop=session.shared_stop)
+    trainer = get_objective(run.config.objective).trainer(run, train_set, eval_set, memory, guard=session.guard,
+                                                          scratch=session.scratch, shared_stop=session.shared_stop)
     session.datasets = (trainer.train_dataset, trainer.eval_dataset)  # as prepared: TRL's hold reference log-probs
     try:
         return _train_and_evaluate(run, session, trainer, eval_set, resume_from)

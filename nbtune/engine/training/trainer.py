@@ -71,7 +71,7 @@ def finish_trainer(trainer: Any, run: Run) -> Any:
     config = run.config
     trainer.keep_checkpoints = config.keep_checkpoints
     trainer.checkpoint_extra = {"run": run.name, "method": run.method.name}
-    trainer.checkpoint_json = lambda: {"run.json": run.to_dict()}  # config, metrics, history so far
+    trainer.checkpoint_record = run.to_dict  # run.json as it stands at each checkpoint (records/run_folder.py)
     for noisy in (PrinterCallback, ProgressCallback):  # they print every log dict to stdout
         trainer.remove_callback(noisy)
     _point_trackers(trainer, config)
@@ -215,7 +215,7 @@ def release_from_trainer(trainer: Any) -> None:
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     for module in {id(m): m for m in (model, trainer.model)}.values():
         module.__dict__.pop("_is_accelerate_prepared", None)
-    release = getattr(trainer, "nbtune_release", None)  # an objective's own undoing (objectives/preference.py)
+    release = getattr(trainer, "nbtune_release", None)  # an objective's own undoing (objectives/trl_pairs.py)
     if release is not None:
         release()
 

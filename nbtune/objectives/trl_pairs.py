@@ -1,9 +1,7 @@
-"""Preference tuning: `objective: dpo | orpo | simpo | kto`, on top of any method, through TRL's trainers.
-
-The objective is the one step of the pipeline that differs from supervised fine-tuning (objectives/registry.py):
-rows become TRL's conversational pairs (nbtune/data/preference.py) and TRL's trainer learns from them, with
-nbtune's callbacks (history, events, guards, Stop), checkpoints and data order mixed in, so a preference run
-is watched, stopped, resumed, compared and saved as any run is.
+"""The TRL machinery the preference objectives share (dpo.py, orpo.py, simpo.py, kto.py each declare a
+`TrlPairs` and register it): rows become TRL's conversational pairs (nbtune/data/preference.py) and TRL's
+trainer learns from them, with nbtune's callbacks (history, events, guards, Stop), checkpoints and data order
+mixed in, so a preference run is watched, stopped, resumed, compared and saved as any run is.
 
 The reference policy costs no second model (`reference_for`):
 - a peft method that leaves the base as it is: the base itself, the adapter switched off (peft's
@@ -11,9 +9,9 @@ The reference policy costs no second model (`reference_for`):
 - a method that trains the base's own weights (full, freeze, bitfit), an adapter of nbtune's own (Houlsby,
   Pfeiffer), or `precompute_ref: true`: the reference log-probs of every pair, computed once before the
   first step, when the model still computes what the base does (TRL's `precompute_ref_log_probs`).
-  (AdaLoRA and PiSSA / OLoRA inits are refused with dpo / kto: nbtune/config/objective.py says why.)
-ORPO and SimPO have no reference: what they report is the model's own average log-prob per answer token
-(`chosen_preferred`, `logp_margin`), named apart from DPO's and KTO's rewards (config_objective.py). Their
+  (Methods whose adapter cannot have TRL's frozen copy beside it are refused: `REFERENCE_COPY` says why.)
+Without a reference (ORPO, SimPO) what is reported is the model's own average log-prob per answer token
+(`chosen_preferred`, `logp_margin`), named apart from DPO's and KTO's rewards (`RELATIVE`, `ABSOLUTE`). Their
 forward is TRL's with ORPO's NLL term over the answers unless `train_on_prompt` (`_PairForward`), and their
 tokens are counted for tokens/s (`_PairTokens`).
 
@@ -28,41 +26,135 @@ import importlib
 import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from transformers import TrainerCallback
-
-from nbtune.config.objective import WITH_REFERENCE, beta_of, loss_type_of, preference_values
+from nbtune.config.params import Param
+from nbtune.errors import ConfigError, DataError, did_you_mean
+from nbtune.objectives.registry import Curve, MethodRefusal
 
 if TYPE_CHECKING:
     from nbtune.config import RunConfig
+    from nbtune.data.preview import BatchPreview
     from nbtune.engine.compute.memory import PeakSampler
     from nbtune.engine.records.run import Run
     from nbtune.engine.training.guards import NonFiniteGuard
+    from nbtune.methods.registry import MethodSpec
+    from nbtune.objectives.registry import Validate
 
-# objective -> (module, trainer class, config class) in TRL
-TRL_TRAINERS = {"dpo": ("trl", "DPOTrainer", "DPOConfig"), "kto": ("trl", "KTOTrainer", "KTOConfig"),
-                "orpo": ("trl.experimental.orpo", "ORPOTrainer", "ORPOConfig"),
-                "simpo": ("trl.experimental.cpo", "CPOTrainer", "CPOConfig")}
+KIND = "preference-tuning"
+COLUMNS = {"preference": "prompt, chosen, rejected", "unpaired": "prompt, completion, label"}
+
+# TRL's logged names -> the run's. TRL calls two different things "rewards". DPO's and KTO's are implicit
+# rewards, beta x the answer's log-prob ratio to the reference: a reward accuracy of 1.0 says the tuned model
+# moved every chosen answer up relative to the rejected one, measured from the base (0 before the first step).
+# ORPO's and SimPO's have no reference: they are beta x the answer's average log-prob per token, so their
+# "accuracy" says whether the model gives the chosen answer the higher average log-prob at all, which the base
+# often does before any step. Those get names of their own: chosen_preferred and the log-prob margin.
+RELATIVE = {"rewards/accuracies": "reward_accuracy", "rewards/margins": "reward_margin",
+            "rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected"}
+ABSOLUTE = {"rewards/accuracies": "chosen_preferred", "logps/chosen": "logp_chosen",
+            "logps/rejected": "logp_rejected"}
+LOGP_MARGIN = {"logp_margin": ("logp_chosen", "logp_rejected")}  # TRL's two logged means, subtracted
+REWARD_CURVES = (
+    Curve("reward_accuracy", "reward accuracy", "share of pairs whose chosen answer gained more log-prob than the "
+          "rejected one, relative to the reference (dpo)", "title"),
+    Curve("reward_margin", "reward margin (chosen - rejected)", "beta x (chosen's - rejected's log-prob gain over "
+          "the reference), mean over pairs (dpo; kto: mean desirable - mean undesirable)", "line"),
+    Curve("reward_chosen", "reward chosen", "beta x the chosen (desirable) answer's log-prob gain over the reference"),
+    Curve("reward_rejected", "reward rejected", "beta x the rejected (undesirable) answer's log-prob gain over the "
+          "reference"),
+)
+LOGP_CURVES = (
+    Curve("chosen_preferred", "chosen preferred", "share of pairs whose chosen answer has the higher average "
+          "log-prob per token (absolute, no reference: orpo, simpo)", "title"),
+    Curve("logp_margin", "log-prob margin (chosen - rejected)", "chosen's - rejected's average log-prob per token, "
+          "mean over pairs (orpo, simpo)", "line"),
+    Curve("logp_chosen", "log-prob chosen", "the chosen answer's average log-prob per token"),
+    Curve("logp_rejected", "log-prob rejected", "the rejected answer's average log-prob per token"),
+)
+# Why a key of another objective does not apply to one without a reference.
+NO_REFERENCE = "it needs a reference model, and {name} has none"
+ANSWERS_ONLY = "its loss compares the answers' log-probs, and the prompt is what they answer"
 
 
-def reference_for(objective: str, method: Any, options: dict[str, Any], precompute: bool, is_peft: bool) -> str:
-    """Where the reference log-probs come from: 'none' (orpo, simpo), 'adapter_off' (the base, adapter
-    switched off at every step) or 'precomputed' (once, before the first step; see the module docstring)."""
-    if objective not in WITH_REFERENCE:
+def beta(default: float, help_text: str) -> Param:
+    return Param("beta", "float", default, help_text, min=0.0, min_exclusive=True)
+
+
+def loss_type(variants: tuple[str, ...]) -> Param:
+    # Checked by `variants_check` (one line naming the objective's variants), not by `choices`.
+    return Param("loss_type", "str", variants[0], f"TRL's loss variant: {', '.join(variants)}.")
+
+
+PRECOMPUTE_REF = Param("precompute_ref", "bool", False, "Compute the reference log-probs of every pair once before "
+                       "training instead of once per step; always so for methods that train the base.")
+
+
+def variants_check(name: str, variants: tuple[str, ...]) -> Validate:
+    """The objective's `validate`: `loss_type` one of its TRL variants."""
+    def check(options: dict[str, Any], config: RunConfig) -> None:
+        if options["loss_type"] not in variants:
+            hint = did_you_mean(options["loss_type"], variants)
+            raise ConfigError(f"`loss_type: {options['loss_type']}` is no {name} loss.{hint} {name} has: "
+                              f"{', '.join(variants)}.", field="loss_type")
+    return check
+
+
+def _second_adapter(method: MethodSpec, options: dict[str, Any]) -> str | None:
+    if not method.allows_second_adapter(options):
+        return f"peft allows one {method.name} adapter per model"
+    if method.adds_modules(options) and not method.keeps_base(options):
+        return "its initialisation rewrites the base weights, and the copy would initialise (and rewrite) again"
+    return None
+
+
+# Objectives with a reference refuse the methods whose adapter cannot have TRL's frozen copy beside it (after
+# the method's options are checked: PiSSA is an `init` of lora).
+REFERENCE_COPY = MethodRefusal(_second_adapter, because="TRL keeps a frozen copy of the adapter beside it as the "
+                               "reference", fix="Use plain lora (or dora), or `objective: orpo` / `simpo`, which "
+                               "need no reference.")
+
+
+def reference_for(reference: bool, method: Any, options: dict[str, Any], precompute: bool, is_peft: bool) -> str:
+    """Where the reference log-probs come from: 'none' (no `reference`: orpo, simpo), 'adapter_off' (the base,
+    adapter switched off at every step) or 'precomputed' (once, before the first step; see the module doc)."""
+    if not reference:
         return "none"
     if precompute or not is_peft or not method.keeps_base(options):
         return "precomputed"
     return "adapter_off"
 
 
-class PreferenceTuning:
-    """An objective of `nbtune/config/objective.py`'s PREFERENCE: TRL's trainer for it, nbtune's run around it."""
+@dataclass(frozen=True)
+class TrlPairs:
+    """One preference objective on TRL: its trainer and config classes, and what differs between them. Its
+    methods are the objective's hooks (`ObjectiveSpec.tokenize`, `trainer`, `check_data`, `preview`, ...)."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    name: str
+    module: str  # where TRL keeps the two classes
+    trainer_name: str
+    config_name: str
+    formats: tuple[str, ...] = ("preference",)
+    reference: bool = False  # TRL compares with a reference model: nbtune's is the base (`reference_for`)
+    unpaired: bool = False  # learns from single answers labelled desirable or not, read in order (KTO)
+    pair_forward: bool = False  # TRL's ORPO / CPO trainers: nbtune's forward and token count mixed in
+    passes: tuple[str, ...] = ("beta",)  # the objective's keys TRL's config takes as they are
+    fixed: tuple[tuple[str, Any], ...] = ()  # TRL config values the objective fixes
+
+    def check_data(self, config: RunConfig, fmt: str, dataset: Any, field: str) -> None:
+        """Refuse data that is no preferences, naming its columns and what would do; then every row."""
+        from nbtune.data.preference import check_rows
+
+        if fmt not in self.formats:
+            first, *others = [COLUMNS[f] for f in self.formats]
+            needs = first + "".join(f" (or {c})" for c in others)
+            raise DataError(f"`objective: {self.name}` learns from preferences: `data` needs columns {needs}, and it "
+                            f"has {dataset.column_names}. Use `data: demo_pairs` to try it, or `objective: sft` for "
+                            "this data.", field=field)
+        check_rows(fmt, dataset, field)
 
     def tokenize(self, train_records: Any, eval_records: Any, fmt: str, tokenizer: Any,
                  config: RunConfig) -> tuple[Any, Any]:
@@ -72,7 +164,7 @@ class PreferenceTuning:
         train = preference_rows(train_records, fmt, tokenizer=tokenizer, field="data")
         evaluation = (preference_rows(eval_records, fmt, tokenizer=tokenizer, field="eval_data")
                       if eval_records is not None else None)
-        if self.name == "kto":
+        if self.unpaired:
             # TRL's KTO reads rows in order (its KL term pairs neighbours), so the order is drawn here: pairs
             # split into a desirable and an undesirable answer, then shuffled with the run's seed.
             train = _unpaired(train).shuffle(seed=config.seed).flatten_indices()
@@ -87,11 +179,11 @@ class PreferenceTuning:
         config, model = run.config, run.model
         values = training_argument_values(run, device.current(), scratch=scratch,
                                           periodic_eval=bool(config.eval_steps and eval_set is not None))
-        reference = reference_for(self.name, run.method, config.options, config.precompute_ref,
-                                  hasattr(model, "peft_config"))
-        trainer_class, config_class = trl_classes(self.name)
+        precompute = bool(config.objective_options.get("precompute_ref", False))
+        reference = reference_for(self.reference, run.method, config.options, precompute, hasattr(model, "peft_config"))
+        trainer_class, config_class = trl_classes(self)
         args = config_class(**{**values, **self.settings(config, reference)})
-        callbacks = [*run_callbacks(run, memory, guard, shared_stop, args.world_size), PreferenceMetrics(run)]
+        callbacks = run_callbacks(run, memory, guard, shared_stop, args.world_size)
         optimizer = run.method.make_optimizer(model, args, run.context) if run.method.make_optimizer else None
         unpatched_forward(model)  # TRL wraps the forward on every construction: a resume must not wrap it twice
         started = time.perf_counter()
@@ -108,47 +200,45 @@ class PreferenceTuning:
 
     def settings(self, config: RunConfig, reference: str) -> dict[str, Any]:
         """What TRL's config for this objective gets beyond the TrainingArguments every run has."""
+        options = config.objective_options
         settings: dict[str, Any] = {
-            "beta": beta_of(config),
+            **{key: options[key] for key in self.passes},
             "max_length": config.max_length,
             "disable_dropout": False,  # the method's own `dropout` option says what dropout there is
-            "train_sampling_strategy": "sequential" if self.name == "kto" else "random",
+            "train_sampling_strategy": "sequential" if self.unpaired else "random",
         }
-        if self.name in WITH_REFERENCE:
-            settings["loss_type"] = loss_type_of(config)
+        if self.reference:
             settings["precompute_ref_log_probs"] = reference == "precomputed"
             settings["remove_unused_columns"] = True  # only TRL's tokenised columns reach its collator
-        if self.name == "simpo":  # SimPO is CPO's simpo loss without its NLL term (the SimPO paper's loss)
-            settings.update(loss_type="simpo", cpo_alpha=0.0)
+        settings.update(self.fixed)
         return settings
 
+    def trainer_class(self) -> type:
+        """nbtune's Trainer class for this objective (TRL's, with nbtune's pieces mixed in)."""
+        return trl_classes(self)[0]
 
-class PreferenceMetrics(TrainerCallback):
-    """The last evaluation's preference numbers (on the held-out pairs: reward accuracy and margin for dpo,
-    chosen_preferred and logp_margin for orpo and simpo, ...; config_objective.py) into `run.metrics`, next
-    to eval_loss."""
+    def preview(self, config: RunConfig, tokenizer: Any, n: int, train: Any, fmt: str) -> BatchPreview:
+        from nbtune.objectives.pair_preview import preview_pairs
 
-    def __init__(self, run: Run) -> None:
-        self.run = run
+        return preview_pairs(self, config, tokenizer, n, train, fmt)
 
-    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None,
-                    **kwargs: Any) -> None:
-        values = preference_values(self.run.config.objective, metrics or {}, prefix="eval_")
-        self.run.metrics.update({key: round(float(value), 4) for key, value in values.items()})
+    def preview_header(self, preview: BatchPreview) -> str:
+        from nbtune.objectives.pair_preview import pairs_header
+
+        return pairs_header(preview, appends_eos=self.pair_forward)
 
 
 @cache
-def trl_classes(objective: str) -> tuple[type, type]:
-    """(nbtune's Trainer for `objective`: TRL's with nbtune's checkpoints and data order, TRL's config)."""
+def trl_classes(trl: TrlPairs) -> tuple[type, type]:
+    """(nbtune's Trainer for `trl`: TRL's with nbtune's checkpoints and data order, TRL's config class)."""
     from nbtune.engine.training.checkpoints import AtomicCheckpoints
     from nbtune.engine.training.sampling import DataOrder
 
-    module, trainer_name, config_name = TRL_TRAINERS[objective]
     with quiet_trl():
-        trl = importlib.import_module(module)
-    own = (_PairForward, _PairTokens) if objective in ("orpo", "simpo") else ()
-    bases = (AtomicCheckpoints, DataOrder, _AsARun, *own, getattr(trl, trainer_name))
-    return type(f"Run{trainer_name}", bases, {}), getattr(trl, config_name)
+        module = importlib.import_module(trl.module)
+    own = (_PairForward, _PairTokens) if trl.pair_forward else ()
+    bases = (AtomicCheckpoints, DataOrder, _AsARun, *own, getattr(module, trl.trainer_name))
+    return type(f"Run{trl.trainer_name}", bases, {}), getattr(module, trl.config_name)
 
 
 class _AsARun:
@@ -268,5 +358,8 @@ def _without_length(dataset: Any) -> Any:
     return dataset.remove_columns("length")
 
 
-__all__ = ["PreferenceMetrics", "PreferenceTuning", "drop_reference_copy", "reference_for",
-           "trl_classes", "unpatched_forward"]
+
+
+__all__ = ["ABSOLUTE", "ANSWERS_ONLY", "KIND", "LOGP_CURVES", "LOGP_MARGIN", "NO_REFERENCE", "PRECOMPUTE_REF",
+           "REFERENCE_COPY", "RELATIVE", "REWARD_CURVES", "TrlPairs", "beta", "drop_reference_copy", "loss_type",
+           "reference_for", "trl_classes", "unpatched_forward", "variants_check"]
