@@ -142,15 +142,17 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from nbtune.config import RunConfig
+    from nbtune.engine.experiments.groups import kind_of
 
     config = RunConfig.parse(Path(args.config), **parse_overrides(args.overrides))  # fail fast, before imports
-    if config.sweep is not None and args.resume is None:  # a search: the trials, then the best
-        return _cmd_sweep(args)
+    kind = kind_of(config)  # one run, a cross-validation or a sweep: decided where the workbench decides it
+    if kind == "sweep" and args.resume is None:  # a search: the trials, then the best
+        return _report_sweep(config, as_json=args.json)
     from nbtune.engine.training.distributed import is_main_process
     from nbtune.engine.workbench import finetune
 
     run = finetune(config, progress=not args.json and is_main_process(), resume_from=args.resume)
-    if config.cv and config.cv_fold is None:  # a cross-validation: every fold, then mean +- std
+    if kind == "cross-validation":  # every fold, then mean +- std
         return _report_cross_validation(run, as_json=args.json)
     if not is_main_process():  # under a launcher: rank 0 reports for all
         return 0 if run.status in ("finished", "stopped") else 1
@@ -174,15 +176,21 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     """Run (or continue: the study is in its folder) a sweep; several processes given the same config and a
     shared `storage:` run its trials together. Status 1 when no trial finished."""
     from nbtune.config import RunConfig
+    from nbtune.engine.experiments.groups import kind_of
 
     config = RunConfig.parse(Path(args.config), **parse_overrides(args.overrides))  # fail fast, before imports
-    if config.sweep is None:
+    if kind_of(config) != "sweep":
         raise ConfigError("`nbtune sweep` needs a `sweep:` block in the config, e.g. sweep: {r: [4, 8, 16]}; "
                           "`nbtune run` trains a single run.", field="sweep")
+    return _report_sweep(config, as_json=args.json)
+
+
+def _report_sweep(config: Any, *, as_json: bool) -> int:
+    """Run (or continue) the sweep of a parsed config; its trials and best (`--json`: `sweep.to_dict()`)."""
     from nbtune.engine.workbench import finetune
 
     sweep = finetune(config)
-    if args.json:
+    if as_json:
         print(json.dumps(sweep.to_dict(), indent=2, default=str))
     else:
         print(repr(sweep))

@@ -235,10 +235,9 @@ def fold_size(rows: int, folds: int, fold: int) -> int:
 
 
 # ---------------------------------------------------------------------------- training
-def cross_validate(config: RunConfig | dict[str, Any] | str | None = None, *, base: Any = None,
-                   observers: Any = (), progress: bool = False, background: bool = False,
-                   on_ready: Callable[[Run], None] | None = None, resume_from: Any = None,
-                   bench: Workbench, **overrides: Any) -> CrossValidation:
+def cross_validate(config: RunConfig, *, base: Any = None, observers: Any = (), progress: bool = False,
+                   background: bool = False, on_ready: Callable[[Run], None] | None = None, resume_from: Any = None,
+                   bench: Workbench) -> CrossValidation:
     """Train one run per fold of `config`'s `cv` folds, one after another, each on a view of the cached base
     (or of `base`, a (model, tokenizer) the caller loaded); see `nbtune.finetune`, which calls this for a
     config with `cv` and no `cv_fold`.
@@ -249,9 +248,8 @@ def cross_validate(config: RunConfig | dict[str, Any] | str | None = None, *, ba
     cross-validation after that fold (the result is then incomplete). A fold that raises is recorded
     failed (and warned about) and the others go on. An interrupt keeps the folds trained so far in
     `nbtune.runs` and raises `RunInterrupted` (its `.cross_validation` holds them, as does
-    `nbtune.cross_validations[name]`).
+    `nbtune.cross_validations[name]`). `config` is parsed (the workbench parses what a user gives).
     """
-    config = RunConfig.parse(config, **overrides)
     _refuse_unsupported(config, background, resume_from)
     folds = fold_configs(config)
     rows = _rows_checked(folds[0])  # fold count, format and metrics: before any weight loads

@@ -195,7 +195,7 @@ class Sweep(SweepViews):
 
 
 # ---------------------------------------------------------------------------- starting one
-def run_sweep(config: RunConfig | dict[str, Any] | str, *, bench: Workbench, base: Any = None, observers: Any = (),
+def run_sweep(config: RunConfig, *, bench: Workbench, base: Any = None, observers: Any = (),
               progress: bool = False, background: bool = False,
               on_ready: Callable[[Sweep], None] | None = None) -> Sweep:
     """Search `config`'s `sweep:` block: every setting and value is checked, the data read and the study opened
@@ -208,8 +208,7 @@ def run_sweep(config: RunConfig | dict[str, Any] | str, *, bench: Workbench, bas
     from nbtune.engine.records.provenance import data_record
     from nbtune.engine.training.session import session_of
 
-    config = RunConfig.parse(config)
-    if config.sweep is None:
+    if config.sweep is None:  # parsed already: the workbench parses what a user gives
         raise ConfigError("this config has no `sweep:` block; add one, e.g. sweep: {r: [4, 8, 16]}.", field="sweep")
     spec = config.sweep_space  # the block as parsing checked it (config/sweep_space.py)
     watchers = list(observers) if isinstance(observers, Iterable) else [observers]
