@@ -54,7 +54,7 @@ def hand_job(rows: list[dict[str, str]], steps: int, batch_size: int, meter: Ste
         set_seed,
     )
 
-    from nbtune.engine.bases.loading import resolve_model
+    resolve_model = engine_part("bases.loading", "models").resolve_model
 
     path = resolve_model(MODEL)  # the same local safetensors folder nbtune loads
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -98,8 +98,8 @@ def nbtune_job(rows: list[dict[str, str]], steps: int, batch_size: int, meter: S
 def exact_match(model: Any, tokenizer: Any, rows: list[dict[str, str]]) -> float:
     """Share of held-out rows whose greedy answer (16 new tokens) equals the reference: nbtune's own
     generation helper (chat template, left-padded batches), applied the same way to both jobs' models."""
-    from nbtune.engine.evaluation.generation import exact_match as share_equal
-    from nbtune.engine.evaluation.generation import generate_texts
+    generation = engine_part("evaluation.generation", "generation")
+    share_equal, generate_texts = generation.exact_match, generation.generate_texts
 
     answers = generate_texts(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=16)
     return share_equal(answers, [r["completion"] for r in rows])
@@ -110,7 +110,7 @@ def heldout_loss(model: Any, tokenizer: Any, rows: list[dict[str, str]]) -> floa
     as trained and in eval mode: one definition for both jobs, unlike their differently batched train losses."""
     import torch
 
-    from nbtune.engine.compute.precision import inference_precision
+    inference_precision = engine_part("compute.precision", "precision").inference_precision
 
     model.eval()
     total = count = 0.0
@@ -194,6 +194,17 @@ def main() -> None:
                                              "metric": not args.no_metric},
                                 "pairs": pairs, "tokens_per_second_ratio": speed, "peak_rss_ratio": memory,
                                 "versions": versions("datasets")})
+
+
+def engine_part(now: str, before: str) -> Any:
+    """An engine module by its path today (`nbtune.engine.<now>`) or before the engine was split into rooms
+    (`nbtune.engine.<before>`): `--against` runs this script on an older checkout's nbtune."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"nbtune.engine.{now}")
+    except ModuleNotFoundError:
+        return importlib.import_module(f"nbtune.engine.{before}")
 
 
 def against(checkout: str, job: list[str], pairs: int) -> None:

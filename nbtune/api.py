@@ -181,7 +181,7 @@ def reclaim(target: Any = "all") -> dict[str, float]:
             raise NbtuneError(f"run {run.name!r} is still training; stop it before reclaiming its memory.")
     if target == "all":
         WORKBENCH.bases.clear()
-        tokenize._CACHE.clear()
+        tokenize.clear_cache()
     for run in chosen:  # a stopped run's checkpoint is on disk: it stays, and resume() builds the model again
         run.release_model()
     _forget_notebook_references()

@@ -92,6 +92,11 @@ _CACHE: dict[tuple[Any, ...], Any] = {}
 _CACHE_SIZE = 8
 
 
+def clear_cache() -> None:
+    """Forget the tokenised datasets kept for re-runs of the same data (`nbtune.reclaim()` gives memory back)."""
+    _CACHE.clear()
+
+
 def tokenize_dataset(dataset: Any, tokenizer: Any, *, fmt: str, max_length: int, train_on_prompt: bool,
                      field: str = "data", cache_key: Any = None) -> Any:
     """The dataset tokenised, with a `length` column, and how many examples had no answer tokens left.
